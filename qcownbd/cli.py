@@ -1,0 +1,94 @@
+"""The `qcownbd` command: one argparse front for every subcommand.
+
+Each subcommand lives with the code it drives and registers itself here
+(`serve_cli` for the server, `image_cli` for create/info/map/check/convert).
+Every failure reaches the user as one line on stderr and a non-zero exit.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from qcownbd import __version__
+from qcownbd.errors import QcownbdError, UsageError
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports mistakes as one line (exit 2), like our other errors."""
+
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes: verbosity and log level."""
+    common = _Parser(add_help=False)
+    group = common.add_argument_group("output")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="only errors; no progress bars")
+    group.add_argument("-v", "--verbose", action="store_true",
+                       help="debug messages")
+    group.add_argument("--log-level", choices=["debug", "info", "warning", "error"],
+                       help="log level (default: info for serve, warning otherwise)")
+    return common
+
+
+def setup_logging(args, default_level: str = "warning") -> None:
+    """One line per event; no timestamps of our own under journald (JOURNAL_STREAM)."""
+    if args.log_level:
+        level = args.log_level
+    elif args.verbose:
+        level = "debug"
+    elif args.quiet:
+        level = "error"
+    else:
+        level = default_level
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand registered."""
+    from qcownbd import image_cli, serve_cli
+
+    parser = _Parser(
+        prog="qcownbd",
+        description="NBD server for QCOW1 and raw disk images.",
+    )
+    parser.add_argument("--version", action="version", version=f"qcownbd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    common = common_options()
+    serve_cli.register(sub, common)
+    image_cli.register(sub, common)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Run one qcownbd command; return its exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        return args.func(args) or 0
+    except UsageError as exc:
+        print(f"qcownbd: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except QcownbdError as exc:
+        print(f"qcownbd: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as exc:
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"qcownbd: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("qcownbd: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""Image backends: the formats qcownbd can export, behind one interface."""

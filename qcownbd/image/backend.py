@@ -1,0 +1,93 @@
+"""The one interface between the NBD server and an image format.
+
+The server knows nothing of formats; a backend knows nothing of NBD.
+Offsets and lengths are bytes, any alignment, always inside ``size``
+(the server checks ranges before calling).  Failures raise
+`ImageIOError(errno)`; nothing else escapes a backend method.
+
+Threading: every method is called from the event-loop thread, except
+`flush`, which the server may run in a worker thread while the loop thread
+goes on reading and writing.  Implementations make that one overlap safe.
+"""
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Extent:
+    """A run of the disk with one allocation state.
+
+    ``hole``: no image in the chain stores these bytes (NBD_STATE_HOLE).
+    ``zero``: the bytes read as zeros (NBD_STATE_ZERO).
+    ``depth``: qemu:allocation-depth: 0 unallocated everywhere, 1 this image,
+    2 its backing file, and so on.
+    """
+
+    length: int
+    hole: bool
+    zero: bool
+    depth: int
+
+
+class Backend(ABC):
+    """An open image exported as a flat disk of ``size`` bytes."""
+
+    #: short format name for logs and `info` ("raw", "qcow1")
+    format_name: str = ""
+    #: virtual disk size in bytes
+    size: int = 0
+    #: True when writes, trims and zero writes are refused
+    read_only: bool = True
+    #: the I/O size the format prefers (the cluster size for QCOW1)
+    preferred_block_size: int = 4096
+    #: whether trim actually frees anything (else the server may still accept it as a no-op)
+    can_trim: bool = False
+    #: whether write_zeroes(fast=True) can ever succeed
+    can_fast_zero: bool = False
+
+    @abstractmethod
+    def read_into(self, offset: int, buf: memoryview) -> None:
+        """Fill all of ``buf`` with the disk's bytes starting at ``offset``."""
+
+    @abstractmethod
+    def write(self, offset: int, data) -> None:
+        """Write the bytes-like ``data`` at ``offset`` (durable only after `flush`)."""
+
+    @abstractmethod
+    def flush(self) -> None:
+        """Make every write that completed before this call durable."""
+
+    @abstractmethod
+    def trim(self, offset: int, length: int) -> None:
+        """Say that the range's contents are no longer needed (may do nothing)."""
+
+    @abstractmethod
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True,
+                     fast: bool = False) -> None:
+        """Make the range read as zeros.
+
+        ``may_trim``: holes are acceptable (NBD's NO_HOLE clear).
+        ``fast``: raise ImageIOError(ENOTSUP) at once, writing nothing, when
+        zeroing would cost real data writes (NBD_CMD_FLAG_FAST_ZERO).
+        """
+
+    @abstractmethod
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Describe the allocation of the range as contiguous extents from ``offset``.
+
+        The extents cover at least one byte and at most ``length`` bytes;
+        adjacent extents with equal state should be merged.
+        """
+
+    def cache(self, offset: int, length: int) -> None:
+        """Hint that the range will be read soon (NBD_CMD_CACHE)."""
+
+    @property
+    def has_pending_metadata(self) -> bool:
+        """True when a `flush` would commit metadata; the server flushes then on a timer."""
+        return False
+
+    @abstractmethod
+    def close(self) -> None:
+        """Commit what is pending and release the image (idempotent)."""
