@@ -1,0 +1,212 @@
+"""Open an image as the right backend, and the policy for its backing chain.
+
+Probing is deliberately narrow: QCOW1 (magic and version 1) or raw.  Other
+formats that share a recognisable signature are named and refused instead
+of being exported as raw bytes, and a configured format pin always wins
+(probing a guest-writable raw image is the classic attack of qcow1.md §6).
+
+Backing names come from inside an image, so they are hostile input: they
+are resolved against the overlay's directory only, protocol syntax
+(`json:`, `nbd:`...) and NUL bytes are refused, loops are caught by
+(st_dev, st_ino), the depth is capped and the files are opened read-only.
+"""
+
+import os
+import stat
+import struct
+from dataclasses import dataclass, field
+
+from qcownbd.errors import ImageFormatError
+from qcownbd.image import locking
+from qcownbd.image.backend import Backend
+from qcownbd.image.qcow1 import Qcow1Image
+from qcownbd.image.raw import RawImage
+
+QCOW_MAGIC = b"QFI\xfb"
+PROBE_BYTES = 512
+FORMATS = ("auto", "raw", "qcow1")
+FORMAT_ALIASES = {"qcow": "qcow1"}
+
+#: (offset, signature, format name) of formats we recognise only to refuse
+FOREIGN_SIGNATURES = (
+    (0, b"KDMV", "VMDK"),
+    (0, b"# Disk DescriptorFile", "VMDK (descriptor)"),
+    (0, b"vhdxfile", "VHDX"),
+    (0, b"conectix", "VPC/VHD"),
+    (0, b"LUKS\xba\xbe", "LUKS"),
+    (0, b"QED\0", "QED"),
+    (64, struct.pack("<I", 0xBEDA107F), "VDI"),
+)
+
+
+def identify(first_bytes: bytes) -> str:
+    """Name the format of a file from its first sector: "qcow1", "raw" or a foreign name."""
+    if first_bytes[:4] == QCOW_MAGIC and len(first_bytes) >= 8:
+        version = struct.unpack(">I", first_bytes[4:8])[0]
+        if version == 1:
+            return "qcow1"
+        if version in (2, 3):
+            return f"qcow2 (version {version})"
+        return f"QCOW of unknown version {version}"
+    for offset, signature, name in FOREIGN_SIGNATURES:
+        if first_bytes[offset:offset + len(signature)] == signature:
+            return name
+    return "raw"
+
+
+def normalise_format(fmt: str | None, what: str) -> str | None:
+    """Check a format name given by the operator ("qcow" is QEMU's name for qcow1)."""
+    if fmt is None:
+        return None
+    fmt = FORMAT_ALIASES.get(fmt, fmt)
+    if fmt not in FORMATS:
+        raise ImageFormatError(f"unknown {what} {fmt!r} (use one of: {', '.join(FORMATS)})")
+    return fmt
+
+
+def open_image(path, *, fmt: str = "auto", read_only: bool = False,
+               backing_format: str | None = None, allowed_backing_dirs=None,
+               max_backing_depth: int = 16, l2_cache_tables: int | None = None,
+               lock: bool = True, allow_corrupt: bool = False) -> Backend:
+    """Open ``path`` as a Backend: raw or QCOW1 (with its backing chain).
+
+    ``fmt`` pins the format ("raw" never probes).  ``backing_format`` pins the
+    format of the image's direct backing file.  ``allow_corrupt`` opens a
+    corrupt QCOW1 image read-write for `check(repair=True)` only.  Every
+    failure is an ImageFormatError with a one-line message naming the file.
+    """
+    policy = BackingPolicy(
+        backing_format=normalise_format(backing_format, "backing format"),
+        allowed_dirs=[os.path.realpath(d) for d in allowed_backing_dirs or ()],
+        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock)
+    fmt = normalise_format(fmt, "format")
+    return policy.open(os.path.abspath(os.fsdecode(path)), fmt, read_only, depth=0,
+                       allow_corrupt=allow_corrupt)
+
+
+@dataclass
+class BackingPolicy:
+    """How one export's chain is opened; one instance per `open_image` call."""
+
+    backing_format: str | None
+    allowed_dirs: list[str]
+    max_depth: int
+    l2_cache_tables: int | None
+    lock: bool
+    #: (st_dev, st_ino) of every file already in the chain
+    chain: set = field(default_factory=set)
+
+    def open(self, path: str, fmt: str, read_only: bool, depth: int,
+             allow_corrupt: bool = False) -> Backend:
+        """Open one image of the chain (depth 0 is the exported image)."""
+        fd = open_fd(path, read_only)
+        try:
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in self.chain:
+                raise ImageFormatError(f"{path}: backing loop: the file is already in the chain")
+            self.chain.add((st.st_dev, st.st_ino))
+            if self.lock:
+                lock_or_explain(fd, path, not read_only)
+            if fmt == "auto":
+                fmt = probe_format(fd, path)
+            return self._backend(fd, path, fmt, read_only, depth, allow_corrupt)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def _backend(self, fd: int, path: str, fmt: str, read_only: bool, depth: int,
+                 allow_corrupt: bool) -> Backend:
+        """Build the backend object, which owns ``fd`` from then on."""
+        if fmt == "raw":
+            return RawImage(fd, path, read_only=read_only)
+        def backing_opener(name: bytes) -> Backend:
+            return self.open_backing(path, name, depth + 1)
+
+        kwargs = {}
+        if self.l2_cache_tables is not None:
+            kwargs["l2_cache_tables"] = self.l2_cache_tables
+        return Qcow1Image(fd, path, read_only=read_only, backing_opener=backing_opener,
+                          allow_corrupt=allow_corrupt, **kwargs)
+
+    def open_backing(self, overlay: str, name: bytes, depth: int) -> Backend:
+        """Open the backing file ``name`` stored in ``overlay``, read-only, per policy."""
+        try:
+            resolved = self.resolve(overlay, name, depth)
+        except ImageFormatError as exc:
+            raise ImageFormatError(f"{overlay}: {exc}") from None
+        fmt = self.backing_format if depth == 1 and self.backing_format else "auto"
+        try:
+            return self.open(resolved, fmt, True, depth)
+        except ImageFormatError as exc:
+            raise ImageFormatError(f"{overlay}: backing file: {exc}") from None
+
+    def resolve(self, overlay: str, name: bytes, depth: int) -> str:
+        """The path ``name`` designates, or ImageFormatError when the policy refuses it."""
+        shown = repr(name.decode("utf-8", "backslashreplace"))
+        if depth > self.max_depth:
+            raise ImageFormatError(f"backing chain deeper than {self.max_depth} at {shown}")
+        if not name:
+            raise ImageFormatError("empty backing file name")
+        if b"\0" in name:
+            raise ImageFormatError(f"backing file name {shown} contains a NUL byte")
+        colon, slash = name.find(b":"), name.find(b"/")
+        if colon != -1 and (slash == -1 or colon < slash):
+            raise ImageFormatError(
+                f"backing file name {shown} uses protocol syntax (json:, nbd:...); "
+                "only plain file names are allowed (write ./name for a colon in a name)")
+        resolved = os.path.join(os.path.dirname(overlay), os.fsdecode(name))
+        if self.allowed_dirs:
+            # open the checked real path, so a symlink swapped later cannot escape
+            resolved = os.path.realpath(resolved)
+            if not self._inside_allowed(resolved):
+                raise ImageFormatError(f"backing file {shown} is outside the allowed directories")
+        return resolved
+
+    def _inside_allowed(self, real: str) -> bool:
+        return any(os.path.commonpath([real, d]) == d for d in self.allowed_dirs)
+
+
+def open_fd(path: str, read_only: bool) -> int:
+    """Open a regular file or block device; one-line errors for everything else."""
+    flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        # O_NONBLOCK so a FIFO cannot hang the open; cleared again below
+        fd = os.open(path, flags | os.O_NONBLOCK)
+    except OSError as exc:
+        raise ImageFormatError(f"{path}: {open_error_text(exc)}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file or block device"
+        raise ImageFormatError(f"{path}: {kind}")
+    os.set_blocking(fd, True)
+    return fd
+
+
+def open_error_text(exc: OSError) -> str:
+    """A short reason for a failed open."""
+    texts = {FileNotFoundError: "no such file", PermissionError: "permission denied",
+             IsADirectoryError: "a directory"}
+    return texts.get(type(exc), exc.strerror or str(exc))
+
+
+def lock_or_explain(fd: int, path: str, writable: bool) -> None:
+    """lock_image, with the file named in the error and the way out suggested."""
+    try:
+        locking.lock_image(fd, writable)
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"{path}: {exc}; stop the other user first") from None
+
+
+def probe_format(fd: int, path: str) -> str:
+    """ "qcow1" or "raw" for a file's contents; other known formats are refused."""
+    try:
+        first = os.pread(fd, PROBE_BYTES, 0)
+    except OSError as exc:
+        raise ImageFormatError(f"{path}: cannot read: {exc.strerror}") from None
+    name = identify(first)
+    if name in ("qcow1", "raw"):
+        return name
+    raise ImageFormatError(
+        f"{path}: is a {name} image; qcownbd serves only QCOW1 and raw "
+        "(convert it with qemu-img, or pin the format to raw to export its bytes as they are)")

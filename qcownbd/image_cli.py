@@ -1,0 +1,256 @@
+"""Image subcommands: create, info, map, check, convert.
+
+They mirror the qemu-img commands of the same names for the formats
+qcownbd serves (`qcow1`, which QEMU calls `qcow`, and `raw`), and open
+images through the same `open_image` the server uses, so the backing-file
+policy and the locks are the same too.
+"""
+
+import json
+import os
+import re
+import sys
+
+from qcownbd.cli import setup_logging
+from qcownbd.errors import ImageFormatError, UsageError
+from qcownbd.image.image_map import chain_map, merge_map
+from qcownbd.image.probe import BackingPolicy, normalise_format, open_image
+from qcownbd.image.qcow1 import create_qcow1
+from qcownbd.image_convert import register_convert
+
+#: qemu-img's exit statuses for `check`
+CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmgtpe]?)", re.IGNORECASE)
+_UNITS = "bkmgtpe"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "10000000", "64M", "1.5G" (K, M, G, T, P, E: powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"invalid size {text!r} (examples: 1000000, 64M, 2G)")
+    number, unit = match.groups()
+    scale = 1024 ** _UNITS.index(unit.lower() or "b")
+    if "." in number and scale == 1:
+        raise UsageError(f"invalid size {text!r}: fractional bytes")
+    size = int(float(number) * scale) if "." in number else int(number) * scale
+    if size <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    if size >= 1 << 63:
+        raise UsageError(f"invalid size {text!r}: too large")
+    return size
+
+
+def human_size(size: int) -> str:
+    """qemu-img's size style: "64 MiB", "9.54 MiB", "0.977 MiB", "560 B"."""
+    value, unit = float(size), 0
+    # like QEMU's size_to_str: three significant digits, so move up at 1000
+    while value >= 1000 and unit < 6:
+        value /= 1024
+        unit += 1
+    return f"{value:.3g} {['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'][unit]}"
+
+
+def register(sub, common) -> None:
+    """Add the image subcommands to the `qcownbd` parser."""
+    _register_create(sub, common)
+    _register_readers(sub, common)
+    register_convert(sub, common)
+
+
+def _register_create(sub, common) -> None:
+    p = sub.add_parser("create", parents=[common],
+                       help="create a QCOW1 image (byte-identical to qemu-img create -f qcow)")
+    p.add_argument("-b", "--backing", metavar="BACKING",
+                   help="backing file name, stored as given (relative to IMAGE's directory)")
+    p.add_argument("-F", "--backing-format", choices=["raw", "qcow1", "qcow"],
+                   help="format of BACKING (default: probe QCOW1, else raw)")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("size", metavar="SIZE", nargs="?",
+                   help="virtual size in bytes or with K/M/G/T (default with -b: the backing's)")
+    p.set_defaults(func=cmd_create)
+
+
+def _register_readers(sub, common) -> None:
+    helps = {"info": "show format, sizes and backing chain of an image",
+             "map": "show where each part of the disk is stored (like qemu-img map)",
+             "check": "scan QCOW1 metadata for corruption and leaks"}
+    funcs = {"info": cmd_info, "map": cmd_map, "check": cmd_check}
+    for name, text in helps.items():
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("-f", "--format", default="auto", choices=["auto", "raw", "qcow1", "qcow"],
+                       help="image format (default: probe)")
+        if name == "check":
+            p.add_argument("-r", "--repair", action="store_true",
+                           help="drop bad pointers durably and report what was lost")
+        else:
+            p.add_argument("--json", action="store_true", help="JSON output")
+            p.add_argument("-U", "--force-share", action="store_true",
+                           help="open even if another process writes the image (may be stale)")
+        p.add_argument("image", metavar="IMAGE")
+        p.set_defaults(func=funcs[name])
+
+
+# -- create --------------------------------------------------------------------
+
+def cmd_create(args) -> int:
+    """`qcownbd create`: an empty QCOW1 image, optionally over a backing file."""
+    setup_logging(args)
+    size = parse_size(args.size) if args.size is not None else None
+    if args.backing is not None:
+        backing_size = _backing_size(args.image, args.backing, args.backing_format)
+        size = backing_size if size is None else size
+    elif size is None:
+        raise UsageError("create: SIZE is required without -b BACKING")
+    if os.path.lexists(args.image):
+        raise ImageFormatError(f"{args.image}: already exists")
+    create_qcow1(args.image, size, args.backing)
+    return 0
+
+
+def _backing_size(image: str, name: str, backing_format: str | None) -> int:
+    """Open BACKING as the server later would (same policy), and return its size."""
+    policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
+                           allowed_dirs=[], max_depth=16, l2_cache_tables=None, lock=True)
+    backing = policy.open_backing(os.path.abspath(image), os.fsencode(name), 1)
+    try:
+        return backing.size
+    finally:
+        backing.close()
+
+
+# -- info ----------------------------------------------------------------------
+
+def _open_for_reading(args):
+    return open_image(args.image, fmt=args.format, read_only=True,
+                      lock=not getattr(args, "force_share", False))
+
+
+def describe(img) -> dict:
+    """The info of one image, with qemu-img's JSON keys where they exist."""
+    st = os.stat(img.path)
+    info = {"filename": img.path, "format": img.format_name, "virtual-size": img.size,
+            "actual-size": st.st_blocks * 512}
+    if img.format_name == "qcow1":
+        info["cluster-size"] = img.cluster_size
+        info["allocated-bytes"] = img.allocated_bytes()
+        if img.backing is not None:
+            info["backing-filename"] = img.backing_name
+            info["full-backing-filename"] = img.backing.path
+            info["backing-format"] = img.backing.format_name
+    else:
+        info["allocated-bytes"] = sum(e.length for e in _raw_extents(img) if not e.hole)
+    return info
+
+
+def _raw_extents(img):
+    pos = 0
+    while pos < img.size:
+        for extent in img.block_status(pos, img.size - pos):
+            yield extent
+            pos += extent.length
+
+
+def chain_of(img) -> list:
+    """The image and every backing file under it, top first."""
+    chain = [img]
+    while getattr(chain[-1], "backing", None) is not None:
+        chain.append(chain[-1].backing)
+    return chain
+
+
+def cmd_info(args) -> int:
+    """`qcownbd info`: format, virtual size, cluster size, allocation, backing chain."""
+    setup_logging(args)
+    img = _open_for_reading(args)
+    try:
+        infos = [describe(level) for level in chain_of(img)]
+    finally:
+        img.close()
+    top = dict(infos[0], **{"backing-chain": infos[1:]})
+    if args.json:
+        print(json.dumps(top, indent=4))
+        return 0
+    lines = [f"image: {top['filename']}", f"file format: {top['format']}",
+             f"virtual size: {human_size(top['virtual-size'])} ({top['virtual-size']} bytes)",
+             f"disk size: {human_size(top['actual-size'])}"]
+    if "cluster-size" in top:
+        lines.append(f"cluster_size: {top['cluster-size']}")
+    lines.append(f"allocated: {human_size(top['allocated-bytes'])} "
+                 f"({top['allocated-bytes']} bytes)")
+    if "backing-filename" in top:
+        lines.append(f"backing file: {top['backing-filename']} "
+                     f"(actual path: {top['full-backing-filename']})")
+        lines.append(f"backing file format: {top['backing-format']}")
+    for depth, level in enumerate(infos[1:], 1):
+        lines.append(f"backing chain {depth}: {level['filename']} ({level['format']}, "
+                     f"{human_size(level['virtual-size'])})")
+    print("\n".join(lines))
+    return 0
+
+
+# -- map -----------------------------------------------------------------------
+
+def cmd_map(args) -> int:
+    """`qcownbd map`: allocation of the whole disk across the chain."""
+    setup_logging(args)
+    img = _open_for_reading(args)
+    try:
+        entries = merge_map(chain_map(img, 0, img.size, 0))
+    finally:
+        img.close()
+    if args.json:
+        # qemu-img's exact layout, one entry per line, without our "file" key
+        lines = ["{ " + json.dumps({k: v for k, v in e.items() if k != "file"})[1:-1] + "}"
+                 for e in entries]
+        print("[" + ",\n".join(lines) + "]")
+        return 0
+    print(f"{'Offset':<16}{'Length':<16}{'Mapped to':<16}File")
+    for e in entries:
+        if e["data"]:
+            where = c_hex(e["offset"]) if "offset" in e else "compressed"
+            print(f"{c_hex(e['start']):<16}{c_hex(e['length']):<16}{where:<16}{e['file']}")
+    return 0
+
+
+def c_hex(value: int) -> str:
+    """printf's %#x, as qemu-img prints it: 0 rather than 0x0."""
+    return f"{value:#x}" if value else "0"
+
+
+# -- check ---------------------------------------------------------------------
+
+def cmd_check(args) -> int:
+    """`qcownbd check`: exit 0 clean, 2 corruption, 3 leaks only (qemu-img's codes)."""
+    setup_logging(args)
+    img = open_image(args.image, fmt=args.format, read_only=not args.repair,
+                     allow_corrupt=args.repair)
+    try:
+        if img.format_name != "qcow1":
+            print(f"qcownbd: {args.image}: {img.format_name} images have no metadata to check",
+                  file=sys.stderr)
+            return CHECK_UNSUPPORTED
+        report = img.check(repair=args.repair)
+        for problem in report.corruptions:
+            print(f"ERROR: {problem}")
+        for fix in report.repaired:
+            print(f"Repaired: {fix}")
+        if args.repair and report.repaired:
+            report = img.check(repair=False)
+    finally:
+        img.close()
+    return _check_summary(report)
+
+
+def _check_summary(report) -> int:
+    if report.corruptions:
+        print(f"{len(report.corruptions)} errors were found on the image.\n"
+              "Data may be corrupted, or further writes to the image may corrupt it.")
+        return CHECK_CORRUPT
+    if report.leaked_bytes:
+        print(f"{report.leaked_bytes} leaked bytes were found on the image.\n"
+              "This means waste of disk space, but no harm to data.")
+        return CHECK_LEAKS
+    print("No errors were found on the image.")
+    return CHECK_CLEAN
