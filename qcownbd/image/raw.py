@@ -215,7 +215,11 @@ class RawImage(Backend):
     # -- allocation map ---------------------------------------------------
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Data (depth 1) and hole (zero, depth 0) runs from SEEK_DATA/SEEK_HOLE."""
+        """Data and hole (zero) runs from SEEK_DATA/SEEK_HOLE.
+
+        Depth is 1 everywhere, holes included: QEMU counts every byte of a raw
+        image as allocated in it (qemu-nbd -A says "local").
+        """
         end = offset + length
         if not self._can_seek_data:
             return [Extent(length, False, False, 1)]
@@ -225,7 +229,7 @@ class RawImage(Backend):
             while pos < end and len(extents) < MAX_EXTENTS:
                 data_at = self._seek(pos, os.SEEK_DATA, end)
                 if data_at > pos:
-                    extents.append(Extent(data_at - pos, True, True, 0))
+                    extents.append(Extent(data_at - pos, True, True, 1))
                     pos = data_at
                     continue
                 hole_at = self._seek(pos, os.SEEK_HOLE, end)

@@ -1,0 +1,486 @@
+"""QCOW1 backend: reads, copy-on-write allocation, crash-safe pointer commits.
+
+Section numbers (§) refer to qcow1.md, the team's format reference verified
+against QEMU 7.2.  Header parsing lives in `qcow1_header`; the tables,
+allocator and commit order in `qcow1_tables`; the metadata scan in `qcow1_check`.
+"""
+
+import errno
+import os
+import zlib
+from array import array
+from collections import OrderedDict
+
+from ..errors import ImageFormatError, ImageIOError
+from .backend import Backend, Extent
+from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
+from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, identify,
+                           is_qcow1, read_exact_at, read_header)
+from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables, pwrite_all, to_big_endian
+
+__all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "identify", "is_qcow1"]
+
+UNALLOCATED, DATA, PACKED, INVALID = "unallocated", "data", "compressed", "invalid"
+_ZEROS = memoryview(bytes(1 << 20))
+INFLATED_CACHE_CLUSTERS = 16
+#: block_status stops after this many extents (the client asks again for the rest)
+MAX_STATUS_EXTENTS = 4096
+
+
+def zero_fill(view: memoryview) -> None:
+    """Overwrite a writable byte view with zeros without allocating."""
+    for pos in range(0, len(view), len(_ZEROS)):
+        chunk = view[pos:pos + len(_ZEROS)]
+        chunk[:] = _ZEROS[:len(chunk)]
+
+
+def _byte_view(data) -> memoryview:
+    view = memoryview(data)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+class Qcow1Image(Backend):
+    """An open QCOW1 image (see `Backend`).
+
+    ``fd`` belongs to the image once the constructor returns (closed by
+    `close`); on a constructor error the caller still owns it.
+    ``backing_opener(name: bytes) -> Backend`` opens the backing file under
+    the caller's policy.  ``allow_corrupt`` opens a read-write image whose
+    scan failed, for `check(repair=True)` only: writes fail until repaired.
+    """
+
+    format_name = "qcow1"
+
+    def __init__(self, fd: int, path, *, read_only: bool, backing_opener=None,
+                 l2_cache_tables: int | None = None,
+                 max_l1_entries: int = DEFAULT_MAX_L1_ENTRIES, allow_corrupt: bool = False):
+        self.fd, self.path, self.read_only = fd, path, read_only
+        self._closed = False
+        file_size = os.fstat(fd).st_size
+        self.header, name = read_header(fd, path, file_size, max_l1_entries)
+        hdr = self.header
+        if not read_only and hdr.l1_table_offset % 8:
+            raise ImageFormatError(f"{path}: L1 table offset {hdr.l1_table_offset} not 8-aligned; "
+                                   "refusing read-write (pointer writes could tear)")
+        self.size = hdr.export_size
+        self.cluster_size = self.preferred_block_size = hdr.cluster_size
+        self._cluster_mask = hdr.cluster_size - 1
+        self._tables = Qcow1Tables(fd, path, hdr, cache_tables=l2_cache_tables)
+        self._inflated: OrderedDict[int, bytes] = OrderedDict()
+        self._corrupt = False
+        if read_only:
+            validate_lazily(self.path, hdr, self._tables, file_size)
+        else:
+            self._scan_for_writing(file_size, allow_corrupt)
+        self.backing_name = os.fsdecode(name) if name else None
+        self.backing = None
+        if name:
+            if backing_opener is None:
+                raise ImageFormatError(f"{path}: has a backing file but no backing opener was given")
+            self.backing = backing_opener(name)
+        self.can_trim = not read_only and self.backing is None
+        self.can_fast_zero = self.can_trim
+
+    # -- open-time validation -------------------------------------------
+
+    def _scan_for_writing(self, file_size: int, allow_corrupt: bool) -> None:
+        report = scan(self.fd, self.header, file_size)
+        if report.corruptions and not allow_corrupt:
+            raise ImageFormatError(
+                f"{self.path}: corrupt metadata, refusing read-write: {report.corruptions[0]} "
+                f"({len(report.corruptions)} problem(s); 'qcownbd check --repair' drops bad pointers)")
+        self._corrupt = bool(report.corruptions)
+        mask = self._cluster_mask
+        self._tables.next_free = (max(file_size, report.max_end) + mask) & ~mask
+
+    # -- mapping --------------------------------------------------------
+
+    def _pieces(self, offset: int, end: int):
+        """Yield (kind, start, stop, host) per cluster; an empty L1 range is one piece."""
+        hdr, tables = self.header, self._tables
+        cb, shift, l2_mask, mask = hdr.cluster_bits, hdr.l1_shift, hdr.l2_entries - 1, self._cluster_mask
+        pos = offset
+        while pos < end:
+            index = pos >> shift
+            table_end = min(end, (index + 1) << shift)
+            l2_offset = tables.l1[index]
+            if l2_offset == 0:
+                stop = min(end, tables.next_used(index) << shift)
+                yield UNALLOCATED, pos, stop, 0
+                pos = stop
+                continue
+            if l2_offset == BAD:
+                yield INVALID, pos, table_end, 0
+                pos = table_end
+                continue
+            table = tables.table(index)
+            while pos < table_end:
+                entry = table[(pos >> cb) & l2_mask]
+                stop = min(table_end, (pos | mask) + 1)
+                if entry == 0:
+                    yield UNALLOCATED, pos, stop, 0
+                elif entry & COMPRESSED:
+                    yield PACKED, pos, stop, entry
+                elif entry == BAD:
+                    yield INVALID, pos, stop, 0
+                else:
+                    yield DATA, pos, stop, entry + (pos & mask)
+                pos = stop
+
+    def _runs(self, offset: int, length: int):
+        """Yield (kind, start, length, host): data runs host-contiguous, compressed per cluster."""
+        run = None
+        for kind, start, stop, host in self._pieces(offset, offset + length):
+            if run is not None and run[0] == kind != PACKED and (
+                    kind != DATA or run[3] + (start - run[1]) == host):
+                run[2] = stop
+                continue
+            if run is not None:
+                yield run[0], run[1], run[2] - run[1], run[3]
+            run = [kind, start, stop, host]
+        if run is not None:
+            yield run[0], run[1], run[2] - run[1], run[3]
+
+    # -- reading --------------------------------------------------------
+
+    def read_into(self, offset: int, buf) -> None:
+        """Fill ``buf`` with the disk bytes at ``offset`` (physically contiguous runs in one read)."""
+        view = _byte_view(buf)
+        for kind, start, length, host in self._runs(offset, len(view)):
+            dest = view[start - offset:start - offset + length]
+            if kind == DATA:
+                self._pread(dest, host)
+            elif kind == UNALLOCATED:
+                self._read_lower(start, dest)
+            elif kind == PACKED:
+                within = start & self._cluster_mask
+                dest[:] = self._inflate(host)[within:within + length]
+            else:
+                raise ImageIOError(errno.EIO, f"{self.path}: bad mapping at guest {start:#x}")
+
+    def _pread(self, dest: memoryview, host: int) -> None:
+        done = 0
+        try:
+            while done < len(dest):
+                got = os.preadv(self.fd, [dest[done:]], host + done)
+                if not got:
+                    break
+                done += got
+        except OSError as exc:
+            raise ImageIOError(exc.errno, f"{self.path}: read failed: {exc.strerror}") from None
+        zero_fill(dest[done:])  # a cluster ending past EOF reads zeros there (QEMU parity)
+
+    def _read_lower(self, start: int, dest: memoryview) -> None:
+        """Bytes of an unallocated range: the backing file's, zeros past its end or without one."""
+        below = 0
+        if self.backing is not None:
+            below = max(0, min(len(dest), self.backing.size - start))
+            if below:
+                self.backing.read_into(start, dest[:below])
+        zero_fill(dest[below:])
+
+    def _inflate(self, entry: int) -> bytes:
+        """The cluster of a compressed entry (qcow1.md §4.1), from a small LRU."""
+        cluster = self._inflated.get(entry)
+        if cluster is not None:
+            self._inflated.move_to_end(entry)
+            return cluster
+        cb, size = self.header.cluster_bits, self.cluster_size
+        csize = (entry >> (63 - cb)) & (size - 1)
+        coff = entry & ((1 << (63 - cb)) - 1)
+        try:
+            data = read_exact_at(self.fd, csize, coff)
+            # windowBits -15: QEMU inflates into one buffer, so back-references
+            # may reach further than the -12 window it compresses with
+            cluster = zlib.decompressobj(-15).decompress(data, size)
+        except OSError as exc:
+            raise ImageIOError(exc.errno, f"{self.path}: read failed: {exc.strerror}") from None
+        except zlib.error:
+            cluster = b""
+        if csize == 0 or len(cluster) != size:
+            raise ImageIOError(errno.EIO, f"{self.path}: bad compressed cluster at {coff:#x}")
+        self._inflated[entry] = cluster
+        if len(self._inflated) > INFLATED_CACHE_CLUSTERS:
+            self._inflated.popitem(last=False)
+        return cluster
+
+    # -- writing --------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise ImageIOError(errno.EPERM, f"{self.path}: read-only")
+        if self._corrupt:
+            raise ImageIOError(errno.EIO, f"{self.path}: corrupt metadata, repair first")
+
+    def write(self, offset: int, data) -> None:
+        """Write ``data`` at ``offset``; allocations copy-on-write whole clusters."""
+        self._check_writable()
+        src = _byte_view(data)
+        # materialised first: allocations below change the tables being walked
+        for kind, start, length, host in list(self._runs(offset, len(src))):
+            piece = src[start - offset:start - offset + length]
+            if kind == DATA:
+                self._pwrite([piece], host)
+            elif kind == INVALID:
+                raise ImageIOError(errno.EIO, f"{self.path}: bad mapping at guest {start:#x}")
+            else:
+                self._allocating_write(start, piece)
+
+    def _pwrite(self, buffers, host: int) -> None:
+        try:
+            pwrite_all(self.fd, buffers, host)
+        except OSError as exc:
+            raise ImageIOError(exc.errno, f"{self.path}: write failed: {exc.strerror}") from None
+
+    def _allocating_write(self, start: int, data: memoryview) -> None:
+        """Write into unallocated/compressed clusters, one L2 table's range at a time."""
+        shift, end, pos = self.header.l1_shift, start + len(data), start
+        while pos < end:
+            stop = min(end, ((pos >> shift) + 1) << shift)
+            with self._tables.alloc_lock:
+                self._allocate_in_table(pos, data[pos - start:stop - start])
+            pos = stop
+
+    def _allocate_in_table(self, pos: int, data: memoryview) -> None:
+        hdr, tables = self.header, self._tables
+        index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
+        count = ((pos + len(data) - 1) >> hdr.cluster_bits) - (pos >> hdr.cluster_bits) + 1
+        table = tables.table(index) if tables.l1[index] else None
+        entries = list(table[first:first + count]) if table is not None else [0] * count
+        if all(entry == 0 or entry & COMPRESSED for entry in entries):
+            self._allocate_clusters(pos, data, table, entries)
+            return
+        # another writer mapped some of these clusters since we looked: redo per cluster
+        for offset in range(0, len(data), self.cluster_size):
+            cut = min(len(data), ((pos + offset) | self._cluster_mask) + 1 - pos)
+            self.write(pos + offset, data[offset:cut])
+
+    def _allocate_clusters(self, pos: int, data: memoryview, table, entries) -> None:
+        """Reserve, write whole new clusters (and a new L2 table), then record the pointers."""
+        hdr, tables, size = self.header, self._tables, self.cluster_size
+        index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
+        table_offset = tables.reserve(hdr.l2_table_bytes) if table is None else None
+        host = tables.reserve(len(entries) * size)
+        pointers = [host + k * size for k in range(len(entries))]
+        buffers = self._cluster_buffers(pos, data, entries)
+        if table is None:
+            table = array("Q", bytes(hdr.l2_table_bytes))
+            table[first:first + len(pointers)] = array("Q", pointers)
+        self._pwrite(buffers, host)
+        if table_offset is None:
+            tables.set_entries(index, first, pointers)
+            return
+        self._pwrite([to_big_endian(table)], table_offset)
+        tables.link_new_table(index, table_offset, table)
+
+    def _cluster_buffers(self, pos: int, data: memoryview, entries) -> list:
+        """Whole clusters covering ``data``: partial ends merged with their old contents."""
+        size, end = self.cluster_size, pos + len(data)
+        first_start = pos & ~self._cluster_mask
+        last_start = (end - 1) & ~self._cluster_mask
+        head, tail = pos - first_start, last_start + size - end
+        if first_start == last_start:
+            if not (head or tail):
+                return [data]
+            cluster = self._old_cluster(first_start, entries[0])
+            cluster[head:head + len(data)] = data
+            return [cluster]
+        buffers, body_start, body_end = [], 0, len(data)
+        if head:
+            cluster = self._old_cluster(first_start, entries[0])
+            body_start = size - head
+            cluster[head:] = data[:body_start]
+            buffers.append(cluster)
+        tail_cluster = None
+        if tail:
+            tail_cluster = self._old_cluster(last_start, entries[-1])
+            body_end = len(data) - (size - tail)
+            tail_cluster[:size - tail] = data[body_end:]
+        buffers.append(data[body_start:body_end])
+        if tail_cluster is not None:
+            buffers.append(tail_cluster)
+        return buffers
+
+    def _old_cluster(self, start: int, entry: int) -> bytearray:
+        """What a cluster reads as before its allocation: inflated, backing or zeros."""
+        if entry & COMPRESSED:
+            return bytearray(self._inflate(entry))
+        cluster = bytearray(self.cluster_size)
+        if self.backing is not None:
+            self._read_lower(start, memoryview(cluster))
+        return cluster
+
+    # -- trim and zeroes ------------------------------------------------
+
+    def _whole_clusters(self, start: int, end: int) -> tuple[int, int]:
+        """The cluster-aligned part of [start, end); the disk's last partial cluster counts whole."""
+        mask = self._cluster_mask
+        aligned_end = (end + mask) & ~mask if end == self.size else end & ~mask
+        return (start + mask) & ~mask, aligned_end
+
+    def trim(self, offset: int, length: int) -> None:
+        """Unmap the whole clusters of the range when no backing file could show through."""
+        self._check_writable()
+        if self.backing is None:
+            self._unmap(*self._whole_clusters(offset, offset + length))
+
+    def _unmap(self, start: int, end: int) -> None:
+        """Set the L2 entries of the whole clusters in [start, end) to 0 (pending commit)."""
+        hdr, tables = self.header, self._tables
+        for kind, run_start, length, _host in list(self._runs(start, max(0, end - start))):
+            if kind == UNALLOCATED:
+                continue
+            with tables.alloc_lock:
+                for pos in range(run_start, run_start + length, self.cluster_size):
+                    index = pos >> hdr.l1_shift
+                    if tables.l1[index] not in (0, BAD):
+                        tables.set_entries(index, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1), [0])
+
+    def write_zeroes(self, offset: int, length: int, may_trim: bool = True,
+                     fast: bool = False) -> None:
+        """Make the range read zeros: unmap whole clusters when allowed, write zeros otherwise."""
+        self._check_writable()
+        unmaps, writes = [], []
+        for kind, start, run_length, _host in list(self._runs(offset, length)):
+            end = start + run_length
+            if kind == UNALLOCATED and self.backing is None:
+                continue
+            whole_start, whole_end = self._whole_clusters(start, end)
+            if may_trim and self.backing is None and whole_start < whole_end:
+                unmaps.append((whole_start, whole_end))
+                writes += [(start, whole_start), (whole_end, end)]
+            else:
+                writes.append((start, end))
+        writes = [(start, end) for start, end in writes if start < end]
+        if fast and writes:
+            raise ImageIOError(errno.ENOTSUP, "zeroing this range needs data writes")
+        for start, end in unmaps:
+            self._unmap(start, end)
+        for start, end in writes:
+            for pos in range(start, end, len(_ZEROS)):
+                self.write(pos, _ZEROS[:min(len(_ZEROS), end - pos)])
+
+    # -- allocation reports -----------------------------------------------
+
+    def block_status(self, offset: int, length: int) -> list[Extent]:
+        """Allocation from the in-memory tables; unallocated ranges ask the backing file."""
+        extents: list[Extent] = []
+        for kind, start, run_length, _host in self._runs(offset, length):
+            if kind == UNALLOCATED:
+                self._lower_status(start, run_length, extents)
+            else:
+                _append(extents, Extent(run_length, False, False, 1))
+            if len(extents) >= MAX_STATUS_EXTENTS:
+                break
+        return extents
+
+    def _lower_status(self, start: int, length: int, extents: list) -> None:
+        below = 0
+        if self.backing is not None:
+            below = max(0, min(length, self.backing.size - start))
+        pos, end = start, start + below
+        while pos < end:
+            found = self.backing.block_status(pos, end - pos)
+            if not found:
+                break
+            for ext in found:
+                ext_length = min(ext.length, end - pos)
+                _append(extents, Extent(ext_length, ext.hole, ext.zero,
+                                        ext.depth + 1 if ext.depth else 0))
+                pos += ext_length
+        if pos < start + length:
+            # past a shorter backing file's end QEMU still reports the backing's depth
+            depth = 2 if self.backing is not None else 0
+            _append(extents, Extent(start + length - pos, True, True, depth))
+
+    def map_extents(self, offset: int = 0, length: int | None = None):
+        """Yield (start, length, kind, host_offset, depth); kind data/compressed/unallocated."""
+        length = self.size - offset if length is None else length
+        offset_mask = (1 << (63 - self.header.cluster_bits)) - 1
+        for kind, start, run_length, host in self._runs(offset, length):
+            if kind == DATA:
+                yield start, run_length, "data", host, 1
+            elif kind == PACKED:
+                yield start, run_length, "compressed", host & offset_mask, 1
+            elif kind == INVALID:
+                yield start, run_length, "data", None, 1
+            else:
+                yield from self._lower_map(start, run_length)
+
+    def _lower_map(self, start: int, length: int):
+        below = 0 if self.backing is None else max(0, min(length, self.backing.size - start))
+        if below and hasattr(self.backing, "map_extents"):
+            for ext_start, ext_length, kind, host, depth in self.backing.map_extents(start, below):
+                yield ext_start, ext_length, kind, host, depth + 1 if depth else 0
+        elif below:
+            pos = start
+            for ext in self.backing.block_status(start, below):
+                if ext.hole:
+                    yield pos, ext.length, "unallocated", None, 0
+                else:
+                    yield pos, ext.length, "data", pos, ext.depth + 1
+                pos += ext.length
+            below = pos - start
+        if below < length:
+            yield start + below, length - below, "unallocated", None, 0
+
+    def allocated_bytes(self) -> int:
+        """Guest bytes this image (not its backing files) maps: clusters with an entry."""
+        tables, count = self._tables, 0
+        for index in list(tables.l1_used):
+            if tables.l1[index] != BAD:
+                count += sum(1 for entry in tables.table(index) if entry)
+        return count * self.cluster_size
+
+    def check(self, repair: bool = False) -> CheckReport:
+        """Full metadata scan; ``repair`` drops dangling and aliased pointers durably."""
+        if repair and self.read_only:
+            raise ImageIOError(errno.EPERM, f"{self.path}: read-only, cannot repair")
+        tables = self._tables
+        with tables.alloc_lock:
+            if not self.read_only:
+                tables.commit()
+            file_size = os.fstat(self.fd).st_size
+            report = scan(self.fd, self.header, file_size)
+            if repair and report.bad_pointers:
+                try:
+                    drop_pointers(self.fd, self.header, report)
+                except OSError as exc:
+                    raise ImageIOError(exc.errno, f"{self.path}: repair failed") from None
+                tables.reload()
+                self._inflated.clear()
+                self._scan_for_writing(file_size, allow_corrupt=True)
+            return report
+
+    # -- durability -----------------------------------------------------
+
+    @property
+    def has_pending_metadata(self) -> bool:
+        """True while pointer updates wait for a commit (the server flushes on a timer)."""
+        return not self.read_only and self._tables.has_pending
+
+    def flush(self) -> None:
+        """Commit pending pointers (data barrier first), or just fdatasync if none."""
+        if not self.read_only and not self._closed:
+            self._tables.commit()
+
+    def close(self) -> None:
+        """Commit pending pointers, close the file and the backing chain (idempotent)."""
+        if self._closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self._closed = True
+            os.close(self.fd)
+            if self.backing is not None:
+                self.backing.close()
+
+
+def _append(extents: list, extent: Extent) -> None:
+    """Append, merging with the previous extent when the state is equal."""
+    if extents and (extents[-1].hole, extents[-1].zero, extents[-1].depth) == (
+            extent.hole, extent.zero, extent.depth):
+        last = extents.pop()
+        extent = Extent(last.length + extent.length, extent.hole, extent.zero, extent.depth)
+    extents.append(extent)

@@ -1,0 +1,242 @@
+"""QCOW1 mapping tables: the in-memory L1, a bounded LRU of L2 tables, the
+allocator and the pending pointer updates with their crash-safe commit.
+
+Pointer updates (new L2 entries, new L1 entries, unmapped entries) change the
+in-memory tables at once, so reads see them, but reach the file only in
+`commit`: fdatasync (the data and fresh tables they point at are durable) →
+pending L2 entries → pending L1 entries → fdatasync (qcow1.md §5.3).  Every
+pointer reachable from the on-disk L1 therefore points at durable bytes.
+
+Threading: the event-loop thread reads and changes the tables; `commit` may
+run in a worker thread.  It only touches the pending maps (under
+`_pending_lock`) and the file; commits are serialised by `_commit_lock`.
+"""
+
+import os
+import re
+import sys
+import threading
+from array import array
+from bisect import bisect_left, insort
+from collections import OrderedDict
+
+from ..errors import ImageIOError
+from .qcow1_header import Qcow1Header, read_exact_at
+
+#: flag bit of a compressed L2 entry
+COMPRESSED = 1 << 63
+#: in-memory sentinel for an entry that failed validation (read-only images):
+#: never a real entry (odd, no flag), every access gives EIO
+BAD = 1
+DEFAULT_CACHE_TABLES = 64
+_NONZERO_BYTE = re.compile(rb"[^\0]")
+
+
+def to_host_order(data) -> array:
+    """Big-endian u64 table bytes → array('Q') in host byte order."""
+    table = array("Q")
+    table.frombytes(data)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def to_big_endian(values) -> bytes:
+    """u64 values → big-endian bytes."""
+    table = array("Q", values)
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table.tobytes()
+
+
+def nonzero_indices(data) -> array:
+    """Indices of the non-zero u64 words of ``data``, found with a C-speed scan."""
+    found = array("Q")
+    pos = 0
+    while (match := _NONZERO_BYTE.search(data, pos)) is not None:
+        index = match.start() // 8
+        found.append(index)
+        pos = (index + 1) * 8
+    return found
+
+
+def pwrite_all(fd: int, buffers, offset: int) -> None:
+    """Write every buffer back to back at ``offset``, retrying short writes."""
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    while views:
+        done = os.pwritev(fd, views, offset)
+        offset += done
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+
+
+class Qcow1Tables:
+    """L1 + L2 cache + allocator + pending pointers of one open image."""
+
+    def __init__(self, fd: int, path, header: Qcow1Header, *, cache_tables: int | None):
+        self.fd = fd
+        self.path = path
+        self.header = header
+        self.cache_tables = max(2, cache_tables or DEFAULT_CACHE_TABLES)
+        #: called with (table, l1_index) for every table read from disk (read-only validation)
+        self.on_load = None
+        #: next free byte of the file for allocations (set after the open scan)
+        self.next_free = 0
+        self.alloc_lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending_l2: dict[int, dict[int, int]] = {}
+        self._pending_l1: dict[int, int] = {}
+        self._committing: set[int] = set()
+        self.reload()
+
+    def reload(self) -> None:
+        """(Re)read the L1 table from the file and drop every cached L2 table."""
+        hdr = self.header
+        try:
+            raw = read_exact_at(self.fd, hdr.l1_bytes, hdr.l1_table_offset)
+        except OSError as exc:
+            raise ImageIOError(exc.errno, f"{self.path}: cannot read L1 table") from None
+        raw = raw.ljust(hdr.l1_bytes, b"\0")
+        self.l1 = to_host_order(raw)
+        #: sorted indices of non-zero L1 entries: lets block status skip empty ranges
+        self.l1_used = nonzero_indices(raw)
+        self._cache: OrderedDict[int, array] = OrderedDict()
+
+    def set_l1_in_memory(self, index: int, value: int) -> None:
+        """Replace an L1 entry in memory only (read-only sanitising, not a pointer update)."""
+        self.l1[index] = value
+        pos = bisect_left(self.l1_used, index)
+        present = pos < len(self.l1_used) and self.l1_used[pos] == index
+        if value and not present:
+            self.l1_used.insert(pos, index)
+        elif not value and present:
+            del self.l1_used[pos]
+
+    def next_used(self, index: int) -> int:
+        """The first index ≥ ``index`` with a non-zero L1 entry (len(l1) if none)."""
+        pos = bisect_left(self.l1_used, index)
+        return self.l1_used[pos] if pos < len(self.l1_used) else len(self.l1)
+
+    # -- L2 cache -------------------------------------------------------
+
+    def table(self, index: int) -> array:
+        """The L2 table of L1 slot ``index`` (its L1 entry must be a valid offset)."""
+        table = self._cache.get(index)
+        if table is not None:
+            self._cache.move_to_end(index)
+            return table
+        table = self._read_table(self.l1[index])
+        if self.on_load is not None:
+            self.on_load(table, index)
+        self._insert(index, table)
+        return table
+
+    def _read_table(self, offset: int) -> array:
+        size = self.header.l2_table_bytes
+        try:
+            data = read_exact_at(self.fd, size, offset)
+        except OSError as exc:
+            raise ImageIOError(exc.errno, f"{self.path}: cannot read L2 table") from None
+        # a table whose tail lies past EOF reads zeros there (QEMU parity,
+        # read-only only: the read-write scan refuses such tables)
+        return to_host_order(data.ljust(size, b"\0"))
+
+    def _insert(self, index: int, table: array) -> None:
+        self._cache[index] = table
+        while len(self._cache) > self.cache_tables:
+            victim = next(iter(self._cache))
+            if self.is_dirty(victim):
+                # a reload from disk would lose the pending entries
+                self.commit()
+            del self._cache[victim]
+
+    # -- allocation and pending pointers --------------------------------
+
+    def reserve(self, nbytes: int) -> int:
+        """Reserve ``nbytes`` (rounded up to clusters) at the end of the file; caller holds alloc_lock."""
+        cluster = self.header.cluster_size
+        offset = self.next_free
+        self.next_free += -(-nbytes // cluster) * cluster
+        return offset
+
+    def set_entries(self, index: int, first: int, values) -> None:
+        """Point L2 entries ``first..`` of table ``index`` at new values (pending until commit)."""
+        table = self.table(index)
+        with self._pending_lock:
+            pending = self._pending_l2.setdefault(index, {})
+            for pos, value in enumerate(values, first):
+                table[pos] = value
+                pending[pos] = value
+
+    def link_new_table(self, index: int, offset: int, table: array) -> None:
+        """Enter a freshly written L2 table at L1 slot ``index`` (pending until commit)."""
+        with self._pending_lock:
+            self._pending_l1[index] = offset
+        self.l1[index] = offset
+        insort(self.l1_used, index)
+        self._insert(index, table)
+
+    def is_dirty(self, index: int) -> bool:
+        """Whether table ``index`` has entries not yet written to the file."""
+        with self._pending_lock:
+            return index in self._pending_l2 or index in self._committing
+
+    @property
+    def has_pending(self) -> bool:
+        """True when pointer updates wait for a commit."""
+        return bool(self._pending_l2 or self._pending_l1)
+
+    def commit(self) -> None:
+        """Make everything written so far durable, then the pending pointers (§5.3)."""
+        with self._commit_lock:
+            with self._pending_lock:
+                l2, l1 = self._pending_l2, self._pending_l1
+                self._pending_l2, self._pending_l1 = {}, {}
+                self._committing = set(l2)
+            try:
+                os.fdatasync(self.fd)
+                if l2 or l1:
+                    self._write_pointers(l2, l1)
+                    os.fdatasync(self.fd)
+            except OSError as exc:
+                self._restore_pending(l2, l1)
+                raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None
+            finally:
+                with self._pending_lock:
+                    self._committing = set()
+
+    def _write_pointers(self, l2: dict, l1: dict) -> None:
+        for index in sorted(l2):
+            table_offset = l1.get(index) or self.l1[index]
+            for first, values in _runs(l2[index]):
+                pwrite_all(self.fd, [to_big_endian(values)], table_offset + 8 * first)
+        for first, values in _runs(l1):
+            pwrite_all(self.fd, [to_big_endian(values)], self.header.l1_table_offset + 8 * first)
+
+    def _restore_pending(self, l2: dict, l1: dict) -> None:
+        """Put back what a failed commit took, unless newer updates replaced it."""
+        with self._pending_lock:
+            for index, entries in l2.items():
+                current = self._pending_l2.setdefault(index, {})
+                for pos, value in entries.items():
+                    current.setdefault(pos, value)
+            for index, value in l1.items():
+                self._pending_l1.setdefault(index, value)
+
+
+def _runs(entries: dict[int, int]):
+    """Group {position: value} into (first position, [values]) runs of consecutive positions."""
+    run_start, values = None, []
+    for pos in sorted(entries):
+        if values and pos == run_start + len(values):
+            values.append(entries[pos])
+            continue
+        if values:
+            yield run_start, values
+        run_start, values = pos, [entries[pos]]
+    if values:
+        yield run_start, values
