@@ -1,0 +1,148 @@
+"""Export names to open backends: opening, lookup, reload and retirement.
+
+Every connection to an export shares that export's one backend object, which
+is what makes CAN_MULTI_CONN true (a flush on any connection covers writes
+made on all of them).  A reload retires exports that disappeared or
+changed: they refuse new clients and close their backend when their last
+connection ends.
+"""
+
+import logging
+
+from qcownbd.config import ExportConfig
+from qcownbd.errors import ImageFormatError, QcownbdError
+from qcownbd.image.probe import open_image
+from qcownbd.nbd.protocol import transmission_flags
+
+log = logging.getLogger("qcownbd.exports")
+
+
+class Export:
+    """One named export: its config, its open backend and who is using it."""
+
+    def __init__(self, config: ExportConfig, backend):
+        self.config = config
+        self.name = config.name
+        self.description = config.description
+        self.backend = backend
+        self.read_only = config.read_only or backend.read_only
+        self.size = backend.size
+        self.preferred_block_size = backend.preferred_block_size
+        self.flags = transmission_flags(self.read_only, backend.can_trim,
+                                        backend.can_fast_zero)
+        self.connections = 0
+        self.retired = False
+        self.closed = False
+
+    def attach(self) -> None:
+        """A connection entered transmission on this export."""
+        self.connections += 1
+
+    def detach(self) -> None:
+        """A connection ended; a retired export closes with its last one."""
+        self.connections -= 1
+        if self.retired and not self.connections:
+            self.close()
+
+    def retire(self) -> None:
+        """Refuse new clients; close now or when the last connection ends."""
+        self.retired = True
+        if not self.connections:
+            self.close()
+
+    def close(self) -> None:
+        """Commit and release the image (once)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.backend.close()
+        except (QcownbdError, OSError) as exc:
+            log.error("export %s: closing %s failed: %s", self.name, self.config.path, exc)
+
+
+class ExportRegistry:
+    """The exports being served, looked up by name during negotiation."""
+
+    def __init__(self, opener=open_image):
+        self._open = opener
+        self._exports: dict[str, Export] = {}
+        self._broken: dict[str, tuple[ExportConfig, str]] = {}
+        self._retired: list[Export] = []
+
+    def open_export(self, config: ExportConfig) -> Export:
+        """Open one export's image; ImageFormatError (one line, naming it) on failure."""
+        try:
+            backend = self._open(config.path, fmt=config.format, read_only=config.read_only,
+                                 backing_format=config.backing_format,
+                                 l2_cache_tables=config.l2_cache_tables)
+        except OSError as exc:
+            raise ImageFormatError(f"export {config.name}: {config.path}: "
+                                   f"{exc.strerror or exc}") from None
+        except ImageFormatError as exc:
+            raise ImageFormatError(f"export {config.name}: {exc}") from None
+        log.info("export %s: %s (%s%s)", config.name, config.path, backend.format_name,
+                 ", read-only" if config.read_only or backend.read_only else "")
+        return Export(config, backend)
+
+    def add(self, export: Export) -> None:
+        """Serve an already opened export."""
+        self._exports[export.name] = export
+
+    def apply(self, configs: dict[str, ExportConfig]) -> None:
+        """Make the served exports match ``configs`` (startup and SIGHUP).
+
+        Unchanged exports keep their backend and connections; a broken one is
+        logged and refused at negotiation while the others serve.
+        """
+        for name, export in list(self._exports.items()):
+            if configs.get(name) != export.config:
+                del self._exports[name]
+                self._retire(export)
+        self._broken = {n: b for n, b in self._broken.items() if configs.get(n) == b[0]}
+        for name, config in configs.items():
+            if name in self._exports:
+                continue
+            try:
+                self._exports[name] = self.open_export(config)
+                self._broken.pop(name, None)
+            except ImageFormatError as exc:
+                self._broken[name] = (config, str(exc))
+                log.error("%s", exc)
+
+    def _retire(self, export: Export) -> None:
+        log.info("export %s: removed; %d connection(s) go on", export.name, export.connections)
+        export.retire()
+        if not export.closed:
+            self._retired.append(export)
+
+    def lookup(self, name: str) -> Export:
+        """The export a client asked for; the empty name means a lone export."""
+        export = self._exports.get(name)
+        if export is None and name == "" and len(self._exports) + len(self._broken) == 1:
+            export = next(iter(self._exports.values()), None)
+            name = next(iter(self._broken), name)
+        if export is not None:
+            return export
+        if name in self._broken:
+            raise LookupError(f"export {name!r} is unavailable")
+        raise LookupError(f"no export named {name!r}")
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of every export that can be used."""
+        return [(e.name, e.description) for e in self._exports.values()]
+
+    def counts(self) -> tuple[int, int]:
+        """(exports served, exports broken)."""
+        return len(self._exports), len(self._broken)
+
+    def open_exports(self) -> list[Export]:
+        """Every export whose backend is still open, retired ones included."""
+        self._retired = [e for e in self._retired if not e.closed]
+        return list(self._exports.values()) + self._retired
+
+    def close_all(self) -> None:
+        """Commit and close every backend (server shutdown)."""
+        for export in self.open_exports():
+            export.close()
+        self._exports.clear()

@@ -1,0 +1,1 @@
+"""The NBD protocol: wire codec, option negotiation, connections and the listener."""

@@ -1,0 +1,237 @@
+"""Transmission-phase commands: checks, the dispatch table, and the replies.
+
+A mixin of `NbdConnection`, which provides ``send``, ``reply_error``,
+``request_done``, ``mode``, ``stats`` and ``peer``.  A new NBD command is one
+entry in ``_ALLOWED_FLAGS`` and one in ``_COMMANDS``.
+"""
+
+import asyncio
+import errno as host_errno
+import logging
+
+from qcownbd.errors import ImageIOError
+from qcownbd.nbd import protocol
+from qcownbd.nbd.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, Errno
+from qcownbd.nbd.protocol import ReplyMode
+
+log = logging.getLogger("qcownbd.nbd")
+
+#: structured READs at least this long are split around zero ranges
+READ_HOLE_SCAN_MIN = 64 * 1024
+#: zero ranges shorter than this are sent as data (a chunk header costs more)
+HOLE_CHUNK_MIN = 4096
+#: backend extents gathered per BLOCK_STATUS at most (bounds time and reply size)
+MAX_STATUS_EXTENTS = 16384
+
+_FUA, _DF = CmdFlag.FUA, CmdFlag.DF
+_ALLOWED_FLAGS = {
+    Cmd.READ: CmdFlag.DF,
+    Cmd.WRITE: CmdFlag.FUA | CmdFlag.PAYLOAD_LEN,
+    Cmd.DISC: 0,
+    Cmd.FLUSH: 0,
+    Cmd.TRIM: CmdFlag.FUA,
+    Cmd.CACHE: 0,
+    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
+    Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
+}
+_WRITING = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
+_RANGELESS = (Cmd.DISC, Cmd.FLUSH)
+
+
+class CommandRunner:
+    """Runs checked requests against the export's backend and answers them."""
+
+    #: flushes (FLUSH, FUA) in flight per connection before reading pauses
+    MAX_INFLIGHT = 64
+
+    def __init__(self):
+        self.inflight = 0
+        self.disconnecting = False
+        self.backend = None
+        self.read_only = True
+        self.contexts: dict[int, str] = {}
+        self._scan_skip = self._scan_backoff = 0
+
+    def start_commands(self, export, contexts: dict[int, str]) -> None:
+        """Bind to the export chosen at negotiation and its metadata contexts."""
+        self.backend = export.backend
+        self.read_only = export.read_only
+        self.contexts = dict(contexts)
+
+    def check(self, req) -> tuple[int, str]:
+        """(errno, reason) refusing ``req`` before it runs, or (0, "")."""
+        allowed = _ALLOWED_FLAGS.get(req.type)
+        if allowed is None:
+            return Errno.EINVAL, "unknown command"
+        if req.flags & ~int(allowed):
+            return Errno.EINVAL, f"flags {req.flags:#x} are not valid for this command"
+        if req.type in _RANGELESS:
+            return 0, ""
+        if req.type in _WRITING and self.read_only:
+            return Errno.EPERM, "the export is read-only"
+        if req.type == Cmd.BLOCK_STATUS and not self.contexts:
+            return Errno.EINVAL, "no metadata context was negotiated"
+        if req.length == 0:
+            return Errno.EINVAL, "zero length"
+        if req.type in (Cmd.READ, Cmd.WRITE) and req.length > MAX_REQUEST_SIZE:
+            return Errno.EINVAL, f"longer than the {MAX_REQUEST_SIZE} byte maximum"
+        if req.offset + req.length > self.backend.size:
+            past_end = Errno.ENOSPC if req.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+            return past_end, "beyond the end of the export"
+        return 0, ""
+
+    def execute_checked(self, req, payload) -> None:
+        """Check a request without payload, then run it or refuse it."""
+        error, reason = self.check(req)
+        if error:
+            self.reply_error(req, error, reason)
+        else:
+            self.execute(req, payload)
+
+    def execute(self, req, payload) -> None:
+        """Run a checked request; a failure becomes an error reply, never a close."""
+        try:
+            self._COMMANDS[req.type](self, req, payload)
+        except (ImageIOError, OSError) as exc:
+            self.reply_error(req, protocol.nbd_error_code(exc), str(exc))
+        except Exception as exc:  # a backend bug must not take the server down
+            log.exception("%s: %s failed", self.peer, Cmd(req.type).name)
+            self.reply_error(req, protocol.nbd_error_code(exc), "internal error")
+
+    def _done(self, req) -> None:
+        self.send(protocol.done_reply(self.mode, req.cookie, req.offset))
+
+    def _done_durably(self, req) -> None:
+        if req.flags & _FUA:
+            self._flush_then_reply(req)
+        else:
+            self._done(req)
+
+    def _flush_then_reply(self, req) -> None:
+        # the flush blocks on fdatasync: a worker thread keeps the loop serving
+        self.inflight += 1
+        self._update_reading()
+        future = asyncio.get_running_loop().run_in_executor(None, self.backend.flush)
+        future.add_done_callback(lambda fut: self._flushed(req, fut))
+
+    def _flushed(self, req, future) -> None:
+        self.inflight -= 1
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            log.warning("%s: flush failed: %s", self.peer, exc)
+            self.reply_error(req, protocol.nbd_error_code(exc), str(exc))
+        else:
+            self._done(req)
+        self.request_done()
+
+    # ------------------------------------------------------------- commands
+
+    def _cmd_read(self, req, _payload) -> None:
+        offset, length = req.offset, req.length
+        if self.mode == ReplyMode.SIMPLE:
+            data = bytearray(length)
+            self.backend.read_into(offset, memoryview(data))
+            self.stats.bytes_read += length
+            self.send(protocol.simple_reply(req.cookie), data)
+            return
+        runs = [(offset, length, False)]
+        if length >= READ_HOLE_SCAN_MIN and not req.flags & _DF:
+            if self._scan_skip:
+                self._scan_skip -= 1
+            else:
+                runs = self._read_runs(offset, length)
+                # block status can cost more than it saves (SEEK_DATA on tmpfs):
+                # after fruitless scans, scan exponentially more rarely
+                self._scan_backoff = 0 if len(runs) > 1 else min(2 * self._scan_backoff + 1, 64)
+                self._scan_skip = self._scan_backoff
+        # read everything first: an error then means one error chunk, no partial data
+        chunks = []
+        for run_offset, run_length, zero in runs:
+            data = None
+            if not zero:
+                data = bytearray(run_length)
+                self.backend.read_into(run_offset, memoryview(data))
+            chunks.append((run_offset, run_length, data))
+        self.stats.bytes_read += length
+        last = len(chunks) - 1
+        for index, (run_offset, run_length, data) in enumerate(chunks):
+            if data is None:
+                self.send(protocol.offset_hole_chunk(self.mode, req.cookie, offset,
+                                                     run_offset, run_length, index == last))
+            else:
+                self.send(protocol.offset_data_header(self.mode, req.cookie, offset, run_offset,
+                                                      run_length, index == last), data)
+
+    def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Split a read into (offset, length, zero) runs worth sending as holes or data."""
+        runs: list[list] = []
+        for extent in self._extents(offset, length, limit=None):
+            zero = extent.zero and extent.length >= HOLE_CHUNK_MIN
+            if runs and runs[-1][2] == zero:
+                runs[-1][1] += extent.length
+            else:
+                runs.append([offset, extent.length, zero])
+            offset += extent.length
+        return [(start, size, zero) for start, size, zero in runs]
+
+    def _extents(self, offset: int, length: int, limit: int | None):
+        """Backend extents from ``offset``: all of ``length``, or up to ``limit`` of them."""
+        extents = []
+        end = offset + length
+        while offset < end and (limit is None or len(extents) < limit):
+            got = self.backend.block_status(offset, end - offset)
+            if not got or any(extent.length <= 0 for extent in got):
+                raise ImageIOError(host_errno.EIO, "backend returned no extent")
+            for extent in got:
+                extents.append(extent)
+                offset += extent.length
+        return extents
+
+    def _cmd_write(self, req, payload) -> None:
+        self.backend.write(req.offset, payload)
+        self.stats.bytes_written += req.length
+        self._done_durably(req)
+
+    def _cmd_disc(self, req, _payload) -> None:
+        self.disconnecting = True
+
+    def _cmd_flush(self, req, _payload) -> None:
+        self._flush_then_reply(req)
+
+    def _cmd_trim(self, req, _payload) -> None:
+        self.backend.trim(req.offset, req.length)
+        self._done_durably(req)
+
+    def _cmd_cache(self, req, _payload) -> None:
+        self.backend.cache(req.offset, req.length)
+        self._done(req)
+
+    def _cmd_write_zeroes(self, req, _payload) -> None:
+        fast = bool(req.flags & CmdFlag.FAST_ZERO)
+        if fast and not self.backend.can_fast_zero:
+            raise ImageIOError(host_errno.ENOTSUP, "fast zeroing is not possible here")
+        self.backend.write_zeroes(req.offset, req.length,
+                                  may_trim=not req.flags & CmdFlag.NO_HOLE, fast=fast)
+        self._done_durably(req)
+
+    def _cmd_block_status(self, req, _payload) -> None:
+        one = bool(req.flags & CmdFlag.REQ_ONE)
+        extents = self._extents(req.offset, req.length, 1 if one else MAX_STATUS_EXTENTS)
+        ids = sorted(self.contexts)
+        for index, ctx_id in enumerate(ids):
+            descriptors = protocol.status_descriptors(extents, self.contexts[ctx_id])
+            if one:
+                descriptors = descriptors[:1]
+            self.send(protocol.block_status_chunk(self.mode, req.cookie, req.offset, ctx_id,
+                                                  descriptors, index == len(ids) - 1))
+
+    _COMMANDS = {
+        Cmd.READ: _cmd_read,
+        Cmd.WRITE: _cmd_write,
+        Cmd.DISC: _cmd_disc,
+        Cmd.FLUSH: _cmd_flush,
+        Cmd.TRIM: _cmd_trim,
+        Cmd.CACHE: _cmd_cache,
+        Cmd.WRITE_ZEROES: _cmd_write_zeroes,
+        Cmd.BLOCK_STATUS: _cmd_block_status,
+    }

@@ -1,0 +1,183 @@
+"""Option haggling of one connection as a state machine without I/O.
+
+The connection reads an option, hands it to `Negotiation.option`, sends the
+replies it gets back and does what the result's action says.  Tests drive
+it with bytes alone.
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from qcownbd.nbd import protocol
+from qcownbd.nbd.constants import (
+    MAX_REQUEST_SIZE, MAX_STRING, META_CONTEXT_IDS, ClientFlag, Info, Opt, Rep,
+)
+from qcownbd.nbd.protocol import BadOption, ReplyMode
+
+#: option payloads above this are discarded unread and refused (ERR_TOO_BIG)
+MAX_OPTION_PAYLOAD = 2 * MAX_STRING + 1024
+
+
+class Action(Enum):
+    """What the connection does after sending an option's replies."""
+
+    CONTINUE = "continue"
+    TRANSMIT = "transmit"
+    CLOSE = "close"
+
+
+@dataclass
+class OptionResult:
+    """Replies to send, then the next step (with the chosen export on TRANSMIT)."""
+
+    replies: list[bytes] = field(default_factory=list)
+    action: Action = Action.CONTINUE
+    export: object = None
+
+
+class Negotiation:
+    """The negotiation state of one client: reply mode, contexts, chosen export.
+
+    ``exports`` has ``lookup(name)`` (raising LookupError with a message) and
+    ``listing()`` -> [(name, description)]; an export has ``name``, ``size``,
+    ``flags``, ``description`` and ``preferred_block_size``.
+    """
+
+    def __init__(self, exports):
+        self.exports = exports
+        self.mode = ReplyMode.SIMPLE
+        self.no_zeroes = False
+        #: context id -> name, valid for ``context_export`` only
+        self.contexts: dict[int, str] = {}
+        self.context_export: str | None = None
+
+    def client_flags(self, data) -> None:
+        """Take the client's flags word; unknown bits raise `ProtocolError`."""
+        flags = protocol.parse_client_flags(data)
+        self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
+
+    def oversized(self, option: int, length: int) -> OptionResult:
+        """An option whose payload was too big to read (it was discarded)."""
+        if option == Opt.EXPORT_NAME:
+            return OptionResult(action=Action.CLOSE)
+        return OptionResult([protocol.option_error(
+            option, Rep.ERR_TOO_BIG, f"option payload of {length} bytes is too big")])
+
+    def option(self, option: int, payload: bytes) -> OptionResult:
+        """Answer one option."""
+        handler = self._HANDLERS.get(option)
+        if handler is None:
+            return self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
+        try:
+            return handler(self, option, payload)
+        except BadOption as exc:
+            return self._error(option, exc.rep, str(exc))
+
+    @staticmethod
+    def _error(option: int, rep: int, message: str) -> OptionResult:
+        return OptionResult([protocol.option_error(option, rep, message)])
+
+    @staticmethod
+    def _require_empty(payload: bytes) -> None:
+        if payload:
+            raise BadOption(Rep.ERR_INVALID, "this option takes no data")
+
+    def _lookup(self, name: str):
+        try:
+            return self.exports.lookup(name)
+        except LookupError as exc:
+            raise BadOption(Rep.ERR_UNKNOWN, str(exc.args[0] if exc.args else exc)) from None
+
+    # ------------------------------------------------------------ handlers
+
+    def _export_name(self, option, payload) -> OptionResult:
+        try:
+            export = self.exports.lookup(payload.decode())
+        except (LookupError, UnicodeDecodeError):
+            # EXPORT_NAME cannot be refused politely: the spec says close
+            return OptionResult(action=Action.CLOSE)
+        self._drop_contexts_unless(export.name)
+        reply = protocol.export_name_reply(export.size, export.flags, self.no_zeroes)
+        return OptionResult([reply], Action.TRANSMIT, export)
+
+    def _abort(self, option, payload) -> OptionResult:
+        return OptionResult([protocol.option_reply(option, Rep.ACK)], Action.CLOSE)
+
+    def _list(self, option, payload) -> OptionResult:
+        self._require_empty(payload)
+        replies = [protocol.option_reply(option, Rep.SERVER, protocol.server_entry(name, desc))
+                   for name, desc in self.exports.listing()]
+        replies.append(protocol.option_reply(option, Rep.ACK))
+        return OptionResult(replies)
+
+    def _starttls(self, option, payload) -> OptionResult:
+        self._require_empty(payload)
+        return self._error(option, Rep.ERR_POLICY, "TLS is not configured on this server")
+
+    def _info_or_go(self, option, payload) -> OptionResult:
+        name, infos = protocol.parse_info_request(payload)
+        export = self._lookup(name)
+        replies = [protocol.option_reply(option, Rep.INFO,
+                                         protocol.info_export(export.size, export.flags))]
+        if Info.NAME in infos:
+            replies.append(protocol.option_reply(option, Rep.INFO,
+                                                 protocol.info_text(Info.NAME, export.name)))
+        if Info.DESCRIPTION in infos and export.description:
+            replies.append(protocol.option_reply(
+                option, Rep.INFO, protocol.info_text(Info.DESCRIPTION, export.description)))
+        # sent unasked too: minimum 1 tells every client that any alignment works
+        replies.append(protocol.option_reply(option, Rep.INFO, protocol.info_block_size(
+            1, export.preferred_block_size, MAX_REQUEST_SIZE)))
+        replies.append(protocol.option_reply(option, Rep.ACK))
+        if option == Opt.INFO:
+            return OptionResult(replies)
+        self._drop_contexts_unless(export.name)
+        return OptionResult(replies, Action.TRANSMIT, export)
+
+    def _structured_reply(self, option, payload) -> OptionResult:
+        self._require_empty(payload)
+        if self.mode == ReplyMode.EXTENDED:
+            return self._error(option, Rep.ERR_EXT_HEADER_REQD,
+                               "extended headers are already in use")
+        self.mode = ReplyMode.STRUCTURED
+        return OptionResult([protocol.option_reply(option, Rep.ACK)])
+
+    def _extended_headers(self, option, payload) -> OptionResult:
+        self._require_empty(payload)
+        self.mode = ReplyMode.EXTENDED
+        return OptionResult([protocol.option_reply(option, Rep.ACK)])
+
+    def _meta_context(self, option, payload) -> OptionResult:
+        name, queries = protocol.parse_meta_context_request(payload)
+        setting = option == Opt.SET_META_CONTEXT
+        if setting and self.mode == ReplyMode.SIMPLE:
+            raise BadOption(Rep.ERR_INVALID, "SET_META_CONTEXT needs structured replies")
+        export = self._lookup(name)
+        chosen = protocol.match_meta_contexts(queries, META_CONTEXT_IDS, listing=not setting)
+        if setting:
+            self.contexts = {ctx_id: ctx for ctx, ctx_id in chosen}
+            self.context_export = export.name
+        replies = [protocol.option_reply(option, Rep.META_CONTEXT,
+                                         protocol.meta_context_entry(ctx_id if setting else 0, ctx))
+                   for ctx, ctx_id in chosen]
+        replies.append(protocol.option_reply(option, Rep.ACK))
+        return OptionResult(replies)
+
+    def _drop_contexts_unless(self, export_name: str) -> None:
+        # contexts set for one export mean nothing for another (spec: GO drops them)
+        if self.context_export != export_name:
+            self.contexts = {}
+
+    _HANDLERS = {
+        Opt.EXPORT_NAME: _export_name,
+        Opt.ABORT: _abort,
+        Opt.LIST: _list,
+        Opt.STARTTLS: _starttls,
+        Opt.INFO: _info_or_go,
+        Opt.GO: _info_or_go,
+        Opt.STRUCTURED_REPLY: _structured_reply,
+        Opt.LIST_META_CONTEXT: _meta_context,
+        Opt.SET_META_CONTEXT: _meta_context,
+        Opt.EXTENDED_HEADERS: _extended_headers,
+    }
+

@@ -1,0 +1,155 @@
+"""The listening side: sockets, the set of live connections, orderly stop.
+
+`NbdServer` is the ``hub`` every `NbdConnection` talks to.  It also runs the
+metadata commit timer: a backend with allocations not yet committed gets a
+`flush` in a worker thread every couple of seconds, so a crash loses at
+most that much of what clients did not flush themselves.
+"""
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+
+from qcownbd.errors import ConfigError
+from qcownbd.nbd.connection import NbdConnection
+
+log = logging.getLogger("qcownbd.server")
+
+METADATA_COMMIT_INTERVAL = 2.0
+#: how long a stopping server waits for clients to take their last replies
+STOP_GRACE = 10.0
+
+
+class NbdServer:
+    """Accepts clients for the exports of ``exports`` (an ExportRegistry)."""
+
+    def __init__(self, exports, *, max_connections: int = 256,
+                 handshake_timeout: float = 30.0):
+        self.exports = exports
+        self.max_connections = max_connections
+        self.handshake_timeout = handshake_timeout
+        self.connections: set[NbdConnection] = set()
+        self._servers: list[asyncio.AbstractServer] = []
+        self._unix_path = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._committing: set[int] = set()
+
+    # ------------------------------------------------------- connection hub
+
+    def register(self, conn: NbdConnection) -> bool:
+        """Admit a new connection unless the limit is reached."""
+        if len(self.connections) >= self.max_connections:
+            return False
+        self.connections.add(conn)
+        self._idle.clear()
+        return True
+
+    def unregister(self, conn: NbdConnection) -> bool:
+        """Forget a closed connection; False if it was never admitted."""
+        if conn not in self.connections:
+            return False
+        self.connections.discard(conn)
+        if not self.connections:
+            self._idle.set()
+        return True
+
+    def status(self) -> str:
+        """One line for systemd's STATUS=."""
+        served, broken = self.exports.counts()
+        text = f"{len(self.connections)} connection(s), {served} export(s)"
+        return text + (f", {broken} unavailable" if broken else "")
+
+    # ------------------------------------------------------------ listening
+
+    async def listen_tcp(self, host: str, port: int) -> None:
+        """Listen on HOST:PORT; a busy or bad address is a one-line ConfigError."""
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_server(lambda: NbdConnection(self), host, port,
+                                              reuse_address=True)
+        except (OSError, socket.gaierror) as exc:
+            shown = f"[{host}]" if ":" in host else host
+            raise ConfigError(f"cannot listen on {shown}:{port}: "
+                              f"{exc.strerror or exc}") from None
+        self._servers.append(server)
+        log.info("listening on %s", ", ".join(_sockname(s) for s in server.sockets))
+
+    async def listen_unix(self, path: str) -> None:
+        """Listen on a Unix socket, replacing a stale socket file."""
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        loop = asyncio.get_running_loop()
+        try:
+            server = await loop.create_unix_server(lambda: NbdConnection(self), path)
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+        self._unix_path = path
+        self._servers.append(server)
+        log.info("listening on %s", path)
+
+    async def adopt(self, sockets: list[socket.socket]) -> None:
+        """Serve on sockets inherited from systemd (socket activation)."""
+        loop = asyncio.get_running_loop()
+        for sock in sockets:
+            sock.setblocking(False)
+            factory = lambda: NbdConnection(self)  # noqa: E731
+            if sock.family == socket.AF_UNIX:
+                server = await loop.create_unix_server(factory, sock=sock)
+            else:
+                server = await loop.create_server(factory, sock=sock)
+            self._servers.append(server)
+            log.info("listening on inherited socket %s", _sockname(sock))
+
+    # -------------------------------------------------------------- running
+
+    async def commit_metadata_forever(self) -> None:
+        """Every few seconds, flush backends that hold uncommitted metadata."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(METADATA_COMMIT_INTERVAL)
+            for export in self.exports.open_exports():
+                backend = export.backend
+                if id(backend) in self._committing or not backend.has_pending_metadata:
+                    continue
+                self._committing.add(id(backend))
+                future = loop.run_in_executor(None, backend.flush)
+                future.add_done_callback(lambda fut, b=backend: self._committed(b, fut))
+
+    def _committed(self, backend, future) -> None:
+        self._committing.discard(id(backend))
+        exc = None if future.cancelled() else future.exception()
+        if exc is not None:
+            log.error("metadata commit of %s failed: %s", getattr(backend, "path", "?"), exc)
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, then close every client."""
+        for server in self._servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.shutdown()
+        try:
+            await asyncio.wait_for(self._idle.wait(), STOP_GRACE)
+        except asyncio.TimeoutError:
+            log.warning("%d client(s) did not finish in time; dropping them",
+                        len(self.connections))
+            for conn in list(self.connections):
+                conn.transport.abort()
+        if self._unix_path:
+            try:
+                os.unlink(self._unix_path)
+            except OSError:
+                pass
+
+
+def _sockname(sock) -> str:
+    name = sock.getsockname()
+    if isinstance(name, tuple):
+        host = f"[{name[0]}]" if ":" in name[0] else name[0]
+        return f"{host}:{name[1]}"
+    return str(name)

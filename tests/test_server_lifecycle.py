@@ -1,0 +1,189 @@
+"""Running the server: signals, reload, naming, broken exports, the demo, config errors."""
+
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from conftest import QcownbdServer, free_port, qcownbd_cmd, run, REPO
+from test_server_hostile import READ, RawClient
+
+pytestmark = pytest.mark.timeout(60)
+SIZE = 8 * 1024 * 1024
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def raw_image(tmp_path, name="d", byte=0x42):
+    """A raw image with ``byte`` repeated over its first MiB."""
+    path = tmp_path / f"{name}.raw"
+    run(["qemu-img", "create", "-q", "-f", "raw", path, str(SIZE)])
+    run(["qemu-io", "-f", "raw", "-c", f"write -P {byte} 0 1M", path])
+    return path
+
+
+def serve_fails(*args) -> subprocess.CompletedProcess:
+    """Run `qcownbd serve ARGS` expecting it to exit by itself."""
+    return subprocess.run(qcownbd_cmd("serve", *args), capture_output=True, text=True,
+                          timeout=20, env=ENV)
+
+
+def stop(server, sig=signal.SIGTERM) -> int:
+    """Signal a fixture's server, wait, keep its log in ``server.log``; returns the exit status."""
+    server.proc.send_signal(sig)
+    status = server.proc.wait(20)
+    server.log = server.proc.stderr.read()
+    return status
+
+
+def can_connect(server, export) -> bool:
+    return run(["nbdinfo", "--size", server.uri(export)], check=False).returncode == 0
+
+
+def first_byte(port, export=b"d") -> bytes:
+    client = RawClient(port)
+    client.go(export)
+    client.send(client.request(READ, 0, 1, 1))
+    assert client.simple_reply() == (0, 1)
+    return client.recv(1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_with_exit_0_and_logs_connections(sig, tmp_path, qcownbd_server):
+    server = qcownbd_server(f"d={raw_image(tmp_path)}")
+    run(["nbdinfo", server.uri("d")])
+    assert stop(server, sig) == 0
+    closed = [line for line in server.log.splitlines() if "closed export=d" in line]
+    assert len(closed) == 1 and "requests=" in closed[0] and "errors=0" in closed[0]
+
+
+def test_stop_finishes_in_flight_writes(tmp_path, qcownbd_server):
+    image = raw_image(tmp_path)
+    server = qcownbd_server(f"d={image}")
+    client = RawClient(server.port)
+    client.go()
+    block = b"\x99" * 1024 * 1024
+    client.send(*[client.request(1, i << 20, 1 << 20, i, flags=1, payload=block)
+                  for i in range(1, 6)])
+    time.sleep(1)  # let the server take the requests in; unreceived ones are not in flight
+    server.proc.send_signal(signal.SIGTERM)
+    assert {client.simple_reply() for _ in range(5)} == {(0, i) for i in range(1, 6)}
+    assert client.closed()
+    assert server.proc.wait(20) == 0
+    with open(image, "rb") as file:
+        file.seek(1 << 20)
+        assert file.read(5 << 20) == block * 5
+
+
+def test_lone_export_answers_the_empty_name_and_path_names_by_stem(tmp_path, qcownbd_server):
+    server = qcownbd_server(raw_image(tmp_path, "mydisk"))
+    assert can_connect(server, "mydisk") and can_connect(server, "")
+    assert not can_connect(server, "other")
+    two = qcownbd_server(raw_image(tmp_path, "a"), raw_image(tmp_path, "b"))
+    assert can_connect(two, "a") and can_connect(two, "b") and not can_connect(two, "")
+
+
+def test_unopenable_cli_export_exits_with_one_line(tmp_path):
+    missing = tmp_path / "missing.img"
+    result = serve_fails("--listen", f"127.0.0.1:{free_port()}", f"x={missing}")
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(missing) in lines[0] and "Traceback" not in result.stderr
+    bad_qcow = tmp_path / "bad.qcow"
+    bad_qcow.write_bytes(b"QFI\xfb\0\0\0\1" + b"\xff" * 504)
+    result = serve_fails("--listen", f"127.0.0.1:{free_port()}", "--format", "qcow1", bad_qcow)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert "bad" in result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path, qcownbd_server):
+    server = qcownbd_server(f"d={raw_image(tmp_path)}")
+    result = serve_fails("--listen", f"127.0.0.1:{server.port}", f"e={raw_image(tmp_path, 'e')}")
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("qcownbd: error: cannot listen on 127.0.0.1:")
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text, needle", [
+    ('[exports.a]\npath = "x"\nbogus = 1\n', "bogus"),
+    ('[server]\nlisten = ["nowhere"]\n', "nowhere"),
+    ('[exports.a]\npath = "x"\nformat = "vmdk"\n', "vmdk"),
+    ('[exports.a]\nread_only = true\n', "path"),
+    ('[server]\nport = 1\n', "port"),
+    ("[exports.a\n", "c.toml"),
+])
+def test_config_errors_name_the_problem(tmp_path, text, needle):
+    config = tmp_path / "c.toml"
+    config.write_text(text)
+    result = serve_fails("--config", config)
+    assert result.returncode == 1
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_broken_config_export_is_refused_while_others_serve(tmp_path, qcownbd_server):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.good]\npath = "{raw_image(tmp_path)}"\n'
+                      f'[exports.broken]\npath = "{tmp_path / "nothing.raw"}"\n')
+    server = qcownbd_server("--config", config)
+    assert can_connect(server, "good") and not can_connect(server, "broken")
+    assert stop(server) == 0
+    assert "nothing.raw" in server.log
+
+
+def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
+    config = tmp_path / "c.toml"
+    first, second = raw_image(tmp_path, "one", 0x31), raw_image(tmp_path, "two", 0x32)
+    config.write_text(f'[exports.one]\npath = "{first}"\n')
+    server = qcownbd_server("--config", config)
+    old_client = RawClient(server.port)
+    old_client.go(b"one")
+    config.write_text(f'[exports.two]\npath = "{second}"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not can_connect(server, "two"):
+        assert time.monotonic() < deadline, "export two never appeared"
+        time.sleep(0.1)
+    assert not can_connect(server, "one")
+    assert first_byte(server.port, b"two") == b"2"
+    old_client.send(old_client.request(READ, 0, 1, 7))
+    assert old_client.simple_reply() == (0, 7) and old_client.recv(1) == b"1"
+    assert stop(server) == 0
+
+
+def test_unix_socket(tmp_path):
+    path = tmp_path / "nbd.sock"
+    server = QcownbdServer("--unix", path, f"d={raw_image(tmp_path)}")
+    try:
+        out = run(["nbdinfo", "--size", f"nbd+unix:///d?socket={path}"]).stdout
+        assert int(out) == SIZE
+    finally:
+        assert server.stop() == 0
+    assert not path.exists()
+
+
+def test_demo_creates_and_serves_a_qcow1_image(tmp_path, qcownbd_server):
+    server = qcownbd_server("--demo", env={"XDG_DATA_HOME": str(tmp_path)})
+    banner = run(["/usr/bin/python3", "-c",
+                  "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
+                  "sys.stdout.write(h.pread(17, 0).decode())", server.uri("demo")]).stdout
+    assert banner == "qcownbd demo disk"
+    assert stop(server) == 0
+    image = tmp_path / "qcownbd" / "demo.qcow"
+    info = run(["qemu-img", "info", "--output=json", image]).stdout
+    assert '"format": "qcow"' in info and '"virtual-size": 67108864' in info
+
+
+def test_metadata_is_committed_without_a_client_flush(tmp_path, qcownbd_server):
+    image = tmp_path / "d.qcow"
+    run(["qemu-img", "create", "-q", "-f", "qcow", image, str(SIZE)])
+    server = qcownbd_server(f"d={image}")
+    client = RawClient(server.port)
+    client.go()
+    client.send(client.request(1, 3 << 20, 4096, 1, payload=b"\x5c" * 4096))
+    assert client.simple_reply() == (0, 1)
+    time.sleep(3.5)  # the commit timer runs every ~2 s
+    server.proc.kill()
+    server.proc.wait(10)
+    run(["qemu-io", "-f", "qcow", "-c", "read -P 0x5c 3M 4k", image])
