@@ -56,7 +56,9 @@ class QcownbdServer:
         return f"nbd://127.0.0.1:{self.port}/{export}"
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20.0) -> int:
-        """Signal the server and wait; returns its exit status."""
+        """Signal the server and wait; returns its exit status (idempotent)."""
+        if self.proc.stderr.closed:
+            return self.proc.returncode
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
             try:
