@@ -6,6 +6,13 @@ listen = ["127.0.0.1:10809", "[::1]:10809"]
 unix = "/run/qcownbd.sock"
 max_connections = 256
 handshake_timeout = 30
+max_handshakes = 64               # connections still negotiating; the oldest gives way
+max_connections_per_client = 0    # per client address; 0 = no limit
+tls = "off"                       # off | on | require
+tls_cert = "/etc/qcownbd/server-cert.pem"
+tls_key = "/etc/qcownbd/server-key.pem"
+tls_ca = "/etc/qcownbd/ca-cert.pem"   # verify client certificates against it
+backing_dirs = ["/srv/images"]    # backing files must lie here (every export)
 
 [exports.vm1]
 path = "/srv/images/vm1.qcow"
@@ -14,11 +21,16 @@ read_only = false
 description = "first VM"
 backing_format = "raw"
 l2_cache_tables = 64
+allow = ["127.0.0.0/8", "::1/128"]   # client networks; absent = everyone
+allow_unix = true                    # Unix-socket clients (default true)
+backing_dirs = ["/srv/base"]         # replaces [server] backing_dirs
 ```
 Unknown keys are errors that name them: a typo must not silently change
-what is served.
+what is served.  An export table with `golden` instead of `path` is a
+fleet of per-client overlays (keys in qcownbd.fleet).
 """
 
+import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -28,6 +40,7 @@ from qcownbd.nbd.constants import DEFAULT_PORT, MAX_STRING
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 FORMATS = ("auto", "raw", "qcow1", "qcow")
+TLS_MODES = ("off", "on", "require")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,11 @@ class ExportConfig:
     description: str = ""
     backing_format: str | None = None
     l2_cache_tables: int | None = None
+    #: client networks allowed to see and use the export; None = everyone
+    allow: tuple[str, ...] | None = None
+    allow_unix: bool = True
+    #: directories backing files must resolve into (realpath); () = anywhere
+    backing_dirs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -51,13 +69,25 @@ class ServerConfig:
     unix: str | None = None
     max_connections: int = 256
     handshake_timeout: float = 30.0
+    max_handshakes: int = 64
+    max_connections_per_client: int = 0
+    tls: str = "off"
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+    tls_verify_client: bool | None = None
+    backing_dirs: list[str] = field(default_factory=list)
     exports: dict[str, ExportConfig] = field(default_factory=dict)
 
 
 _SERVER_KEYS = {"listen": list, "unix": str, "max_connections": int,
-                "handshake_timeout": (int, float)}
+                "handshake_timeout": (int, float), "max_handshakes": int,
+                "max_connections_per_client": int, "tls": str, "tls_cert": str,
+                "tls_key": str, "tls_ca": str, "tls_verify_client": bool,
+                "backing_dirs": list}
 _EXPORT_KEYS = {"path": str, "format": str, "read_only": bool, "description": str,
-                "backing_format": str, "l2_cache_tables": int}
+                "backing_format": str, "l2_cache_tables": int, "allow": list,
+                "allow_unix": bool, "backing_dirs": list}
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -75,10 +105,31 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def check_export_name(name: str) -> str:
-    """Export names are short UTF-8 strings without NUL (never paths to open)."""
-    if "\0" in name or len(name.encode()) > MAX_STRING:
-        raise ConfigError(f"bad export name {name[:40]!r}")
+    """Export names are short names, never paths: no leading "/", no "..", no controls."""
+    if len(name.encode()) > MAX_STRING:
+        raise ConfigError(f"bad export name {name[:40]!r}: longer than {MAX_STRING} bytes")
+    if name.startswith("/") or ".." in name.split("/"):
+        raise ConfigError(f"bad export name {name[:40]!r}: names are not paths")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        raise ConfigError(f"bad export name {name[:40]!r}: control characters")
     return name
+
+
+def parse_networks(networks: list, where: str) -> tuple[str, ...]:
+    """Checked client networks ("10.0.0.0/8", "::1/128", "192.0.2.7") as strings."""
+    checked = []
+    for network in networks:
+        try:
+            checked.append(str(ipaddress.ip_network(network, strict=True)))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: allow: bad network {network!r} ({exc})") from None
+    return tuple(checked)
+
+
+def _dir_list(value: list, where: str, base_dir: str) -> list[str]:
+    if not all(isinstance(item, str) and item for item in value):
+        raise ConfigError(f"{where}: backing_dirs must be a list of directory names")
+    return [os.path.join(base_dir, os.path.expanduser(item)) for item in value]
 
 
 def _check_table(table, allowed: dict, where: str) -> None:
@@ -94,8 +145,11 @@ def _check_table(table, allowed: dict, where: str) -> None:
             raise ConfigError(f"{where}: {key} has the wrong type ({type(value).__name__})")
 
 
-def _export(name: str, table: dict, base_dir: str) -> ExportConfig:
+def _export(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> ExportConfig:
     where = f"[exports.{name}]"
+    if isinstance(table, dict) and "golden" in table:
+        from qcownbd.fleet import fleet_config  # imported here: fleet builds on this module
+        return fleet_config(name, table, base_dir, server_dirs)
     _check_table(table, _EXPORT_KEYS, where)
     if "path" not in table:
         raise ConfigError(f"{where}: path is missing")
@@ -105,12 +159,17 @@ def _export(name: str, table: dict, base_dir: str) -> ExportConfig:
     cache = table.get("l2_cache_tables")
     if cache is not None and cache < 1:
         raise ConfigError(f"{where}: l2_cache_tables must be at least 1")
+    allow = table.get("allow")
+    dirs = table.get("backing_dirs")
     return ExportConfig(
         name=check_export_name(name),
         path=os.path.join(base_dir, os.path.expanduser(table["path"])),
         format=fmt, read_only=table.get("read_only", False),
         description=table.get("description", ""),
-        backing_format=table.get("backing_format"), l2_cache_tables=cache)
+        backing_format=table.get("backing_format"), l2_cache_tables=cache,
+        allow=None if allow is None else parse_networks(allow, where),
+        allow_unix=table.get("allow_unix", True),
+        backing_dirs=tuple(server_dirs if dirs is None else _dir_list(dirs, where, base_dir)))
 
 
 def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
@@ -129,9 +188,36 @@ def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
     config.handshake_timeout = float(server.get("handshake_timeout", config.handshake_timeout))
     if config.max_connections < 1 or config.handshake_timeout <= 0:
         raise ConfigError("[server]: max_connections and handshake_timeout must be positive")
+    _limits_and_tls(config, server, base_dir)
     for name, table in data.get("exports", {}).items():
-        config.exports[name] = _export(name, table, base_dir)
+        config.exports[name] = _export(name, table, base_dir, config.backing_dirs)
     return config
+
+
+def _limits_and_tls(config: ServerConfig, server: dict, base_dir: str) -> None:
+    """The [server] keys of the hardening: handshake budget, per-client limit, TLS."""
+    config.max_handshakes = server.get("max_handshakes", config.max_handshakes)
+    config.max_connections_per_client = server.get("max_connections_per_client", 0)
+    if config.max_handshakes < 1 or config.max_connections_per_client < 0:
+        raise ConfigError("[server]: max_handshakes must be positive and "
+                          "max_connections_per_client 0 (no limit) or more")
+    config.backing_dirs = _dir_list(server.get("backing_dirs", []), "[server]", base_dir)
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        if key in server:
+            setattr(config, key, os.path.join(base_dir, os.path.expanduser(server[key])))
+    config.tls = server.get("tls", "off")
+    config.tls_verify_client = server.get("tls_verify_client")
+    check_tls(config, "[server]")
+
+
+def check_tls(config: ServerConfig, where: str) -> None:
+    """TLS settings that fit together (files are read when the server starts)."""
+    if config.tls not in TLS_MODES:
+        raise ConfigError(f"{where}: tls {config.tls!r} is not one of {', '.join(TLS_MODES)}")
+    if config.tls != "off" and not (config.tls_cert and config.tls_key):
+        raise ConfigError(f"{where}: tls = {config.tls!r} needs tls_cert and tls_key")
+    if config.tls_verify_client and not config.tls_ca:
+        raise ConfigError(f"{where}: tls_verify_client needs tls_ca")
 
 
 def load_config(path: str) -> ServerConfig:

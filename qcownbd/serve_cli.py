@@ -1,7 +1,9 @@
 """`qcownbd serve`: run the NBD server for exports named on the command line or in a config.
 
     qcownbd serve [--listen HOST:PORT]... [--unix PATH] [--read-only]
-                  [--format auto|raw|qcow1] [--config FILE] [--demo] [NAME=PATH | PATH]...
+                  [--format auto|raw|qcow1] [--config FILE] [--demo]
+                  [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
+                  [NAME=PATH | PATH]...
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish, images are
 committed and closed, exit 0); SIGHUP reloads the config file.  Under
@@ -10,6 +12,7 @@ are reported.
 """
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -19,13 +22,15 @@ from pathlib import Path
 from qcownbd import systemd
 from qcownbd.cli import setup_logging
 from qcownbd.config import (
-    DEFAULT_LISTEN, ExportConfig, ServerConfig, check_export_name, load_config, parse_listen,
+    DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name, check_tls,
+    load_config, parse_listen,
 )
 from qcownbd.errors import ConfigError, UsageError
 from qcownbd.exports import ExportRegistry
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
-from qcownbd.nbd.server import NbdServer
+from qcownbd.nbd.server import NbdServer, raise_fd_limit
+from qcownbd.nbd.tls import server_context
 
 log = logging.getLogger("qcownbd.server")
 
@@ -49,6 +54,12 @@ def register(sub, common) -> None:
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
     parser.add_argument("--demo", action="store_true",
                         help="serve a small demo QCOW1 image as export 'demo'")
+    parser.add_argument("--tls", choices=TLS_MODES,
+                        help="NBD_OPT_STARTTLS: off, on (offered) or require (default: config, off)")
+    parser.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    parser.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    parser.add_argument("--tls-ca", metavar="FILE",
+                        help="CA (PEM) that must have signed every client's certificate")
     parser.add_argument("exports", nargs="*", metavar="NAME=PATH | PATH",
                         help="images to serve; a bare PATH is named after its file")
     parser.set_defaults(func=run)
@@ -102,31 +113,53 @@ def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig]]:
         parse_listen(address)
     if args.unix:
         config.unix = args.unix
+    tls_from_args(config, args)
     if not cli and not config.exports:
         raise UsageError("nothing to serve: give NAME=PATH, --config FILE or --demo")
+    cli = {name: dataclasses.replace(export, backing_dirs=tuple(config.backing_dirs))
+           for name, export in cli.items()}
     return config, cli
+
+
+def tls_from_args(config: ServerConfig, args) -> None:
+    """--tls* flags override the config file's TLS settings."""
+    for key in ("tls_cert", "tls_key", "tls_ca"):
+        value = getattr(args, key)
+        if value:
+            setattr(config, key, os.path.abspath(value))
+    if args.tls:
+        config.tls = args.tls
+    check_tls(config, "command line")
 
 
 def run(args) -> int:
     """Entry point of `qcownbd serve`."""
     setup_logging(args, "info")
     config, cli = build_config(args)
+    tls_context = None
+    if config.tls != "off":
+        tls_context = server_context(config.tls_cert, config.tls_key, config.tls_ca,
+                                     config.tls_verify_client)
+    raise_fd_limit()
     registry = ExportRegistry()
     # a command-line export that cannot open is the operator's typo: fail at once
     for export_config in cli.values():
         registry.add(registry.open_export(export_config))
     try:
         registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, args.config))
+        return asyncio.run(serve(config, cli, registry, args.config, tls_context))
     finally:
         registry.close_all()
 
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
-                config_path: str | None) -> int:
+                config_path: str | None, tls_context=None) -> int:
     """Listen, serve until SIGTERM/SIGINT, then stop cleanly."""
     server = NbdServer(registry, max_connections=config.max_connections,
-                       handshake_timeout=config.handshake_timeout)
+                       handshake_timeout=config.handshake_timeout,
+                       max_handshakes=config.max_handshakes,
+                       max_connections_per_client=config.max_connections_per_client,
+                       tls=config.tls, tls_context=tls_context)
     inherited = systemd.inherited_sockets()
     if inherited:
         await server.adopt(inherited)

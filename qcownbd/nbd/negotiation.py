@@ -24,6 +24,7 @@ class Action(Enum):
     CONTINUE = "continue"
     TRANSMIT = "transmit"
     CLOSE = "close"
+    STARTTLS = "starttls"
 
 
 @dataclass
@@ -41,12 +42,18 @@ class Negotiation:
     ``exports`` has ``lookup(name)`` (raising LookupError with a message) and
     ``listing()`` -> [(name, description)]; an export has ``name``, ``size``,
     ``flags``, ``description`` and ``preferred_block_size``.
+
+    ``tls`` is the server's policy ("off", "on" or "require"); ``tls_active``
+    says this negotiation runs over TLS already (it restarts after STARTTLS).
     """
 
-    def __init__(self, exports):
+    def __init__(self, exports, tls: str = "off", tls_active: bool = False,
+                 no_zeroes: bool = False):
         self.exports = exports
+        self.tls = tls
+        self.tls_active = tls_active
         self.mode = ReplyMode.SIMPLE
-        self.no_zeroes = False
+        self.no_zeroes = no_zeroes
         #: context id -> name, valid for ``context_export`` only
         self.contexts: dict[int, str] = {}
         self.context_export: str | None = None
@@ -65,6 +72,11 @@ class Negotiation:
 
     def option(self, option: int, payload: bytes) -> OptionResult:
         """Answer one option."""
+        if self.tls == "require" and not self.tls_active \
+                and option not in (Opt.STARTTLS, Opt.ABORT):
+            if option == Opt.EXPORT_NAME:
+                return OptionResult(action=Action.CLOSE)
+            return self._error(option, Rep.ERR_TLS_REQD, "TLS is required: use STARTTLS")
         handler = self._HANDLERS.get(option)
         if handler is None:
             return self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
@@ -112,7 +124,11 @@ class Negotiation:
 
     def _starttls(self, option, payload) -> OptionResult:
         self._require_empty(payload)
-        return self._error(option, Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self.tls == "off":
+            return self._error(option, Rep.ERR_POLICY, "TLS is not configured on this server")
+        if self.tls_active:
+            return self._error(option, Rep.ERR_INVALID, "TLS is already in use")
+        return OptionResult([protocol.option_reply(option, Rep.ACK)], Action.STARTTLS)
 
     def _info_or_go(self, option, payload) -> OptionResult:
         name, infos = protocol.parse_info_request(payload)

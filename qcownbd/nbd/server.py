@@ -9,6 +9,7 @@ most that much of what clients did not flush themselves.
 import asyncio
 import logging
 import os
+import resource
 import socket
 import stat
 
@@ -23,14 +24,30 @@ STOP_GRACE = 10.0
 
 
 class NbdServer:
-    """Accepts clients for the exports of ``exports`` (an ExportRegistry)."""
+    """Accepts clients for the exports of ``exports`` (an ExportRegistry).
+
+    Connections still negotiating have their own budget, ``max_handshakes``:
+    when it is full the oldest of them is dropped for the newcomer, so a
+    flood of idle or half-open connections (which the handshake timeout ends
+    anyway) can neither fill ``max_connections`` nor keep a real client out.
+    ``max_connections_per_client`` (0: none) counts both phases per address.
+    """
 
     def __init__(self, exports, *, max_connections: int = 256,
-                 handshake_timeout: float = 30.0):
+                 handshake_timeout: float = 30.0, max_handshakes: int = 64,
+                 max_connections_per_client: int = 0, tls: str = "off",
+                 tls_context=None):
         self.exports = exports
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.max_handshakes = max_handshakes
+        self.max_connections_per_client = max_connections_per_client
+        self.tls = tls
+        self.tls_context = tls_context
         self.connections: set[NbdConnection] = set()
+        #: connections still negotiating, oldest first (a dict keeps the order)
+        self._negotiating: dict[NbdConnection, None] = {}
+        self._per_client: dict[object, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._unix_path = None
         self._idle = asyncio.Event()
@@ -40,18 +57,39 @@ class NbdServer:
     # ------------------------------------------------------- connection hub
 
     def register(self, conn: NbdConnection) -> bool:
-        """Admit a new connection unless the limit is reached."""
+        """Admit a new connection unless a limit is reached (see the class)."""
         if len(self.connections) >= self.max_connections:
             return False
+        # Unix-socket clients (address None) share no address worth limiting
+        if conn.address is not None and self.max_connections_per_client \
+                and self._per_client.get(conn.address, 0) >= self.max_connections_per_client:
+            log.warning("%s: refused: too many connections from this address", conn.peer)
+            return False
+        if len(self._negotiating) >= self.max_handshakes:
+            oldest = next(iter(self._negotiating))
+            del self._negotiating[oldest]
+            oldest.evict("dropped: too many connections negotiating")
+        self._negotiating[conn] = None
+        self._per_client[conn.address] = self._per_client.get(conn.address, 0) + 1
         self.connections.add(conn)
         self._idle.clear()
         return True
+
+    def negotiated(self, conn: NbdConnection) -> None:
+        """``conn`` entered transmission: it leaves the negotiation budget."""
+        self._negotiating.pop(conn, None)
 
     def unregister(self, conn: NbdConnection) -> bool:
         """Forget a closed connection; False if it was never admitted."""
         if conn not in self.connections:
             return False
         self.connections.discard(conn)
+        self._negotiating.pop(conn, None)
+        left = self._per_client[conn.address] - 1
+        if left:
+            self._per_client[conn.address] = left
+        else:
+            del self._per_client[conn.address]
         if not self.connections:
             self._idle.set()
         return True
@@ -145,6 +183,18 @@ class NbdServer:
                 os.unlink(self._unix_path)
             except OSError:
                 pass
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one (each client is a descriptor)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
+    return soft
 
 
 def _sockname(sock) -> str:

@@ -1,0 +1,73 @@
+"""Which exports a client may see and use, by its network address.
+
+An export with ``allow`` networks is visible (LIST) and usable (INFO, GO,
+EXPORT_NAME, meta contexts) only from addresses inside one of them; for any
+other client it does not exist (ERR_UNKNOWN, the same answer as a name that
+was never configured, so probing reveals nothing).  Unix-socket clients have
+no address: file permissions on the socket guard them, so they are allowed
+unless the export says ``allow_unix = false``.
+"""
+
+import functools
+import ipaddress
+import logging
+
+log = logging.getLogger("qcownbd.access")
+
+
+def peer_address(peername) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's IP address from a transport's peername; None for Unix sockets."""
+    if not isinstance(peername, tuple):
+        return None
+    address = ipaddress.ip_address(peername[0].split("%", 1)[0])
+    # a dual-stack listener shows IPv4 clients as ::ffff:a.b.c.d
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=256)
+def _networks(allow: tuple[str, ...]):
+    return tuple(ipaddress.ip_network(network) for network in allow)
+
+
+def allowed(config, address) -> bool:
+    """May a client at ``address`` (None: Unix socket) use the export of ``config``?"""
+    if address is None:
+        return config.allow_unix
+    if config.allow is None:
+        return True
+    return any(address in network for network in _networks(config.allow))
+
+
+class PeerExports:
+    """The export registry as one client sees it (``lookup`` and ``listing``)."""
+
+    def __init__(self, registry, address, peer: str):
+        self.registry = registry
+        self.address = address
+        self.peer = peer
+
+    def lookup(self, name: str):
+        """The export named ``name``, or LookupError when missing or not for this client."""
+        parent, slash, _member = name.partition("/")
+        if slash and parent in self._names():
+            # "fleet/ID": fence with the fleet's list before a member is looked up
+            # (that may create an overlay, and its errors would reveal the fleet)
+            self._check(self.registry.lookup(parent), name)
+        export = self.registry.lookup(name)
+        self._check(export, name)
+        return export
+
+    def _names(self) -> set[str]:
+        return {entry[0] for entry in self.registry.listing()}
+
+    def _check(self, export, name: str) -> None:
+        if not allowed(export.config, self.address):
+            log.warning("%s: export %r refused by its allow list", self.peer, export.name)
+            raise LookupError(f"no export named {name!r}")
+
+    def listing(self) -> list[tuple[str, str]]:
+        """(name, description) of the exports this client may use."""
+        return [(name, desc) for name, desc in self.registry.listing()
+                if allowed(self.registry.lookup(name).config, self.address)]

@@ -1,0 +1,165 @@
+"""Connection limits: half-open floods, per-client caps, the handshake timeout,
+the request size cap, and the open-files limit the server raises for itself.
+"""
+
+import os
+import resource
+import socket
+import struct
+import subprocess
+import time
+
+import pytest
+
+from conftest import REPO, QcownbdServer, free_port, qcownbd_cmd, run, wait_listening
+from test_server_hostile import OPT_GO, READ, RawClient
+
+pytestmark = pytest.mark.timeout(120)
+SIZE = 40 * 1024 * 1024
+MAX_REQUEST = 32 * 1024 * 1024
+EINVAL = 22
+
+
+class LowFdServer(QcownbdServer):
+    """A server started with a small soft open-files limit (it must raise it itself)."""
+
+    def __init__(self, *serve_args, soft: int):
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        self.port = free_port()
+        self.args = ["serve", "--listen", f"127.0.0.1:{self.port}", *map(str, serve_args)]
+        self.proc = subprocess.Popen(
+            ["prlimit", f"--nofile={soft}:{hard}", *qcownbd_cmd(*self.args)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO)})
+        wait_listening(self.port, self.proc)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "d.raw"
+    with open(path, "wb") as file:
+        file.write(b"L" * 4096)
+        file.truncate(SIZE)
+    return path
+
+
+def _open_files_limit(pid: int) -> tuple[str, str]:
+    with open(f"/proc/{pid}/limits") as limits:
+        for line in limits:
+            if line.startswith("Max open files"):
+                return tuple(line.split()[3:5])
+    raise AssertionError("no open-files line")
+
+
+def _half_open(port: int, kind: int) -> socket.socket:
+    """One idle or stalled handshake, of five kinds."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    stalls = (b"",                                            # silent
+              b"\0\0",                                        # half the client flags
+              b"\0\0\0\1IHAVEOPT\0\0",                        # half an option header
+              b"\0\0\0\1IHAVEOPT" + struct.pack(">II", OPT_GO, 4000) + b"\0" * 100,
+              b"\0\0\0\1")                                    # flags, then nothing
+    if stalls[kind % 5]:
+        sock.sendall(stalls[kind % 5])
+    return sock
+
+
+def test_half_open_flood_does_not_starve_real_clients(image, tmp_path):
+    config = tmp_path / "c.toml"
+    # the default limits (256 connections, 64 negotiating) and a long handshake
+    # timeout: the timeout is not what gets the real client through
+    config.write_text("[server]\nhandshake_timeout = 60\n")
+    server = LowFdServer("--config", config, f"d={image}", soft=128)
+    try:
+        soft, hard = _open_files_limit(server.proc.pid)
+        assert soft == hard
+        early = RawClient(server.port)
+        early.go()
+        flood = [_half_open(server.port, kind) for kind in range(300)]
+        try:
+            started = time.monotonic()
+            info = run(["nbdinfo", "--size", f"nbd://127.0.0.1:{server.port}/d"], timeout=30)
+            assert int(info.stdout) == SIZE
+            run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x4c 0 4096",
+                 f"nbd://127.0.0.1:{server.port}/d"], timeout=30)
+            assert time.monotonic() - started < 5
+            early.send(early.request(READ, 0, 4, 1))
+            assert early.simple_reply() == (0, 1) and early.recv(4) == b"LLLL"
+            fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+            assert fds < 64 + 40      # the negotiation budget, not the flood, bounds it
+        finally:
+            for sock in flood:
+                sock.close()
+    finally:
+        server.stop()
+    assert "dropped: too many connections negotiating" in server.stderr
+    assert "Traceback" not in server.stderr
+
+
+def _admitted(port: int) -> RawClient:
+    """A client in transmission, retrying while a just-closed connection still counts."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            client = RawClient(port)
+            client.go()
+            return client
+        except (EOFError, ConnectionError):
+            assert time.monotonic() < deadline, "no connection slot came free"
+            time.sleep(0.1)
+
+
+def test_per_client_limit_refuses_only_that_address(image, tmp_path, qcownbd_server):
+    sock = tmp_path / "s.sock"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nmax_connections_per_client = 3\nunix = "{sock}"\n')
+    server = qcownbd_server("--config", config, f"d={image}")
+    # (the start-up probe's connection may still count for a moment)
+    clients = [_admitted(server.port) for _ in range(3)]
+    refused = RawClient(server.port)
+    assert refused.closed()
+    # Unix-socket clients have no address to share a count with
+    assert int(run(["nbdinfo", "--size", f"nbd+unix:///d?socket={sock}"]).stdout) == SIZE
+    clients.pop().sock.close()
+    late = _admitted(server.port)
+    late.send(late.request(READ, 0, 2, 1))
+    assert late.simple_reply() == (0, 1) and late.recv(2) == b"LL"
+    server.stop()
+    assert "too many connections from this address" in server.stderr
+
+
+def test_handshake_timeout_runs_from_accept_to_transmission(image, tmp_path, qcownbd_server):
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\nhandshake_timeout = 1\n")
+    server = qcownbd_server("--config", config, f"d={image}")
+    working = RawClient(server.port)
+    working.go()
+    stalled = [_half_open(server.port, kind) for kind in range(5)]
+    silent_after_greeting = RawClient(server.port)
+    silent_after_greeting.recv(18)
+    started = time.monotonic()
+    for sock in stalled:
+        sock.settimeout(10)
+        try:
+            while sock.recv(65536):
+                pass
+        except ConnectionResetError:
+            pass
+    assert silent_after_greeting.closed()
+    assert time.monotonic() - started < 4
+    # transmission is not subject to the handshake timeout
+    time.sleep(0.5)
+    working.send(working.request(READ, 0, 1, 7))
+    assert working.simple_reply() == (0, 7) and working.recv(1) == b"L"
+
+
+def test_requests_are_capped_at_32_mib(image, qcownbd_server):
+    server = qcownbd_server(f"d={image}")
+    client = RawClient(server.port, timeout=30)
+    client.go()
+    client.send(client.request(READ, 0, MAX_REQUEST + 1, 1),
+                client.request(READ, 0, MAX_REQUEST, 2))
+    assert client.simple_reply() == (EINVAL, 1)
+    assert client.simple_reply() == (0, 2)
+    data = client.recv(MAX_REQUEST)
+    assert data[:4096] == b"L" * 4096 and data[4096:] == bytes(MAX_REQUEST - 4096)
