@@ -56,7 +56,7 @@ def setup_logging(args, default_level: str = "warning") -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every subcommand registered."""
-    from qcownbd import image_cli, serve_cli
+    from qcownbd import fleet_cli, image_cli, serve_cli
 
     parser = _Parser(
         prog="qcownbd",
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     serve_cli.register(sub, common)
     image_cli.register(sub, common)
+    fleet_cli.register(sub, common)
     return parser
 
 
@@ -79,6 +80,11 @@ def main(argv=None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         return args.func(args) or 0
+    except BrokenPipeError:
+        # the reader went away (`qcownbd map IMG | head`): not an error worth a
+        # message; point stdout at /dev/null so the exit-time flush stays quiet
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_ERROR
     except UsageError as exc:
         print(f"qcownbd: {exc}", file=sys.stderr)
         return EXIT_USAGE

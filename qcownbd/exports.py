@@ -60,6 +60,14 @@ class Export:
         except (QcownbdError, OSError) as exc:
             log.error("export %s: closing %s failed: %s", self.name, self.config.path, exc)
 
+    def member(self, name: str) -> "Export":
+        """The export clients call THIS/name: only fleets (qcownbd.fleet) have members."""
+        raise LookupError(f"no export named {self.name + '/' + name!r}")
+
+    def members(self) -> list["Export"]:
+        """Open exports living inside this one (a fleet's overlays)."""
+        return []
+
 
 class ExportRegistry:
     """The exports being served, looked up by name during negotiation."""
@@ -72,9 +80,12 @@ class ExportRegistry:
 
     def open_export(self, config: ExportConfig) -> Export:
         """Open one export's image; ImageFormatError (one line, naming it) on failure."""
+        if not isinstance(config, ExportConfig):
+            return config.open(self)  # other export kinds (FleetConfig) open themselves
         try:
             backend = self._open(config.path, fmt=config.format, read_only=config.read_only,
                                  backing_format=config.backing_format,
+                                 allowed_backing_dirs=config.backing_dirs,
                                  l2_cache_tables=config.l2_cache_tables)
         except OSError as exc:
             raise ImageFormatError(f"export {config.name}: {config.path}: "
@@ -119,6 +130,9 @@ class ExportRegistry:
     def lookup(self, name: str) -> Export:
         """The export a client asked for; the empty name means a lone export."""
         export = self._exports.get(name)
+        parent, slash, member = name.partition("/")
+        if export is None and slash and parent in self._exports:
+            return self._exports[parent].member(member)  # "fleet/vm42"
         if export is None and name == "" and len(self._exports) + len(self._broken) == 1:
             export = next(iter(self._exports.values()), None)
             name = next(iter(self._broken), name)
@@ -139,7 +153,8 @@ class ExportRegistry:
     def open_exports(self) -> list[Export]:
         """Every export whose backend is still open, retired ones included."""
         self._retired = [e for e in self._retired if not e.closed]
-        return list(self._exports.values()) + self._retired
+        exports = list(self._exports.values()) + self._retired
+        return exports + [member for export in exports for member in export.members()]
 
     def close_all(self) -> None:
         """Commit and close every backend (server shutdown)."""

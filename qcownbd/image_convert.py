@@ -46,39 +46,51 @@ def cmd_convert(args) -> int:
         raise ImageFormatError(f"{args.dst}: already exists")
     src = open_image(args.src, fmt=args.format, read_only=True)
     try:
-        dst = _create(args, out_format, src.size)
-        try:
-            progress = Progress(src.size, sys.stderr.isatty() and not args.quiet)
-            copy_image(src, dst, args.backing is not None, progress)
-            dst.flush()
-            progress.finish()
-        except BaseException:
-            dst.close()
-            os.unlink(args.dst)
-            raise
-        dst.close()
+        convert_to_new(src, args.dst, out_format, backing=args.backing,
+                       backing_format=args.backing_format, progress=not args.quiet)
     finally:
         src.close()
     return 0
 
 
-def _create(args, out_format: str, size: int):
-    """Create DST empty and open it read-write."""
+def convert_to_new(src, dst_path: str, out_format: str, *, backing=None, backing_format=None,
+                   progress: bool = True) -> None:
+    """Copy the open backend ``src`` into the new image ``dst_path`` (removed on failure).
+
+    Also used by `qcownbd fleet commit`, which opens its source itself.
+    """
+    if os.path.lexists(dst_path):
+        raise ImageFormatError(f"{dst_path}: already exists")
+    dst = _create(dst_path, out_format, src.size, backing, backing_format)
+    try:
+        bar = Progress(src.size, sys.stderr.isatty() and progress)
+        copy_image(src, dst, backing is not None, bar)
+        dst.flush()
+        bar.finish()
+    except BaseException:
+        dst.close()
+        os.unlink(dst_path)
+        raise
+    dst.close()
+
+
+def _create(path: str, out_format: str, size: int, backing, backing_format):
+    """Create the image empty and open it read-write."""
     if out_format == "qcow1":
-        create_qcow1(args.dst, size, args.backing)
+        create_qcow1(path, size, backing)
     else:
         try:
-            fd = os.open(args.dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except OSError as exc:
-            raise ImageFormatError(f"{args.dst}: cannot create: {exc.strerror}") from None
+            raise ImageFormatError(f"{path}: cannot create: {exc.strerror}") from None
         try:
             os.ftruncate(fd, size)
         finally:
             os.close(fd)
     try:
-        return open_image(args.dst, fmt=out_format, backing_format=args.backing_format)
+        return open_image(path, fmt=out_format, backing_format=backing_format)
     except BaseException:
-        os.unlink(args.dst)
+        os.unlink(path)
         raise
 
 
