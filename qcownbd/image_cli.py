@@ -232,20 +232,25 @@ def cmd_check(args) -> int:
                   file=sys.stderr)
             return CHECK_UNSUPPORTED
         report = img.check(repair=args.repair)
-        for problem in report.corruptions:
-            print(f"ERROR: {problem}")
-        for fix in report.repaired:
-            print(f"Repaired: {fix}")
-        if args.repair and report.repaired:
+        _print_bounded("ERROR", report.corruptions, report.corruption_count)
+        _print_bounded("Repaired", report.repaired, report.repaired_count)
+        if args.repair and report.repaired_count:
             report = img.check(repair=False)
     finally:
         img.close()
     return _check_summary(report)
 
 
+def _print_bounded(label: str, messages: list[str], count: int) -> None:
+    for message in messages:
+        print(f"{label}: {message}")
+    if count > len(messages):
+        print(f"{label}: ... and {count - len(messages)} more")
+
+
 def _check_summary(report) -> int:
-    if report.corruptions:
-        print(f"{len(report.corruptions)} errors were found on the image.\n"
+    if report.corruption_count:
+        print(f"{report.corruption_count} errors were found on the image.\n"
               "Data may be corrupted, or further writes to the image may corrupt it.")
         return CHECK_CORRUPT
     if report.leaked_bytes:

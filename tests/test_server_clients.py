@@ -201,7 +201,8 @@ def test_fio_verify_random_mixed_sizes(fmt, tmp_path, qcownbd_server):
     result = run(["fio", "--name=verify", "--ioengine=nbd", f"--uri={server.uri('d')}",
                   "--rw=randwrite", "--bsrange=512-128k", "--size=24M", "--iodepth=16",
                   "--verify=crc32c", "--verify_fatal=1", "--do_verify=1",
-                  "--randrepeat=0", "--output-format=json"], timeout=90)
+                  "--randrepeat=0", "--output-format=json"], timeout=90,
+                 cwd=tmp_path)  # fio leaves its verify state file in the working directory
     job = json.loads(result.stdout[result.stdout.index("{"):])["jobs"][0]
     assert job["error"] == 0
     assert job["write"]["io_bytes"] >= 24 * 1024 * 1024

@@ -80,6 +80,11 @@ class Backend(ABC):
         adjacent extents with equal state should be merged.
         """
 
+    def host_range(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) when the range is stored as-is, contiguously, in one
+        file (the server may then sendfile it); None otherwise."""
+        return None
+
     def cache(self, offset: int, length: int) -> None:
         """Hint that the range will be read soon (NBD_CMD_CACHE)."""
 

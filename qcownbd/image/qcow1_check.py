@@ -7,8 +7,10 @@ two ranges that overlap (aliasing, metadata written through by the guest).
 Its ``max_end`` starts the allocator past everything referenced.
 """
 
+import heapq
 import logging
 import os
+from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, field
 
@@ -22,19 +24,54 @@ log = logging.getLogger(__name__)
 _META, _TABLE, _DATA, _COMPRESSED = range(4)
 
 
+#: problems and repairs described one by one; past this many they are only counted
+MAX_MESSAGES = 100
+
+
 @dataclass
 class CheckReport:
-    """Result of `Qcow1Image.check`."""
+    """Result of `Qcow1Image.check`.
 
+    A hostile image can hold a bad pointer in every 8 bytes, so the report
+    keeps a bounded number of messages and the pointers packed in arrays:
+    its memory stays a small multiple of the file size.
+    """
+
+    #: the first MAX_MESSAGES problems; ``corruption_count`` counts them all
     corruptions: list[str] = field(default_factory=list)
+    corruption_count: int = 0
     leaked_bytes: int = 0
+    #: the first MAX_MESSAGES repairs; ``repaired_count`` counts them all
     repaired: list[str] = field(default_factory=list)
+    repaired_count: int = 0
     #: largest end of any referenced range (the allocator starts past it)
     max_end: int = 0
-    #: pointers to drop: ("l1", index) or ("l2", index, position)
-    bad_pointers: list[tuple] = field(default_factory=list)
+    #: pointers to drop: L1 indices, and L2 entries as ``l1_index << 32 | position``
+    bad_l1: array = field(default_factory=lambda: array("Q"))
+    bad_l2: array = field(default_factory=lambda: array("Q"))
     #: the on-disk L1 table the scan used
     l1: object = None
+
+    def add_corruption(self, message: str, pointer) -> None:
+        """Record one problem and the pointer, ("l1", i) or ("l2", i, pos), a repair drops."""
+        self.corruption_count += 1
+        if len(self.corruptions) < MAX_MESSAGES:
+            self.corruptions.append(message)
+        if pointer[0] == "l1":
+            self.bad_l1.append(pointer[1])
+        else:
+            self.bad_l2.append(pointer[1] << 32 | pointer[2])
+
+    def add_repair(self, message: str) -> None:
+        """Record one dropped pointer."""
+        self.repaired_count += 1
+        if len(self.repaired) < MAX_MESSAGES:
+            self.repaired.append(message)
+
+    @property
+    def has_bad_pointers(self) -> bool:
+        """True when a repair would drop something."""
+        return bool(self.bad_l1 or self.bad_l2)
 
 
 @dataclass(frozen=True)
@@ -122,22 +159,68 @@ def scan(fd: int, hdr: Qcow1Header, file_size: int) -> CheckReport:
         raise ImageIOError(exc.errno, "cannot read L1 table") from None
     l1, used = to_host_order(raw), nonzero_indices(raw)
     report = CheckReport(l1=l1)
-    ranges = [(start, end, _META, name) for start, end, name in fixed_ranges(hdr)]
+    ranges = _Ranges(hdr.cluster_size)
+    for start, end, name in fixed_ranges(hdr):
+        ranges.add(start, end, _META, name)
     skip = set()
     for problem in l1_problems(hdr, l1, used, file_size):
-        report.corruptions.append(problem.message)
-        report.bad_pointers.append(("l1", problem.index))
+        report.add_corruption(problem.message, ("l1", problem.index))
         skip.add(problem.index)
     for index in used:
         if index in skip:
             continue
         offset = l1[index]
-        ranges.append((offset, offset + hdr.l2_table_bytes, _TABLE, ("l1", index)))
+        ranges.add(offset, offset + hdr.l2_table_bytes, _TABLE, ("l1", index))
         _scan_table(fd, hdr, index, offset, file_size, report, ranges)
-    _find_overlaps(ranges, report, hdr)
-    report.max_end = max(end for _start, end, _kind, _owner in ranges)
-    report.leaked_bytes = _leaked(hdr, ranges, file_size)
+    _find_overlaps(ranges.in_order(), report, hdr)
+    report.max_end = ranges.max_end()
+    report.leaked_bytes = _leaked(hdr, ranges.in_order(), file_size)
     return report
+
+
+def _start_and_kind(found) -> tuple[int, int]:
+    return found[0], found[2]
+
+
+class _Ranges:
+    """The byte ranges an image uses, as (start, end, kind, owner).
+
+    Data clusters, nearly all of them, are kept packed in arrays (16 bytes
+    each instead of a few hundred as tuples): the scan of a large image must
+    not need more memory than serving it does.
+    """
+
+    def __init__(self, cluster_size: int):
+        self.cluster_size = cluster_size
+        self.others: list[tuple] = []
+        self.data_starts = array("Q")
+        self.data_owners = array("Q")       # L1 index << 32 | L2 position
+        self._order = None
+
+    def add(self, start: int, end: int, kind: int, owner) -> None:
+        """Record one range (data clusters are one cluster long, owned by an L2 entry)."""
+        if kind == _DATA:
+            self.data_starts.append(start)
+            self.data_owners.append(owner[1] << 32 | owner[2])
+        else:
+            self.others.append((start, end, kind, owner))
+
+    def in_order(self):
+        """Every range, sorted by (start, kind); stable, as one sort of them all would be."""
+        if self._order is None:
+            self.others.sort(key=_start_and_kind)
+            self._order = sorted(range(len(self.data_starts)), key=self.data_starts.__getitem__)
+        starts, owners, size = self.data_starts, self.data_owners, self.cluster_size
+        data = ((starts[i], starts[i] + size, _DATA, ("l2", owners[i] >> 32, owners[i] & 0xFFFFFFFF))
+                for i in self._order)
+        return heapq.merge(self.others, data, key=_start_and_kind)
+
+    def max_end(self) -> int:
+        """The largest end of any range."""
+        ends = [end for _start, end, _kind, _owner in self.others]
+        if self.data_starts:
+            ends.append(max(self.data_starts) + self.cluster_size)
+        return max(ends)
 
 
 def _scan_table(fd, hdr, index, offset, file_size, report, ranges) -> None:
@@ -153,10 +236,10 @@ def _scan_table(fd, hdr, index, offset, file_size, report, ranges) -> None:
         found = entry_range(hdr, entry, file_size)
         if isinstance(found, str):
             guest = base + (pos << hdr.cluster_bits)
-            report.corruptions.append(f"guest {guest:#x}: L2 entry {entry:#x}: {found}")
-            report.bad_pointers.append(("l2", index, pos))
+            report.add_corruption(f"guest {guest:#x}: L2 entry {entry:#x}: {found}",
+                                  ("l2", index, pos))
         else:
-            ranges.append((found[0], found[1], found[2], ("l2", index, pos)))
+            ranges.add(found[0], found[1], found[2], ("l2", index, pos))
 
 
 def _describe(owner, hdr: Qcow1Header) -> str:
@@ -169,8 +252,7 @@ def _describe(owner, hdr: Qcow1Header) -> str:
 
 
 def _find_overlaps(ranges, report: CheckReport, hdr: Qcow1Header) -> None:
-    """Sweep the ranges by start; any range starting before the furthest end so far overlaps."""
-    ranges.sort(key=lambda r: (r[0], r[2]))
+    """Sweep the ranges (sorted by start); any starting before the furthest end so far overlaps."""
     widest = None
     for current in ranges:
         if widest is not None and current[0] < widest[1]:
@@ -178,10 +260,9 @@ def _find_overlaps(ranges, report: CheckReport, hdr: Qcow1Header) -> None:
             # checks already refused overlapping fixed ranges
             if current[2] != widest[2] or current[2] not in (_COMPRESSED, _META):
                 loser = _loser(widest, current)
-                report.corruptions.append(
+                report.add_corruption(
                     f"{_describe(current[3], hdr)} overlaps {_describe(widest[3], hdr)} "
-                    f"at {current[0]:#x}")
-                report.bad_pointers.append(loser[3])
+                    f"at {current[0]:#x}", loser[3])
                 if loser is widest:
                     widest = current
                 continue
@@ -199,12 +280,12 @@ def _loser(first, second):
 
 
 def _leaked(hdr: Qcow1Header, ranges, file_size: int) -> int:
-    """File bytes in clusters that no range touches (alignment padding is not a leak)."""
+    """File bytes in clusters that no range (sorted by start) touches; padding is not a leak."""
     size = hdr.cluster_size
     # qemu-img writes the L1 table padded with zeros to a multiple of 512 bytes: not a leak
     padded_l1 = (hdr.l1_table_offset, hdr.l1_table_offset + -(-hdr.l1_bytes // 512) * 512)
-    spans = [(start, end) for start, end, _kind, _owner in ranges] + [padded_l1]
-    units = sorted((start // size, -(-end // size)) for start, end in spans)
+    spans = heapq.merge(((start, end) for start, end, _kind, _owner in ranges), [padded_l1])
+    units = ((start // size, -(-end // size)) for start, end in spans)
     covered, reach = 0, 0
     for first, stop in units:
         first = max(first, reach)
@@ -217,19 +298,19 @@ def _leaked(hdr: Qcow1Header, ranges, file_size: int) -> int:
 def drop_pointers(fd: int, hdr: Qcow1Header, report: CheckReport) -> None:
     """Zero the bad pointers on disk, durably, and say what was lost."""
     zero, l1 = bytes(8), report.l1
-    done = set()
-    for pointer in report.bad_pointers:
-        if pointer in done:
-            continue
-        done.add(pointer)
-        if pointer[0] == "l1":
-            os.pwrite(fd, zero, hdr.l1_table_offset + 8 * pointer[1])
-            report.repaired.append(f"dropped L1[{pointer[1]}] (guest range from "
-                                   f"{pointer[1] << hdr.l1_shift:#x} now unallocated)")
-        else:
-            _kind, index, pos = pointer
-            os.pwrite(fd, zero, l1[index] + 8 * pos)
-            report.repaired.append(f"dropped {_describe(pointer, hdr)} (now unallocated)")
+    dropped_l1 = set(report.bad_l1)
+    for index in sorted(dropped_l1):
+        os.pwrite(fd, zero, hdr.l1_table_offset + 8 * index)
+        report.add_repair(f"dropped L1[{index}] (guest range from "
+                          f"{index << hdr.l1_shift:#x} now unallocated)")
+    previous = None
+    for packed in sorted(report.bad_l2):
+        index, pos = packed >> 32, packed & 0xFFFFFFFF
+        if packed == previous or index in dropped_l1:
+            continue        # a duplicate, or its whole L2 table is gone already
+        previous = packed
+        os.pwrite(fd, zero, l1[index] + 8 * pos)
+        report.add_repair(f"dropped {_describe(('l2', index, pos), hdr)} (now unallocated)")
     os.fdatasync(fd)
 
 

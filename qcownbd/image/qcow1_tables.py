@@ -21,6 +21,7 @@ from bisect import bisect_left, insort
 from collections import OrderedDict
 
 from ..errors import ImageIOError
+from .faults import syscalls
 from .qcow1_header import Qcow1Header, read_exact_at
 
 #: flag bit of a compressed L2 entry
@@ -28,7 +29,10 @@ COMPRESSED = 1 << 63
 #: in-memory sentinel for an entry that failed validation (read-only images):
 #: never a real entry (odd, no flag), every access gives EIO
 BAD = 1
-DEFAULT_CACHE_TABLES = 64
+#: default L2 cache: this many bytes of tables (2048 tables of a 4 KiB-cluster image, which
+#: map 4 GiB): a random workload over a disk that size never rereads a table, and a
+#: cache this size never holds more than the tables actually touched
+DEFAULT_CACHE_BYTES = 8 * 1024 * 1024
 _NONZERO_BYTE = re.compile(rb"[^\0]")
 
 
@@ -64,7 +68,7 @@ def pwrite_all(fd: int, buffers, offset: int) -> None:
     """Write every buffer back to back at ``offset``, retrying short writes."""
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     while views:
-        done = os.pwritev(fd, views, offset)
+        done = syscalls.pwritev(fd, views, offset)
         offset += done
         while views and done >= len(views[0]):
             done -= len(views[0])
@@ -80,7 +84,7 @@ class Qcow1Tables:
         self.fd = fd
         self.path = path
         self.header = header
-        self.cache_tables = max(2, cache_tables or DEFAULT_CACHE_TABLES)
+        self.cache_tables = max(2, cache_tables or DEFAULT_CACHE_BYTES // header.l2_table_bytes)
         #: called with (table, l1_index) for every table read from disk (read-only validation)
         self.on_load = None
         #: next free byte of the file for allocations (set after the open scan)
@@ -198,10 +202,10 @@ class Qcow1Tables:
                 self._pending_l2, self._pending_l1 = {}, {}
                 self._committing = set(l2)
             try:
-                os.fdatasync(self.fd)
+                syscalls.fdatasync(self.fd)
                 if l2 or l1:
                     self._write_pointers(l2, l1)
-                    os.fdatasync(self.fd)
+                    syscalls.fdatasync(self.fd)
             except OSError as exc:
                 self._restore_pending(l2, l1)
                 raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None

@@ -22,6 +22,8 @@ READ_HOLE_SCAN_MIN = 64 * 1024
 HOLE_CHUNK_MIN = 4096
 #: backend extents gathered per BLOCK_STATUS at most (bounds time and reply size)
 MAX_STATUS_EXTENTS = 16384
+#: reads at least this long go out with sendfile when the backend maps them to one file run
+SENDFILE_MIN = 64 * 1024
 
 _FUA, _DF = CmdFlag.FUA, CmdFlag.DF
 _ALLOWED_FLAGS = {
@@ -129,10 +131,7 @@ class CommandRunner:
     def _cmd_read(self, req, _payload) -> None:
         offset, length = req.offset, req.length
         if self.mode == ReplyMode.SIMPLE:
-            data = bytearray(length)
-            self.backend.read_into(offset, memoryview(data))
-            self.stats.bytes_read += length
-            self.send(protocol.simple_reply(req.cookie), data)
+            self._read_one_run(protocol.simple_reply(req.cookie), offset, length)
             return
         runs = [(offset, length, False)]
         if length >= READ_HOLE_SCAN_MIN and not req.flags & _DF:
@@ -144,13 +143,17 @@ class CommandRunner:
                 # after fruitless scans, scan exponentially more rarely
                 self._scan_backoff = 0 if len(runs) > 1 else min(2 * self._scan_backoff + 1, 64)
                 self._scan_skip = self._scan_backoff
+        if len(runs) == 1 and not runs[0][2]:
+            self._read_one_run(protocol.offset_data_header(self.mode, req.cookie, offset, offset,
+                                                           length, True), offset, length)
+            return
         # read everything first: an error then means one error chunk, no partial data
         chunks = []
         for run_offset, run_length, zero in runs:
             data = None
             if not zero:
-                data = bytearray(run_length)
-                self.backend.read_into(run_offset, memoryview(data))
+                data = self.replies.lend(run_length)
+                self.backend.read_into(run_offset, data)
             chunks.append((run_offset, run_length, data))
         self.stats.bytes_read += length
         last = len(chunks) - 1
@@ -161,6 +164,39 @@ class CommandRunner:
             else:
                 self.send(protocol.offset_data_header(self.mode, req.cookie, offset, run_offset,
                                                       run_length, index == last), data)
+
+    def _read_one_run(self, header, offset: int, length: int) -> None:
+        """Answer a READ of one data run: ``header``, then the bytes (sendfile if it can)."""
+        if self._send_file_range(header, offset, length):
+            return
+        data = self.replies.lend(length)
+        self.backend.read_into(offset, data)
+        self.stats.bytes_read += length
+        self.send(header, data)
+
+    def _send_file_range(self, header, offset: int, length: int) -> bool:
+        """Answer a one-run READ with ``header`` and sendfile; False when that cannot be done.
+
+        Saves the copy into and out of a buffer.  Whatever sendfile leaves (a
+        full socket, the file's end) is read and queued as usual.
+        """
+        if length < SENDFILE_MIN or not self.replies.direct:
+            return False
+        where = self.backend.host_range(offset, length)
+        if where is None:
+            return False
+        sent = self.replies.try_sendfile(header, where[0], where[1], length)
+        self.stats.bytes_read += length
+        if sent < length:
+            rest = self.replies.lend(length - sent)
+            try:
+                self.backend.read_into(offset + sent, rest)
+            except (ImageIOError, OSError) as exc:
+                # the header promised these bytes: no error reply can follow it
+                self._abort(f"READ at {offset}+{length} failed after its reply started: {exc}")
+                return True
+            self.send(rest)
+        return True
 
     def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Split a read into (offset, length, zero) runs worth sending as holes or data."""
@@ -190,6 +226,7 @@ class CommandRunner:
     def _cmd_write(self, req, payload) -> None:
         self.backend.write(req.offset, payload)
         self.stats.bytes_written += req.length
+        self.recycle_payload(payload)
         self._done_durably(req)
 
     def _cmd_disc(self, req, _payload) -> None:
