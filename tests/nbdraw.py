@@ -53,6 +53,17 @@ def go_step(rep: int, payload: bytes, size: int | None) -> tuple[bool, int | Non
     return rep == REP_ACK, size
 
 
+def recv_exactly(sock: socket.socket, count: int) -> bytes:
+    """``count`` bytes from ``sock``; EOFError when the peer closes first."""
+    data = bytearray()
+    while len(data) < count:
+        got = sock.recv(count - len(data))
+        if not got:
+            raise EOFError(f"server closed after {len(data)} of {count} bytes")
+        data += got
+    return bytes(data)
+
+
 class NbdClient:
     """Blocking NBD client on 127.0.0.1:``port``; ``timeout`` bounds every socket call."""
 
@@ -72,13 +83,7 @@ class NbdClient:
 
     def recv_exactly(self, count: int) -> bytes:
         """``count`` bytes from the server; EOFError when it closes first."""
-        data = bytearray()
-        while len(data) < count:
-            got = self.sock.recv(count - len(data))
-            if not got:
-                raise EOFError(f"server closed after {len(data)} of {count} bytes")
-            data += got
-        return bytes(data)
+        return recv_exactly(self.sock, count)
 
     def next_cookie(self) -> int:
         """A fresh request cookie."""

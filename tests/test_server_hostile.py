@@ -7,6 +7,7 @@ import time
 import pytest
 
 from conftest import run
+from nbdraw import recv_exactly
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 16 * 1024 * 1024
@@ -28,13 +29,7 @@ class RawClient:
         self.extended = False
 
     def recv(self, count: int) -> bytes:
-        data = bytearray()
-        while len(data) < count:
-            got = self.sock.recv(count - len(data))
-            if not got:
-                raise EOFError(f"closed after {len(data)} of {count} bytes")
-            data += got
-        return bytes(data)
+        return recv_exactly(self.sock, count)
 
     def closed(self) -> bool:
         """True when the server closed the connection (reads EOF or a reset)."""
