@@ -16,7 +16,7 @@ from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.image.image_map import chain_map, merge_map
 from qcownbd.image.probe import BackingPolicy, normalise_format, open_image
 from qcownbd.image.qcow1 import create_qcow1
-from qcownbd.image_convert import register_convert
+from qcownbd.image_convert import Progress, register_convert
 
 #: qemu-img's exit statuses for `check`
 CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
@@ -231,7 +231,10 @@ def cmd_check(args) -> int:
             print(f"qcownbd: {args.image}: {img.format_name} images have no metadata to check",
                   file=sys.stderr)
             return CHECK_UNSUPPORTED
-        report = img.check(repair=args.repair)
+        bar = Progress(100, sys.stderr.isatty() and not args.quiet)
+        report = img.check(repair=args.repair,
+                           progress=lambda done, total: bar.update(100 * done / total))
+        bar.finish()
         _print_bounded("ERROR", report.corruptions, report.corruption_count)
         _print_bounded("Repaired", report.repaired, report.repaired_count)
         if args.repair and report.repaired_count:

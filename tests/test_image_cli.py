@@ -292,23 +292,41 @@ def test_convert_errors_leave_no_output(tmp_path, chain, unwritable_dir):
     assert not (tmp_path / "half.raw").exists()
 
 
+def on_terminal(*args) -> tuple[int, bytes]:
+    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave, env=ENV)
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return proc.wait(30), output
+
+
 def test_convert_progress_only_on_a_terminal(tmp_path):
     src = mixed_raw(tmp_path / "src.raw")
     assert qcownbd("convert", src, tmp_path / "quiet.raw").stderr == ""
     for extra, shown in (([], True), (["-q"], False)):
-        master, slave = pty.openpty()
-        proc = subprocess.Popen(qcownbd_cmd("convert", *extra, src, tmp_path / f"t{shown}.raw"),
-                                stderr=slave, env=ENV)
-        os.close(slave)
-        output = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:                # EIO: the child closed the terminal
-                break
-            if not chunk:
-                break
-            output += chunk
-        os.close(master)
-        assert proc.wait(30) == 0
+        status, output = on_terminal("convert", *extra, src, tmp_path / f"t{shown}.raw")
+        assert status == 0
         assert (b"(100.00/100%)" in output) == shown, output
+
+
+def test_check_progress_only_on_a_terminal(tmp_path):
+    image = tmp_path / "tables.qcow"
+    run(["qemu-img", "create", "-f", "qcow", image, "64M"])
+    # four L2 tables (2 MiB of guest space each): the bar moves by quarters
+    run(["qemu-io", "-f", "qcow", *sum((["-c", f"write {n * 8}M 4k"] for n in range(4)), []),
+         image])
+    assert qcownbd("check", image).stderr == ""
+    for extra, shown in (([], True), (["-q"], False)):
+        status, output = on_terminal("check", *extra, image)
+        assert status == 0
+        assert (b"(50.00/100%)" in output and b"(100.00/100%)" in output) == shown, output

@@ -467,8 +467,11 @@ class Qcow1Image(Backend):
                 count += sum(1 for entry in tables.table(index) if entry)
         return count * self.cluster_size
 
-    def check(self, repair: bool = False) -> CheckReport:
-        """Full metadata scan; ``repair`` drops dangling and aliased pointers durably."""
+    def check(self, repair: bool = False, progress=None) -> CheckReport:
+        """Full metadata scan; ``repair`` drops dangling and aliased pointers durably.
+
+        ``progress(done, total)`` is called as the scan goes through the L2 tables.
+        """
         if repair and self.read_only:
             raise ImageIOError(errno.EPERM, f"{self.path}: read-only, cannot repair")
         tables = self._tables
@@ -476,7 +479,7 @@ class Qcow1Image(Backend):
             if not self.read_only:
                 tables.commit()
             file_size = os.fstat(self.fd).st_size
-            report = scan(self.fd, self.header, file_size)
+            report = scan(self.fd, self.header, file_size, progress)
             if repair and report.has_bad_pointers:
                 try:
                     drop_pointers(self.fd, self.header, report)

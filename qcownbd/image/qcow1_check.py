@@ -151,8 +151,11 @@ def entry_range(hdr: Qcow1Header, entry: int, file_size: int, *, cluster_aligned
     return entry, entry + hdr.cluster_size, _DATA
 
 
-def scan(fd: int, hdr: Qcow1Header, file_size: int) -> CheckReport:
-    """Full metadata scan of the image as it is on disk."""
+def scan(fd: int, hdr: Qcow1Header, file_size: int, progress=None) -> CheckReport:
+    """Full metadata scan of the image as it is on disk.
+
+    ``progress(done, total)``, if given, is called after each L2 table.
+    """
     try:
         raw = read_exact_at(fd, hdr.l1_bytes, hdr.l1_table_offset).ljust(hdr.l1_bytes, b"\0")
     except OSError as exc:
@@ -166,12 +169,14 @@ def scan(fd: int, hdr: Qcow1Header, file_size: int) -> CheckReport:
     for problem in l1_problems(hdr, l1, used, file_size):
         report.add_corruption(problem.message, ("l1", problem.index))
         skip.add(problem.index)
-    for index in used:
+    for done, index in enumerate(used, 1):
         if index in skip:
             continue
         offset = l1[index]
         ranges.add(offset, offset + hdr.l2_table_bytes, _TABLE, ("l1", index))
         _scan_table(fd, hdr, index, offset, file_size, report, ranges)
+        if progress is not None:
+            progress(done, len(used))
     _find_overlaps(ranges.in_order(), report, hdr)
     report.max_end = ranges.max_end()
     report.leaked_bytes = _leaked(hdr, ranges.in_order(), file_size)
