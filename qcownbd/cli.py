@@ -21,7 +21,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse that reports mistakes as one line (exit 2), like our other errors."""
 
     def error(self, message):
-        raise UsageError(f"{self.prog}: {message} (see --help)")
+        # main() already says "qcownbd: "; name only the subcommand, if any
+        command = self.prog.removeprefix("qcownbd").strip()
+        raise UsageError(f"{command + ': ' if command else ''}{message} (see --help)")
 
 
 def common_options() -> argparse.ArgumentParser:
