@@ -114,6 +114,19 @@ def test_random_workload_plain(tmp_path, cache):
     _run_workload(tmp_path, img, bytes(size), seed=11 + (cache or 0), ops=2000, cache=cache)
 
 
+@pytest.mark.parametrize("cluster_bits, l2_bits", [(16, 6), (9, 13)])
+def test_random_workload_table_not_one_cluster(tmp_path, cluster_bits, l2_bits):
+    """A 512 B L2 table in a 64 KiB slot, and a 64 KiB table over 128 clusters of 512 B:
+    a new table and its first clusters are laid out (and written) back to back."""
+    img = str(tmp_path / "g.qcow")
+    size = 9 * MiB + 1536
+    run(["qemu-img", "create", "-f", "qcow", img, str(size)])
+    with open(img, "r+b") as f:  # both keep l1_shift >= 21: the L1 qemu-img made is big enough
+        f.seek(32)
+        f.write(bytes([cluster_bits, l2_bits]))
+    _run_workload(tmp_path, img, bytes(size), seed=41 + l2_bits, ops=600)
+
+
 def test_random_workload_into_compressed_clusters(tmp_path):
     src = tmp_path / "src.raw"
     rnd = random.Random(5)

@@ -251,6 +251,12 @@ class Qcow1Image(Backend):
         if host is not None:
             self._pwrite([src], host)   # all of it overwrites allocated clusters in place
             return
+        shift = self.header.l1_shift
+        if offset >> shift == (offset + len(src) - 1) >> shift:
+            # the common allocating write: one L2 table, nothing mapped yet, no per-cluster walk
+            with self._tables.alloc_lock:
+                if self._try_allocate(offset, src):
+                    return
         # materialised first: allocations below change the tables being walked
         for kind, start, length, host in list(self._runs(offset, len(src))):
             piece = src[start - offset:start - offset + length]
@@ -277,36 +283,55 @@ class Qcow1Image(Backend):
             pos = stop
 
     def _allocate_in_table(self, pos: int, data: memoryview) -> None:
-        hdr, tables = self.header, self._tables
-        index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
-        count = ((pos + len(data) - 1) >> hdr.cluster_bits) - (pos >> hdr.cluster_bits) + 1
-        table = tables.table(index) if tables.l1[index] else None
-        entries = list(table[first:first + count]) if table is not None else [0] * count
-        if all(entry == 0 or entry & COMPRESSED for entry in entries):
-            self._allocate_clusters(pos, data, table, entries)
+        if self._try_allocate(pos, data):
             return
         # another writer mapped some of these clusters since we looked: redo per cluster
         for offset in range(0, len(data), self.cluster_size):
             cut = min(len(data), ((pos + offset) | self._cluster_mask) + 1 - pos)
             self.write(pos + offset, data[offset:cut])
 
-    def _allocate_clusters(self, pos: int, data: memoryview, table, entries) -> None:
-        """Reserve, write whole new clusters (and a new L2 table), then record the pointers."""
-        hdr, tables, size = self.header, self._tables, self.cluster_size
+    def _try_allocate(self, pos: int, data: memoryview) -> bool:
+        """Allocate all clusters under ``data`` (inside one L2 table) if none maps data yet.
+
+        False, with nothing done, when one does.  Caller holds alloc_lock.
+        """
+        hdr, tables = self.header, self._tables
         index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
-        table_offset = tables.reserve(hdr.l2_table_bytes) if table is None else None
-        host = tables.reserve(len(entries) * size)
-        pointers = [host + k * size for k in range(len(entries))]
-        buffers = self._cluster_buffers(pos, data, entries)
-        if table is None:
-            table = array("Q", bytes(hdr.l2_table_bytes))
-            table[first:first + len(pointers)] = array("Q", pointers)
-        self._pwrite(buffers, host)
-        if table_offset is None:
-            tables.set_entries(index, first, pointers)
-            return
-        self._pwrite([to_big_endian(table)], table_offset)
+        count = ((pos + len(data) - 1) >> hdr.cluster_bits) - (pos >> hdr.cluster_bits) + 1
+        l2_offset = tables.l1[index]
+        if l2_offset == BAD:
+            return False
+        if not l2_offset:
+            self._allocate_with_table(pos, data, array("Q", bytes(8 * count)))
+            return True
+        table = tables.table(index)
+        entries = table[first:first + count]
+        # count(0) is the C-speed answer for the usual all-unallocated range
+        if entries.count(0) != count and any(
+                entry and not entry & COMPRESSED for entry in entries):
+            return False
+        host = tables.reserve(count * self.cluster_size)
+        self._pwrite(self._cluster_buffers(pos, data, entries), host)
+        tables.set_entries(index, first, self._pointers(host, count))
+        return True
+
+    def _allocate_with_table(self, pos: int, data: memoryview, entries: array) -> None:
+        """New clusters and the new L2 table mapping them, back to back in one write."""
+        hdr, tables = self.header, self._tables
+        index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
+        slot = -(-hdr.l2_table_bytes // self.cluster_size) * self.cluster_size
+        table_offset = tables.reserve(slot + len(entries) * self.cluster_size)
+        table = array("Q", bytes(hdr.l2_table_bytes))
+        table[first:first + len(entries)] = self._pointers(table_offset + slot, len(entries))
+        # unreachable until the commit links it in L1 behind a data barrier (§5.3)
+        self._pwrite([to_big_endian(table), _ZEROS[:slot - hdr.l2_table_bytes],
+                      *self._cluster_buffers(pos, data, entries)], table_offset)
         tables.link_new_table(index, table_offset, table)
+
+    def _pointers(self, host: int, count: int) -> array:
+        """L2 entries of ``count`` clusters allocated back to back from ``host``."""
+        size = self.cluster_size
+        return array("Q", range(host, host + count * size, size))
 
     def _cluster_buffers(self, pos: int, data: memoryview, entries) -> list:
         """Whole clusters covering ``data``: partial ends merged with their old contents."""

@@ -169,12 +169,12 @@ class Qcow1Tables:
 
     def set_entries(self, index: int, first: int, values) -> None:
         """Point L2 entries ``first..`` of table ``index`` at new values (pending until commit)."""
-        table = self.table(index)
+        table, values = self.table(index), array("Q", values)
+        stop = first + len(values)
         with self._pending_lock:
-            pending = self._pending_l2.setdefault(index, {})
-            for pos, value in enumerate(values, first):
-                table[pos] = value
-                pending[pos] = value
+            table[first:stop] = values
+            # a zip of C iterators: no Python step per entry
+            self._pending_l2.setdefault(index, {}).update(zip(range(first, stop), values))
 
     def link_new_table(self, index: int, offset: int, table: array) -> None:
         """Enter a freshly written L2 table at L1 slot ``index`` (pending until commit)."""
@@ -234,8 +234,13 @@ class Qcow1Tables:
 
 def _runs(entries: dict[int, int]):
     """Group {position: value} into (first position, [values]) runs of consecutive positions."""
+    positions = sorted(entries)
+    if positions and positions[-1] - positions[0] == len(positions) - 1:
+        # the usual case (sequential allocation): one run, built without a step per entry
+        yield positions[0], list(map(entries.__getitem__, positions))
+        return
     run_start, values = None, []
-    for pos in sorted(entries):
+    for pos in positions:
         if values and pos == run_start + len(values):
             values.append(entries[pos])
             continue
