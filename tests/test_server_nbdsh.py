@@ -57,7 +57,7 @@ def images(tmp_path):
 
 def test_range_errors_and_bad_flags(images, qcownbd_server):
     server = qcownbd_server(f"rw={images['rw']}")
-    out = nbdsh(server, f'''
+    out = nbdsh(server, '''
 h = conn("rw")
 size = h.get_size()
 out["read_past_end"] = fails(lambda: h.pread(512, size - 511))

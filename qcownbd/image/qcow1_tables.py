@@ -12,7 +12,6 @@ run in a worker thread.  It only touches the pending maps (under
 `_pending_lock`) and the file; commits are serialised by `_commit_lock`.
 """
 
-import os
 import re
 import sys
 import threading
