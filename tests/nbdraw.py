@@ -93,11 +93,17 @@ class NbdClient:
     def send(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
              payload: bytes = b"") -> int:
         """Send one request without waiting; returns its cookie."""
+        cookie, data = self.encode(cmd, offset, length, flags, payload)
+        self.sock.sendall(data)
+        return cookie
+
+    def encode(self, cmd: int, offset: int = 0, length: int = 0, flags: int = 0,
+               payload: bytes = b"") -> tuple[int, bytes]:
+        """(cookie, bytes) of one request for the caller to send, in any pieces."""
         cookie = self.next_cookie()
         if cmd == CMD_READ:
             self._reads[cookie] = length
-        self.sock.sendall(request(cmd, cookie, offset, length, flags) + payload)
-        return cookie
+        return cookie, request(cmd, cookie, offset, length, flags) + payload
 
     def reply(self) -> tuple[int, int, bytes | None]:
         """The next reply: (cookie, NBD errno, data of a successful READ or None)."""

@@ -8,6 +8,7 @@ writes overlapping pipelined reads, and non-contiguous QCOW1 clusters.
 """
 
 import asyncio
+import contextlib
 import os
 import random
 import socket
@@ -29,6 +30,16 @@ def _random_file(path, size: int, seed: int) -> bytes:
     data = random.Random(seed).randbytes(size)
     path.write_bytes(data)
     return data
+
+
+def _image(tmp_path, fmt: str, size: int, seed: int):
+    """(bytes, path) of a random disk image, raw or converted to QCOW1 by qemu-img."""
+    image = _random_file(tmp_path / "d.raw", size, seed)
+    if fmt == "raw":
+        return image, tmp_path / "d.raw"
+    path = tmp_path / "d.qcow"
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow", tmp_path / "d.raw", path])
+    return image, path
 
 
 def _pipelined_reads_stalled(port: int, requests, stall: float, half_close: bool = False):
@@ -84,11 +95,8 @@ def _expected(image: bytes, requests):
 @pytest.mark.parametrize("fmt,half_close", [("raw", False), ("qcow", False), ("raw", True)])
 def test_stalled_client_gets_every_byte_in_order(tmp_path, qcownbd_server, fmt, half_close):
     size = 16 * MiB
-    image = _random_file(tmp_path / "d.raw", size, seed=7)
-    path = tmp_path / "d.raw"
+    image, path = _image(tmp_path, fmt, size, seed=7)
     if fmt == "qcow":
-        path = tmp_path / "d.qcow"
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow", tmp_path / "d.raw", path])
         # rewrite some clusters so the host layout is not the guest layout
         run(["qemu-io", "-f", "qcow", "-c", "write -P 0x5a 5M 64k", "-c", "write -P 0xa5 2M 4k",
              path])
@@ -104,6 +112,73 @@ def test_stalled_client_gets_every_byte_in_order(tmp_path, qcownbd_server, fmt, 
     assert len(reads) == len(expected)
     for index, (have, want) in enumerate(zip(reads, expected)):
         assert have == want, f"read #{index} differs"
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("fmt", ["raw", "qcow"])
+def test_large_writes_pipelined_with_small_requests_in_odd_pieces(tmp_path, qcownbd_server, fmt):
+    """Large WRITE payloads are received into their own buffers, and after one the
+    server reads a single header first: whatever the stream's chunking, the bytes
+    must land where they belong and every request after them must parse."""
+    size = 16 * MiB
+    image, path = _image(tmp_path, fmt, size, seed=5)
+    server = qcownbd_server(f"d={path}")
+    rng = random.Random(9)
+    requests = []
+    for _ in range(40):
+        length = rng.choice([2 * MiB, MiB, 300_000, 65536, 4096, 333])
+        offset = rng.randrange(0, size - length)
+        if rng.random() < 0.6:
+            requests.append((CMD_WRITE, offset, length, rng.randbytes(length)))
+        else:
+            requests.append((CMD_READ, offset, length, b""))
+    client = NbdClient(server.port, "d")
+    wire = [client.encode(cmd, offset, length, 0, payload)[1]
+            for cmd, offset, length, payload in requests]
+
+    def send_in_odd_pieces():
+        # every header is cut in two with a pause between, so the server sees a
+        # partial header right after a large payload; payloads go in odd pieces
+        pieces = random.Random(1)
+        with contextlib.suppress(OSError):   # a server that broke off: the replies tell
+            for data in wire:
+                cut = pieces.randrange(1, 28)
+                client.sock.sendall(data[:cut])
+                time.sleep(0.002)
+                pos = cut
+                while pos < len(data):
+                    step = pieces.choice([1, 27, 4096, 65536 + 3, 700_000])
+                    client.sock.sendall(data[pos:pos + step])
+                    pos += step
+
+    sender = threading.Thread(target=send_in_odd_pieces)
+    sender.start()
+    replies = {}
+    for _ in requests:
+        cookie, error, data = client.reply()
+        assert error == 0, (cookie, error)
+        replies[cookie] = data
+    sender.join()
+    reads = [replies[cookie] for cookie in sorted(replies) if replies[cookie] is not None]
+    expected = _expected(image, requests)
+    assert len(reads) == len(expected)
+    for index, (have, want) in enumerate(zip(reads, expected)):
+        assert have == want, f"read #{index} differs"
+    client.close()
+    assert server.stop() == 0
+    run(["qemu-img", "compare", "-f", "raw", "-F", "raw" if fmt == "raw" else "qcow",
+         _disk_after(tmp_path, image, requests), path])
+
+
+def _disk_after(tmp_path, image: bytes, requests):
+    """A raw file with what the image must hold once ``requests`` ran in order."""
+    disk = bytearray(image)
+    for cmd, offset, length, payload in requests:
+        if cmd == CMD_WRITE:
+            disk[offset:offset + length] = payload
+    out = tmp_path / "expected.raw"
+    out.write_bytes(disk)
+    return out
 
 
 @pytest.mark.timeout(60)

@@ -41,6 +41,10 @@ from qcownbd.nbd.tls import peer_subject
 log = logging.getLogger("qcownbd.nbd")
 
 RECV_BUFFER = 512 * 1024
+#: after a WRITE payload this long the next receive takes just one request header,
+#: so that the next large payload lands in its own buffer instead of half in the
+#: receive buffer (from where it would have to be copied)
+LARGE_PAYLOAD = RECV_BUFFER // 2
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 #: an oversized WRITE payload up to this size is read and thrown away; above it we close
@@ -133,6 +137,7 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
         self._payload_seen = 0          # _payload_got when the stall timer last looked
         self._budget_wait = False       # waiting for PAYLOADS to admit a large payload
         self._discard_left = 0          # bytes of a refused payload still to skip
+        self._header_only = False       # receive one request header next (LARGE_PAYLOAD)
         self._waiter = None             # handshake coroutine waiting for bytes
         self._handshake_task = None
         self._transmitting = False
@@ -257,6 +262,9 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
             return memoryview(self._payload)[self._payload_got:]
         if self._discard_left:
             return self._rview[:min(self._discard_left, RECV_BUFFER)]
+        if self._header_only:
+            # the receive buffer was empty when this began: _rend < one header
+            return self._rview[self._rend:protocol.request_size(self.mode)]
         if self._rend == RECV_BUFFER:
             kept = self._rend - self._rstart
             self._rbuf[:kept] = self._rview[self._rstart:self._rend]
@@ -271,6 +279,7 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
                 return
             req, payload = self._payload_req, self._payload
             self._drop_payload()
+            self._header_only = len(payload) >= LARGE_PAYLOAD
             self.execute(req, payload)
         elif self._discard_left:
             self._discard_left -= nbytes
@@ -278,6 +287,8 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
                 return
         else:
             self._rend += nbytes
+            if self._header_only and self._rend >= protocol.request_size(self.mode):
+                self._header_only = False
             if self.disconnecting:
                 # after DISC or during shutdown nothing more is read: drop it
                 self._rstart = self._rend = 0
