@@ -6,6 +6,7 @@ listen = ["127.0.0.1:10809", "[::1]:10809"]
 unix = "/run/qcownbd.sock"
 max_connections = 256
 handshake_timeout = 30
+payload_timeout = 30              # a WRITE payload stalled this long ends its connection
 max_handshakes = 64               # connections still negotiating; the oldest gives way
 max_connections_per_client = 0    # per client address; 0 = no limit
 tls = "off"                       # off | on | require
@@ -69,6 +70,7 @@ class ServerConfig:
     unix: str | None = None
     max_connections: int = 256
     handshake_timeout: float = 30.0
+    payload_timeout: float = 30.0
     max_handshakes: int = 64
     max_connections_per_client: int = 0
     tls: str = "off"
@@ -81,7 +83,8 @@ class ServerConfig:
 
 
 _SERVER_KEYS = {"listen": list, "unix": str, "max_connections": int,
-                "handshake_timeout": (int, float), "max_handshakes": int,
+                "handshake_timeout": (int, float), "payload_timeout": (int, float),
+                "max_handshakes": int,
                 "max_connections_per_client": int, "tls": str, "tls_cert": str,
                 "tls_key": str, "tls_ca": str, "tls_verify_client": bool,
                 "backing_dirs": list}
@@ -186,8 +189,10 @@ def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
     config.unix = server.get("unix")
     config.max_connections = server.get("max_connections", config.max_connections)
     config.handshake_timeout = float(server.get("handshake_timeout", config.handshake_timeout))
-    if config.max_connections < 1 or config.handshake_timeout <= 0:
-        raise ConfigError("[server]: max_connections and handshake_timeout must be positive")
+    config.payload_timeout = float(server.get("payload_timeout", config.payload_timeout))
+    if min(config.max_connections, config.handshake_timeout, config.payload_timeout) <= 0:
+        raise ConfigError("[server]: max_connections, handshake_timeout and payload_timeout "
+                          "must be positive")
     _limits_and_tls(config, server, base_dir)
     for name, table in data.get("exports", {}).items():
         config.exports[name] = _export(name, table, base_dir, config.backing_dirs)

@@ -6,7 +6,9 @@
                   [NAME=PATH | PATH]...
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish, images are
-committed and closed, exit 0); SIGHUP reloads the config file.  Under
+committed and closed, exit 0); SIGHUP reloads the config file's exports
+and rereads the TLS certificate, key and CA files (same paths: certificates
+are rotated by replacing the files; the TLS mode needs a restart).  Under
 systemd the inherited sockets are used and READY/RELOADING/STOPPING/STATUS
 are reported.
 """
@@ -132,14 +134,19 @@ def tls_from_args(config: ServerConfig, args) -> None:
     check_tls(config, "command line")
 
 
+def tls_context_for(config: ServerConfig):
+    """The server's ssl context from the configured files, or None with TLS off."""
+    if config.tls == "off":
+        return None
+    return server_context(config.tls_cert, config.tls_key, config.tls_ca,
+                          config.tls_verify_client)
+
+
 def run(args) -> int:
     """Entry point of `qcownbd serve`."""
     setup_logging(args, "info")
     config, cli = build_config(args)
-    tls_context = None
-    if config.tls != "off":
-        tls_context = server_context(config.tls_cert, config.tls_key, config.tls_ca,
-                                     config.tls_verify_client)
+    tls_context = tls_context_for(config)
     raise_fd_limit()
     registry = ExportRegistry()
     # a command-line export that cannot open is the operator's typo: fail at once
@@ -157,6 +164,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     """Listen, serve until SIGTERM/SIGINT, then stop cleanly."""
     server = NbdServer(registry, max_connections=config.max_connections,
                        handshake_timeout=config.handshake_timeout,
+                       payload_timeout=config.payload_timeout,
                        max_handshakes=config.max_handshakes,
                        max_connections_per_client=config.max_connections_per_client,
                        tls=config.tls, tls_context=tls_context)
@@ -172,7 +180,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, server, registry, cli, config_path)
+    loop.add_signal_handler(signal.SIGHUP, reload, server, registry, cli, config_path, config)
     commit_task = loop.create_task(server.commit_metadata_forever())
     status_task = loop.create_task(report_status(server))
     systemd.notify(f"READY=1\nSTATUS={server.status()}")
@@ -185,8 +193,13 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     return 0
 
 
-def reload(server: NbdServer, registry: ExportRegistry, cli: dict, config_path) -> None:
-    """SIGHUP: reread the config; new exports appear, removed ones refuse new clients."""
+def reload(server: NbdServer, registry: ExportRegistry, cli: dict, config_path,
+           config: ServerConfig) -> None:
+    """SIGHUP: reread the config; new exports appear, removed ones refuse new clients.
+
+    The TLS files are read again too: new handshakes use the new certificate,
+    established sessions keep theirs.
+    """
     usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
     try:
@@ -195,6 +208,12 @@ def reload(server: NbdServer, registry: ExportRegistry, cli: dict, config_path) 
         log.info("reloaded: %s", server.status())
     except ConfigError as exc:
         log.error("reload failed, keeping the old exports: %s", exc)
+    if server.tls_context is not None:
+        try:
+            server.tls_context = tls_context_for(config)
+            log.info("reloaded TLS certificate %s", config.tls_cert)
+        except ConfigError as exc:
+            log.error("TLS reload failed, keeping the old certificate: %s", exc)
     systemd.notify(f"READY=1\nSTATUS={server.status()}")
 
 

@@ -12,12 +12,13 @@ import time
 import pytest
 
 from conftest import REPO, QcownbdServer, free_port, qcownbd_cmd, run, wait_listening
-from test_server_hostile import OPT_GO, READ, RawClient
+from test_server_hostile import OPT_GO, READ, WRITE, RawClient
 
 pytestmark = pytest.mark.timeout(120)
 SIZE = 40 * 1024 * 1024
 MAX_REQUEST = 32 * 1024 * 1024
 EINVAL = 22
+MiB = 1024 * 1024
 
 
 class LowFdServer(QcownbdServer):
@@ -151,6 +152,35 @@ def test_handshake_timeout_runs_from_accept_to_transmission(image, tmp_path, qco
     time.sleep(0.5)
     working.send(working.request(READ, 0, 1, 7))
     assert working.simple_reply() == (0, 7) and working.recv(1) == b"L"
+
+
+def test_a_write_payload_that_stops_arriving_ends_its_connection(image, tmp_path, qcownbd_server):
+    """payload_timeout: a stalled payload closes its connection; a slow one that
+    keeps moving does not, and the other clients never notice either."""
+    config = tmp_path / "c.toml"
+    config.write_text("[server]\npayload_timeout = 1\n")
+    server = qcownbd_server("--config", config, f"d={image}")
+    working, stalled, slow = (RawClient(server.port) for _ in range(3))
+    for client in (working, stalled, slow):
+        client.go()
+    payload = b"P" * MiB
+    stalled.send(stalled.request(WRITE, 0, MiB, 1) + payload[:100_000])
+    slow.send(slow.request(WRITE, MiB, MiB, 2) + payload[:100_000])
+    started = time.monotonic()
+    for step in range(8):       # a byte every 0.4 s: never 1 s without one
+        time.sleep(0.4)
+        slow.send(payload[100_000 + step:100_000 + step + 1])
+        working.send(working.request(READ, 0, 1, 10 + step))
+        assert working.simple_reply() == (0, 10 + step) and working.recv(1) == b"L"
+    assert stalled.closed()
+    # the timer looks every payload_timeout seconds: closed after 1 to 2 s of silence
+    assert time.monotonic() - started < 4
+    slow.send(payload[100_008:])
+    assert slow.simple_reply() == (0, 2)
+    slow.send(slow.request(READ, MiB, MiB, 3))
+    assert slow.simple_reply() == (0, 3) and slow.recv(MiB) == payload
+    server.stop()
+    assert "no byte of a WRITE payload for 1s" in server.stderr
 
 
 def test_requests_are_capped_at_32_mib(image, qcownbd_server):

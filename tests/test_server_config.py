@@ -27,12 +27,12 @@ def test_parse_listen_refuses(text):
 def test_config_fields_and_relative_paths(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[server]\nlisten = ["127.0.0.1:1234"]\nunix = "/tmp/s"\n'
-                      'max_connections = 5\nhandshake_timeout = 2.5\n'
+                      'max_connections = 5\nhandshake_timeout = 2.5\npayload_timeout = 7\n'
                       '[exports.vm]\npath = "img/vm.qcow"\nformat = "qcow1"\nread_only = true\n'
                       'description = "a VM"\nbacking_format = "raw"\nl2_cache_tables = 8\n')
     parsed = load_config(str(config))
     assert parsed.listen == ["127.0.0.1:1234"] and parsed.unix == "/tmp/s"
-    assert (parsed.max_connections, parsed.handshake_timeout) == (5, 2.5)
+    assert (parsed.max_connections, parsed.handshake_timeout, parsed.payload_timeout) == (5, 2.5, 7)
     assert parsed.exports["vm"] == ExportConfig(
         name="vm", path=str(tmp_path / "img" / "vm.qcow"), format="qcow1", read_only=True,
         description="a VM", backing_format="raw", l2_cache_tables=8)
@@ -43,6 +43,7 @@ def test_config_fields_and_relative_paths(tmp_path):
     ({"server": {"max_connections": "many"}}, "max_connections"),
     ({"server": {"max_connections": True}}, "max_connections"),
     ({"server": {"max_connections": 0}}, "positive"),
+    ({"server": {"payload_timeout": 0}}, "payload_timeout"),
     ({"exports": {"a": {"path": "x", "l2_cache_tables": 0}}}, "l2_cache_tables"),
     ({"exports": {"a\0b": {"path": "x"}}}, "export name"),
     ({"listen": []}, "listen"),

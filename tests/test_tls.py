@@ -7,9 +7,11 @@ ahead of the TLS handshake, state surviving the restart).
 """
 
 import os
+import signal
 import ssl
 import struct
 import subprocess
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -169,6 +171,44 @@ def test_tls_on_serves_plain_and_tls_clients_without_client_certs(pki, image, qc
     assert "with TLS" in secure
     run(["qemu-io", *qemu_tls(server, "d", pki.nocert), "-c", "write -P 7 0 512",
          "-c", "read -P 7 0 512"])
+
+
+def _trusted_by(server, certs) -> bool:
+    """Whether an nbds:// client trusting the CA in ``certs`` completes the handshake."""
+    return subprocess.run(["nbdinfo", "--size", nbds(server, "d", certs)], capture_output=True,
+                          timeout=30).returncode == 0
+
+
+def _eventually(predicate, seconds: float = 10.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_sighup_rereads_the_certificate_files(pki, image, tmp_path, qcownbd_server):
+    """Certificates rotate by replacing the files and sending SIGHUP; a broken
+    replacement is refused with one log line and the old certificate stays."""
+    _make_leaf("rotated", "rogue", "serverAuth", "subjectAltName=IP:127.0.0.1", pki.root)
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_bytes((pki.root / "server-cert.pem").read_bytes())
+    key.write_bytes((pki.root / "server-key.pem").read_bytes())
+    server = qcownbd_server("--tls", "on", "--tls-cert", cert, "--tls-key", key, f"d={image}")
+    assert _trusted_by(server, pki.nocert) and not _trusted_by(server, pki.untrusting)
+    cert.write_bytes((pki.root / "rotated-cert.pem").read_bytes())
+    key.write_bytes((pki.root / "rotated-key.pem").read_bytes())
+    server.proc.send_signal(signal.SIGHUP)
+    assert _eventually(lambda: _trusted_by(server, pki.untrusting))
+    assert not _trusted_by(server, pki.nocert)
+    key.write_text("not a key\n")
+    server.proc.send_signal(signal.SIGHUP)
+    time.sleep(1)
+    assert _trusted_by(server, pki.untrusting)
+    assert server.stop() == 0
+    assert "TLS reload failed, keeping the old certificate" in server.stderr
+    assert "Traceback" not in server.stderr
 
 
 def _client_ssl(pki) -> ssl.SSLContext:

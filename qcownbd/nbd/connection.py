@@ -15,7 +15,7 @@ unsent, or too many flushes are in flight, reading stops until the client
 catches up.  Large WRITE payloads still being received share one
 server-wide budget (`PayloadBudget`): past it, a connection stops reading
 until another payload completes, and a payload that makes no progress for
-`PAYLOAD_STALL_TIMEOUT` seconds ends its connection.
+the server's ``payload_timeout`` seconds ends its connection.
 
 TLS slots in at negotiation: after the ACK to NBD_OPT_STARTTLS,
 ``loop.start_tls(self.transport, self, context, server_side=True)`` gives a
@@ -51,8 +51,6 @@ WRITE_LOW_WATER = 1024 * 1024
 MAX_DISCARD = 2 * MAX_REQUEST_SIZE
 #: bytes of partly received WRITE payloads all connections may hold at once
 PAYLOAD_BUDGET = 128 * 1024 * 1024
-#: seconds a partly received payload may go without a byte before its connection is closed
-PAYLOAD_STALL_TIMEOUT = 30.0
 _CLIENT_FLAGS_SIZE = 4
 _OPTION_HEADER_SIZE = protocol.OPTION_HEADER.size
 _COMMAND_NAMES = set(Cmd)
@@ -112,6 +110,7 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
     """The protocol object of one client (handshake, then transmission).
 
     ``hub`` is the server: ``exports`` (lookup/listing), ``handshake_timeout``,
+    ``payload_timeout``,
     ``tls`` (off/on/require), ``tls_context``, ``register(conn) -> bool``,
     ``negotiated(conn)`` and ``unregister(conn)``.
     """
@@ -370,7 +369,7 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
                 self._payload_got, self._payload_req = have, req
                 self._payload_seen = have
                 self._payload_timer = asyncio.get_running_loop().call_later(
-                    PAYLOAD_STALL_TIMEOUT, self._check_payload_progress)
+                    self.hub.payload_timeout, self._check_payload_progress)
                 pos = end
             if self._discard_left or self._payload is not None:
                 break
@@ -390,11 +389,11 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
         if self._payload is None:
             return
         if self._payload_got == self._payload_seen:
-            self._abort(f"no byte of a WRITE payload for {PAYLOAD_STALL_TIMEOUT:.0f}s")
+            self._abort(f"no byte of a WRITE payload for {self.hub.payload_timeout:g}s")
             return
         self._payload_seen = self._payload_got
         self._payload_timer = asyncio.get_running_loop().call_later(
-            PAYLOAD_STALL_TIMEOUT, self._check_payload_progress)
+            self.hub.payload_timeout, self._check_payload_progress)
 
     def budget_available(self):
         """PayloadBudget: bytes were released; try the waiting request again."""

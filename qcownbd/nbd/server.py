@@ -34,12 +34,14 @@ class NbdServer:
     """
 
     def __init__(self, exports, *, max_connections: int = 256,
-                 handshake_timeout: float = 30.0, max_handshakes: int = 64,
+                 handshake_timeout: float = 30.0, payload_timeout: float = 30.0,
+                 max_handshakes: int = 64,
                  max_connections_per_client: int = 0, tls: str = "off",
                  tls_context=None):
         self.exports = exports
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
+        self.payload_timeout = payload_timeout
         self.max_handshakes = max_handshakes
         self.max_connections_per_client = max_connections_per_client
         self.tls = tls
