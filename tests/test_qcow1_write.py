@@ -296,7 +296,7 @@ def test_read_only_image_refuses_changes(tmp_path):
                      lambda: image.write_zeroes(0, 4096)):
             with pytest.raises(ImageIOError) as info:
                 call()
-            assert info.value.errno == errno.EPERM
+            assert info.value.errno == errno.EROFS
         image.flush()
     finally:
         image.close()

@@ -239,7 +239,7 @@ class Qcow1Image(Backend):
 
     def _check_writable(self) -> None:
         if self.read_only:
-            raise ImageIOError(errno.EPERM, f"{self.path}: read-only")
+            raise ImageIOError(errno.EROFS, f"{self.path}: image is read-only")
         if self._corrupt:
             raise ImageIOError(errno.EIO, f"{self.path}: corrupt metadata, repair first")
 
@@ -498,7 +498,7 @@ class Qcow1Image(Backend):
         ``progress(done, total)`` is called as the scan goes through the L2 tables.
         """
         if repair and self.read_only:
-            raise ImageIOError(errno.EPERM, f"{self.path}: read-only, cannot repair")
+            raise ImageIOError(errno.EROFS, f"{self.path}: image is read-only, cannot repair")
         tables = self._tables
         with tables.alloc_lock:
             if not self.read_only:
