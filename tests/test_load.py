@@ -154,6 +154,44 @@ def test_half_sent_big_writes_keep_rss_bounded(tmp_path):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("length", [32 * 1024, MiB])
+def test_pipelined_reads_of_clients_that_do_not_read_keep_rss_bounded(tmp_path, length):
+    """4 clients each send 128 MiB worth of READs at once and read nothing for a while.
+
+    Replies must wait in the socket and a bounded backlog, not in memory: the
+    server stops taking requests until the client catches up. Then every
+    reply arrives, in full and correct.
+    """
+    image = tmp_path / "d.raw"
+    content = random.Random(4).randbytes(MiB)
+    image.write_bytes(content * 16)
+    count = 128 * MiB // length
+    offsets = [index * length % (16 * MiB) for index in range(count)]
+    with LoggedServer(f"d={image}") as server:
+        clients, senders = [], []
+        for _ in range(4):
+            client = NbdClient(server.port, "d")
+            client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            burst = b"".join(client.encode(CMD_READ, offset, length)[1] for offset in offsets)
+            # the server stops reading once its backlog is full: send from a thread
+            senders.append(threading.Thread(target=client.sock.sendall, args=(burst,)))
+            senders[-1].start()
+            clients.append(client)
+        time.sleep(1.5)
+        rss = server.rss_bytes()
+        assert rss < 150 * MiB, f"server RSS {rss >> 20} MiB holding replies"
+        doubled = content * 2
+        for client in clients:
+            for cookie in range(1, count + 1):
+                got, error, data = client.reply()
+                offset = offsets[got - 1] % MiB
+                assert error == 0 and data == doubled[offset:offset + length], got
+            client.close()
+        for sender in senders:
+            sender.join()
+
+
+@pytest.mark.timeout(120)
 def test_big_writes_beyond_the_payload_budget_all_complete(tmp_path):
     """12 clients write 32 MiB each at once (3× the server's payload budget).
 

@@ -47,6 +47,9 @@ RECV_BUFFER = 512 * 1024
 LARGE_PAYLOAD = RECV_BUFFER // 2
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
+#: READ bytes one batch answers before its replies are sent (and counted in the
+#: backlog, which pauses reading): a long pipeline of reads cannot pile up replies
+BATCH_REPLY_BYTES = 1024 * 1024
 #: an oversized WRITE payload up to this size is read and thrown away; above it we close
 MAX_DISCARD = 2 * MAX_REQUEST_SIZE
 #: bytes of partly received WRITE payloads all connections may hold at once
@@ -54,6 +57,7 @@ PAYLOAD_BUDGET = 128 * 1024 * 1024
 _CLIENT_FLAGS_SIZE = 4
 _OPTION_HEADER_SIZE = protocol.OPTION_HEADER.size
 _COMMAND_NAMES = set(Cmd)
+_READ = int(Cmd.READ)
 _ERRNO_NAMES = set(Errno)
 
 
@@ -334,12 +338,18 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
         view, mode = self._rview, self.mode
         hsize = protocol.request_size(mode)
         pos, end = self._rstart, self._rend
+        promised = 0
         while end - pos >= hsize and not (self._reading_paused or self.disconnecting):
             req = protocol.parse_request(view, pos, mode)
             pos += hsize
             self.stats.requests += 1
             if not self._carries_payload(req):
                 self.execute_checked(req, None)
+                if req.type == _READ:
+                    promised += req.length
+                    if promised >= BATCH_REPLY_BYTES:
+                        promised = 0
+                        self.replies.flush()    # may pause reading: the loop then stops
                 continue
             have = end - pos
             error, reason = self.check(req)
