@@ -12,6 +12,7 @@ exactly the clients' data from both images.
 import asyncio
 import random
 import socket
+import struct
 import threading
 import time
 
@@ -20,6 +21,7 @@ import pytest
 from conftest import run
 from nbdraw import CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, AsyncNbdClient, NbdClient, request
 from robustness import LoggedServer
+from test_server_hostile import BLOCK_STATUS, RawClient
 
 MiB = 1 << 20
 CLIENTS = 64
@@ -189,6 +191,47 @@ def test_pipelined_reads_of_clients_that_do_not_read_keep_rss_bounded(tmp_path, 
             client.close()
         for sender in senders:
             sender.join()
+
+
+def wait_until_idle(pid: int, timeout: float = 30.0) -> None:
+    """Return once the process used no CPU for half a second (it waits for the client)."""
+    deadline, last = time.monotonic() + timeout, None
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as stat:
+            used = sum(map(int, stat.read().rsplit(")", 1)[1].split()[11:13]))
+        if used == last:
+            return
+        last = used
+        time.sleep(0.5)
+    raise AssertionError("the server never went idle")
+
+
+@pytest.mark.timeout(120)
+def test_pipelined_block_status_of_a_client_that_does_not_read_keeps_rss_bounded(tmp_path):
+    """Each BLOCK_STATUS of a finely fragmented image answers 16384 extents (128 KiB);
+    of 250 pipelined ones only a backlog's worth may be answered into memory
+    while the client reads nothing."""
+    image = tmp_path / "d.raw"
+    with open(image, "wb") as file:
+        file.truncate(64 * MiB)
+        for offset in range(0, 64 * MiB, 8192):
+            file.seek(offset)
+            file.write(b"D" * 4096)
+    with LoggedServer(f"d={image}") as server:
+        client = RawClient(server.port, timeout=60)
+        client.go(structured=True, contexts=(b"base:allocation",))
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        before = server.rss_bytes()
+        client.send(*(client.request(BLOCK_STATUS, 0, 64 * MiB, cookie) for cookie in range(250)))
+        wait_until_idle(server.proc.pid)
+        grown = server.rss_bytes() - before
+        assert grown < 16 * MiB, f"server RSS grew {grown >> 20} MiB holding status replies"
+        for _ in range(10):
+            _flags, _type, _cookie, _offset, payload = client.chunk()
+            _context, *descriptors = struct.unpack(f">{len(payload) // 4}I", payload)
+            assert descriptors[0::2] == [4096] * 16384
+            assert descriptors[1::2] == [0, 3] * 8192       # data, then hole|zero
+        client.sock.close()
 
 
 @pytest.mark.timeout(120)

@@ -48,7 +48,8 @@ LARGE_PAYLOAD = RECV_BUFFER // 2
 WRITE_HIGH_WATER = 4 * 1024 * 1024
 WRITE_LOW_WATER = 1024 * 1024
 #: READ bytes one batch answers before its replies are sent (and counted in the
-#: backlog, which pauses reading): a long pipeline of reads cannot pile up replies
+#: backlog, which pauses reading): a long pipeline of reads cannot pile up
+#: replies.  A BLOCK_STATUS reply (up to 16384 descriptors a context) is sent at once.
 BATCH_REPLY_BYTES = 1024 * 1024
 #: an oversized WRITE payload up to this size is read and thrown away; above it we close
 MAX_DISCARD = 2 * MAX_REQUEST_SIZE
@@ -57,7 +58,7 @@ PAYLOAD_BUDGET = 128 * 1024 * 1024
 _CLIENT_FLAGS_SIZE = 4
 _OPTION_HEADER_SIZE = protocol.OPTION_HEADER.size
 _COMMAND_NAMES = set(Cmd)
-_READ = int(Cmd.READ)
+_READ, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.BLOCK_STATUS)
 _ERRNO_NAMES = set(Errno)
 
 
@@ -347,9 +348,11 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
                 self.execute_checked(req, None)
                 if req.type == _READ:
                     promised += req.length
-                    if promised >= BATCH_REPLY_BYTES:
-                        promised = 0
-                        self.replies.flush()    # may pause reading: the loop then stops
+                elif req.type == _BLOCK_STATUS:
+                    promised = BATCH_REPLY_BYTES    # up to 16384 descriptors per context
+                if promised >= BATCH_REPLY_BYTES:
+                    promised = 0
+                    self.replies.flush()    # may pause reading: the loop then stops
                 continue
             have = end - pos
             error, reason = self.check(req)
