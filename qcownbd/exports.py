@@ -101,25 +101,46 @@ class ExportRegistry:
         self._exports[export.name] = export
 
     def apply(self, configs: dict[str, ExportConfig]) -> None:
-        """Make the served exports match ``configs`` (startup and SIGHUP).
+        """Make the served exports match ``configs`` (startup; SIGHUP uses the three steps).
 
         Unchanged exports keep their backend and connections; a broken one is
         logged and refused at negotiation while the others serve.
+        """
+        self.install(self.open_all(self.retire_changed(configs)))
+
+    def retire_changed(self, configs: dict[str, ExportConfig]) -> dict[str, ExportConfig]:
+        """Retire the exports ``configs`` drops or changes; return the configs to open
+        (new, changed, and broken ones: an image may have become readable since).
+
+        Retired first, so that a changed export's image is free (unlocked) to open again.
         """
         for name, export in list(self._exports.items()):
             if configs.get(name) != export.config:
                 del self._exports[name]
                 self._retire(export)
         self._broken = {n: b for n, b in self._broken.items() if configs.get(n) == b[0]}
+        return {name: config for name, config in configs.items() if name not in self._exports}
+
+    def open_all(self, configs: dict[str, ExportConfig]) -> dict[str, tuple]:
+        """{name: (config, Export or the ImageFormatError)}; touches no registry state,
+        so it may run in a worker thread (a large read-write QCOW1 scan takes seconds)."""
+        opened = {}
         for name, config in configs.items():
-            if name in self._exports:
-                continue
             try:
-                self._exports[name] = self.open_export(config)
-                self._broken.pop(name, None)
+                opened[name] = (config, self.open_export(config))
             except ImageFormatError as exc:
-                self._broken[name] = (config, str(exc))
-                log.error("%s", exc)
+                opened[name] = (config, exc)
+        return opened
+
+    def install(self, opened: dict[str, tuple]) -> None:
+        """Serve what `open_all` opened; log and refuse what it could not."""
+        for name, (config, result) in opened.items():
+            if isinstance(result, ImageFormatError):
+                self._broken[name] = (config, str(result))
+                log.error("%s", result)
+            else:
+                self._exports[name] = result
+                self._broken.pop(name, None)
 
     def _retire(self, export: Export) -> None:
         log.info("export %s: removed; %d connection(s) go on", export.name, export.connections)

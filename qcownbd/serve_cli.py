@@ -180,7 +180,8 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGHUP, reload, server, registry, cli, config_path, config)
+    reloads = Reloader(server, registry, cli, config_path, config)
+    loop.add_signal_handler(signal.SIGHUP, reloads.start)
     commit_task = loop.create_task(server.commit_metadata_forever())
     status_task = loop.create_task(report_status(server))
     systemd.notify(f"READY=1\nSTATUS={server.status()}")
@@ -193,28 +194,54 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     return 0
 
 
-def reload(server: NbdServer, registry: ExportRegistry, cli: dict, config_path,
-           config: ServerConfig) -> None:
+class Reloader:
     """SIGHUP: reread the config; new exports appear, removed ones refuse new clients.
 
-    The TLS files are read again too: new handshakes use the new certificate,
-    established sessions keep theirs.
+    New and changed exports are opened in a worker thread (opening a large
+    read-write QCOW1 image scans its tables for seconds) while the loop goes
+    on serving; reloads run one at a time.  The TLS files are read again too:
+    new handshakes use the new certificate, established sessions keep theirs.
     """
-    usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
-    try:
-        exports = load_config(config_path).exports if config_path else {}
-        registry.apply({**cli, **exports})
-        log.info("reloaded: %s", server.status())
-    except ConfigError as exc:
-        log.error("reload failed, keeping the old exports: %s", exc)
-    if server.tls_context is not None:
+
+    def __init__(self, server: NbdServer, registry: ExportRegistry, cli: dict, config_path,
+                 config: ServerConfig):
+        self.server, self.registry, self.cli = server, registry, cli
+        self.config_path, self.config = config_path, config
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task] = set()
+
+    def start(self) -> None:
+        """The signal handler: reload in a task (kept referenced until it ends)."""
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def reload(self) -> None:
+        """One reload: exports, then the TLS files."""
+        async with self._lock:
+            usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+            systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
+            try:
+                exports = load_config(self.config_path).exports if self.config_path else {}
+            except ConfigError as exc:
+                log.error("reload failed, keeping the old exports: %s", exc)
+            else:
+                to_open = self.registry.retire_changed({**self.cli, **exports})
+                opened = await asyncio.get_running_loop().run_in_executor(
+                    None, self.registry.open_all, to_open)
+                self.registry.install(opened)
+                log.info("reloaded: %s", self.server.status())
+            self._reload_tls()
+            systemd.notify(f"READY=1\nSTATUS={self.server.status()}")
+
+    def _reload_tls(self) -> None:
+        if self.server.tls_context is None:
+            return
         try:
-            server.tls_context = tls_context_for(config)
-            log.info("reloaded TLS certificate %s", config.tls_cert)
+            self.server.tls_context = tls_context_for(self.config)
+            log.info("reloaded TLS certificate %s", self.config.tls_cert)
         except ConfigError as exc:
             log.error("TLS reload failed, keeping the old certificate: %s", exc)
-    systemd.notify(f"READY=1\nSTATUS={server.status()}")
 
 
 async def report_status(server: NbdServer) -> None:

@@ -10,10 +10,12 @@ import logging
 import os
 import random
 import zlib
+from array import array
 
 import pytest
 
 from qcownbd.errors import ImageFormatError, ImageIOError
+from qcownbd.image import qcow1_check
 from qcownbd.image.qcow1 import Qcow1Image
 from test_qcow1_helpers import be64, compressed_entry, hdr, open_image, read_all, run
 
@@ -277,3 +279,18 @@ def test_check_counts_leaks_of_unmapped_clusters(tmp_path):
         assert (report.corruptions, report.leaked_bytes) == ([], 8192)
     finally:
         image.close()
+
+
+@pytest.mark.parametrize("shape", ["ascending", "shuffled", "one step out of order"])
+def test_cluster_order_in_steps_equals_one_sort(shape):
+    """The scan orders data clusters in steps (so a worker thread yields the GIL):
+    the same order as one stable sort, across step boundaries and duplicates."""
+    count = 3 * qcow1_check._SORT_RUN + 1234
+    keys = array("Q", (start * 512 for start in range(count)))
+    if shape == "shuffled":
+        random.Random(3).shuffle(keys)
+        keys[10:20] = keys[1000:1010]           # duplicates: aliased clusters
+    elif shape == "one step out of order":
+        keys[qcow1_check._SORT_RUN] = 0        # only a boundary comparison catches this
+    order = qcow1_check._order_of(keys)
+    assert list(order) == sorted(range(count), key=keys.__getitem__)

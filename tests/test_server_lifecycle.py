@@ -3,12 +3,16 @@
 import os
 import signal
 import subprocess
+import threading
 import time
+from array import array
 
 import pytest
 
 from conftest import QcownbdServer, free_port, qcownbd_cmd, run, REPO
 from test_server_hostile import READ, RawClient
+
+from qcownbd.image.qcow1_header import create_qcow1, read_header
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 8 * 1024 * 1024
@@ -149,6 +153,72 @@ def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
     assert first_byte(server.port, b"two") == b"2"
     old_client.send(old_client.request(READ, 0, 1, 7))
     assert old_client.simple_reply() == (0, 7) and old_client.recv(1) == b"1"
+    assert stop(server) == 0
+
+
+def fully_mapped_qcow1(path, size: int) -> None:
+    """A QCOW1 image with every cluster mapped (into a sparse data area): the tables
+    of a fully written disk, which a read-write open scans, without the data."""
+    create_qcow1(path, size)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        hdr, _ = read_header(fd, str(path), os.fstat(fd).st_size, 1 << 20)
+        entries, cluster = hdr.l2_entries, hdr.cluster_size
+        first_table = -(-os.fstat(fd).st_size // cluster) * cluster
+        tables = size // (cluster * entries)
+        data = first_table + tables * hdr.l2_table_bytes
+        l1 = array("Q", range(first_table, data, hdr.l2_table_bytes))
+        l1.byteswap()
+        os.pwrite(fd, l1.tobytes(), hdr.l1_table_offset)
+        for index in range(tables):
+            start = data + index * entries * cluster
+            table = array("Q", range(start, start + entries * cluster, cluster))
+            table.byteswap()
+            os.pwrite(fd, table.tobytes(), first_table + index * hdr.l2_table_bytes)
+        os.ftruncate(fd, data + size)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.timeout(120)
+def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_server):
+    """Opening a 4 GiB fully mapped QCOW1 image read-write scans its tables (seconds):
+    at SIGHUP that happens in a worker thread that leaves the GIL to the loop
+    serving clients, whose READs stay fast meanwhile."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.d]\npath = "{raw_image(tmp_path)}"\n')
+    server = qcownbd_server("--config", config)
+    big = tmp_path / "big.qcow"
+    fully_mapped_qcow1(big, 4 << 30)
+    client = RawClient(server.port)
+    client.go(b"d")
+    latencies, reading = [], True
+
+    def read_steadily():
+        cookie = 0
+        while reading:
+            cookie += 1
+            started = time.monotonic()
+            client.send(client.request(READ, 0, 4096, cookie))
+            assert client.simple_reply() == (0, cookie) and client.recv(4096) == b"B" * 4096
+            latencies.append(time.monotonic() - started)
+
+    reader = threading.Thread(target=read_steadily)
+    reader.start()
+    try:
+        with open(config, "a") as file:
+            file.write(f'[exports.big]\npath = "{big}"\n')
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGHUP)
+        while not can_connect(server, "big"):
+            assert time.monotonic() - started < 60, "export big never appeared"
+        opened_after = time.monotonic() - started
+    finally:
+        reading = False
+        reader.join()
+    assert run(["nbdinfo", "--size", server.uri("big")]).stdout.strip() == str(4 << 30)
+    worst = max(latencies)
+    assert worst < opened_after / 8, f"a READ took {worst:.2f}s; opening took {opened_after:.2f}s"
     assert stop(server) == 0
 
 

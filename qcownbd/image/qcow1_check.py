@@ -10,6 +10,8 @@ Its ``max_end`` starts the allocator past everything referenced.
 import heapq
 import logging
 import os
+import threading
+import time
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, field
@@ -177,6 +179,8 @@ def scan(fd: int, hdr: Qcow1Header, file_size: int, progress=None) -> CheckRepor
         _scan_table(fd, hdr, index, offset, file_size, report, ranges)
         if progress is not None:
             progress(done, len(used))
+        if not done % _TABLES_PER_PAUSE and threading.current_thread() is not _MAIN_THREAD:
+            time.sleep(_PAUSE)
     _find_overlaps(ranges.in_order(), report, hdr)
     report.max_end = ranges.max_end()
     report.leaked_bytes = _leaked(hdr, ranges.in_order(), file_size)
@@ -214,7 +218,7 @@ class _Ranges:
         """Every range, sorted by (start, kind); stable, as one sort of them all would be."""
         if self._order is None:
             self.others.sort(key=_start_and_kind)
-            self._order = sorted(range(len(self.data_starts)), key=self.data_starts.__getitem__)
+            self._order = _order_of(self.data_starts)
         starts, owners, size = self.data_starts, self.data_owners, self.cluster_size
         data = ((starts[i], starts[i] + size, _DATA, ("l2", owners[i] >> 32, owners[i] & 0xFFFFFFFF))
                 for i in self._order)
@@ -226,6 +230,33 @@ class _Ranges:
         if self.data_starts:
             ends.append(max(self.data_starts) + self.cluster_size)
         return max(ends)
+
+
+#: a scan in a worker thread (a reload) pauses this long after this many tables: a
+#: thread that releases the GIL only around short reads takes it straight back
+#: each time, and the event loop's thread, waiting for it, would starve for seconds
+_TABLES_PER_PAUSE = 32
+_PAUSE = 0.0005
+_MAIN_THREAD = threading.main_thread()
+#: elements one C-level sort or comparison handles at a time (see `_order_of`)
+_SORT_RUN = 1 << 16
+
+
+def _order_of(keys: array):
+    """Indices of ``keys`` in ascending key order, in steps of `_SORT_RUN` elements.
+
+    A reload opens images in a worker thread, and one C-level sort of millions
+    of clusters would hold the GIL (and stall every client) for seconds; in
+    steps, the event loop's thread gets its turns.  Clusters allocated in
+    order, the usual case, need no sorting at all.
+    """
+    steps = range(0, len(keys), _SORT_RUN)
+    if all(keys[start:start + _SORT_RUN] == array("Q", sorted(keys[start:start + _SORT_RUN]))
+           and (not start or keys[start - 1] <= keys[start]) for start in steps):
+        return range(len(keys))
+    runs = [sorted(range(start, min(start + _SORT_RUN, len(keys))), key=keys.__getitem__)
+            for start in steps]
+    return list(heapq.merge(*runs, key=keys.__getitem__))
 
 
 def _scan_table(fd, hdr, index, offset, file_size, report, ranges) -> None:
