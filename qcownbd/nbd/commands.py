@@ -25,8 +25,10 @@ MAX_STATUS_EXTENTS = 16384
 #: reads at least this long go out with sendfile when the backend maps them to one file run
 SENDFILE_MIN = 64 * 1024
 
-_FUA, _DF = CmdFlag.FUA, CmdFlag.DF
-_ALLOWED_FLAGS = {
+# Plain ints on the per-request path: ``int & IntFlag`` runs enum code in Python
+# (half a microsecond), ``int & int`` does not.
+_FUA, _DF = int(CmdFlag.FUA), int(CmdFlag.DF)
+_ALLOWED_FLAGS = {int(cmd): int(flags) for cmd, flags in {
     Cmd.READ: CmdFlag.DF,
     Cmd.WRITE: CmdFlag.FUA | CmdFlag.PAYLOAD_LEN,
     Cmd.DISC: 0,
@@ -35,9 +37,13 @@ _ALLOWED_FLAGS = {
     Cmd.CACHE: 0,
     Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE | CmdFlag.FAST_ZERO,
     Cmd.BLOCK_STATUS: CmdFlag.REQ_ONE,
-}
-_WRITING = (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)
-_RANGELESS = (Cmd.DISC, Cmd.FLUSH)
+}.items()}
+_WRITING = frozenset(map(int, (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)))
+_RANGELESS = frozenset(map(int, (Cmd.DISC, Cmd.FLUSH)))
+_DATA_CARRYING = frozenset(map(int, (Cmd.READ, Cmd.WRITE)))
+_GROWING = frozenset(map(int, (Cmd.WRITE, Cmd.WRITE_ZEROES)))
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_SIMPLE = ReplyMode.SIMPLE
 
 
 class CommandRunner:
@@ -65,20 +71,20 @@ class CommandRunner:
         allowed = _ALLOWED_FLAGS.get(req.type)
         if allowed is None:
             return Errno.EINVAL, "unknown command"
-        if req.flags & ~int(allowed):
+        if req.flags & ~allowed:
             return Errno.EINVAL, f"flags {req.flags:#x} are not valid for this command"
         if req.type in _RANGELESS:
             return 0, ""
         if req.type in _WRITING and self.read_only:
             return Errno.EPERM, "the export is read-only"
-        if req.type == Cmd.BLOCK_STATUS and not self.contexts:
+        if req.type == _BLOCK_STATUS and not self.contexts:
             return Errno.EINVAL, "no metadata context was negotiated"
         if req.length == 0:
             return Errno.EINVAL, "zero length"
-        if req.type in (Cmd.READ, Cmd.WRITE) and req.length > MAX_REQUEST_SIZE:
+        if req.type in _DATA_CARRYING and req.length > MAX_REQUEST_SIZE:
             return Errno.EINVAL, f"longer than the {MAX_REQUEST_SIZE} byte maximum"
         if req.offset + req.length > self.backend.size:
-            past_end = Errno.ENOSPC if req.type in (Cmd.WRITE, Cmd.WRITE_ZEROES) else Errno.EINVAL
+            past_end = Errno.ENOSPC if req.type in _GROWING else Errno.EINVAL
             return past_end, "beyond the end of the export"
         return 0, ""
 
@@ -130,7 +136,7 @@ class CommandRunner:
 
     def _cmd_read(self, req, _payload) -> None:
         offset, length = req.offset, req.length
-        if self.mode == ReplyMode.SIMPLE:
+        if self.mode == _SIMPLE:
             self._read_one_run(protocol.simple_reply(req.cookie), offset, length)
             return
         runs = [(offset, length, False)]

@@ -58,7 +58,9 @@ PAYLOAD_BUDGET = 128 * 1024 * 1024
 _CLIENT_FLAGS_SIZE = 4
 _OPTION_HEADER_SIZE = protocol.OPTION_HEADER.size
 _COMMAND_NAMES = set(Cmd)
-_READ, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.BLOCK_STATUS)
+_READ, _WRITE, _BLOCK_STATUS = int(Cmd.READ), int(Cmd.WRITE), int(Cmd.BLOCK_STATUS)
+_PAYLOAD_LEN = int(CmdFlag.PAYLOAD_LEN)
+_EXTENDED = ReplyMode.EXTENDED
 _ERRNO_NAMES = set(Errno)
 
 
@@ -420,9 +422,9 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
             POOL.give_back([payload.obj])
 
     def _carries_payload(self, req) -> bool:
-        if req.type == Cmd.WRITE:
+        if req.type == _WRITE:
             return True
-        return self.mode == ReplyMode.EXTENDED and bool(req.flags & CmdFlag.PAYLOAD_LEN)
+        return self.mode == _EXTENDED and bool(req.flags & _PAYLOAD_LEN)
 
     # ------------------------------------------------------------ handshake
 

@@ -33,6 +33,9 @@ _U64 = struct.Struct(">Q")
 _ERROR_PAYLOAD = struct.Struct(">IH")
 _HOLE_PAYLOAD = struct.Struct(">QI")
 _BLOCK_STATUS_EXT_HEAD = struct.Struct(">II")
+#: an OFFSET_DATA chunk header and its offset, packed at once (the READ reply path)
+_STRUCTURED_DATA = struct.Struct(">IHHQIQ")
+_EXTENDED_DATA = struct.Struct(">IHHQQQQ")
 
 #: the 124 zero bytes that end an EXPORT_NAME reply unless NO_ZEROES was agreed
 EXPORT_NAME_PADDING = bytes(124)
@@ -216,6 +219,12 @@ def transmission_flags(read_only: bool, can_trim: bool, can_fast_zero: bool) -> 
 
 # ------------------------------------------------------------ transmission
 
+# plain ints for the per-request functions (enum members cost an attribute lookup
+# each, and arithmetic with an IntFlag runs Python code)
+_EXTENDED = ReplyMode.EXTENDED
+_DONE = int(ReplyFlag.DONE)
+_OFFSET_DATA, _NONE = int(ReplyType.OFFSET_DATA), int(ReplyType.NONE)
+
 def request_size(mode: ReplyMode) -> int:
     """Bytes in one request header for the negotiated mode."""
     return EXTENDED_REQUEST.size if mode == ReplyMode.EXTENDED else REQUEST.size
@@ -223,7 +232,7 @@ def request_size(mode: ReplyMode) -> int:
 
 def parse_request(buf, pos: int, mode: ReplyMode) -> Request:
     """The request header at ``buf[pos:]`` (compact or extended by ``mode``)."""
-    if mode == ReplyMode.EXTENDED:
+    if mode == _EXTENDED:
         magic, flags, cmd, cookie, offset, length = EXTENDED_REQUEST.unpack_from(buf, pos)
         expected = EXTENDED_REQUEST_MAGIC
     else:
@@ -242,7 +251,7 @@ def simple_reply(cookie: int, error: int = 0) -> bytes:
 def chunk_header(mode: ReplyMode, flags: int, rtype: int, cookie: int,
                  req_offset: int, length: int) -> bytes:
     """A structured (or, in extended mode, extended) reply chunk header."""
-    if mode == ReplyMode.EXTENDED:
+    if mode == _EXTENDED:
         return EXTENDED_CHUNK.pack(EXTENDED_REPLY_MAGIC, flags, rtype, cookie,
                                    req_offset, length)
     return STRUCTURED_CHUNK.pack(STRUCTURED_REPLY_MAGIC, flags, rtype, cookie, length)
@@ -251,8 +260,12 @@ def chunk_header(mode: ReplyMode, flags: int, rtype: int, cookie: int,
 def offset_data_header(mode: ReplyMode, cookie: int, req_offset: int, offset: int,
                        data_len: int, done: bool) -> bytes:
     """Header and offset of an OFFSET_DATA chunk; ``data_len`` bytes follow."""
-    return chunk_header(mode, ReplyFlag.DONE if done else 0, ReplyType.OFFSET_DATA,
-                        cookie, req_offset, 8 + data_len) + _U64.pack(offset)
+    flags = _DONE if done else 0
+    if mode == _EXTENDED:
+        return _EXTENDED_DATA.pack(EXTENDED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie,
+                                   req_offset, 8 + data_len, offset)
+    return _STRUCTURED_DATA.pack(STRUCTURED_REPLY_MAGIC, flags, _OFFSET_DATA, cookie,
+                                 8 + data_len, offset)
 
 
 def offset_hole_chunk(mode: ReplyMode, cookie: int, req_offset: int, offset: int,
@@ -292,9 +305,9 @@ def error_chunk(mode: ReplyMode, cookie: int, req_offset: int, error: int,
 
 def done_reply(mode: ReplyMode, cookie: int, req_offset: int) -> bytes:
     """Success without data: a simple reply, or a NONE chunk in extended mode."""
-    if mode == ReplyMode.EXTENDED:
-        return chunk_header(mode, ReplyFlag.DONE, ReplyType.NONE, cookie, req_offset, 0)
-    return simple_reply(cookie)
+    if mode == _EXTENDED:
+        return chunk_header(mode, _DONE, _NONE, cookie, req_offset, 0)
+    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
 def error_reply(mode: ReplyMode, cookie: int, req_offset: int, error: int,
