@@ -267,6 +267,90 @@ def test_reply_writer_keeps_order_and_never_reuses_a_queued_buffer():
     assert True in backlog and backlog[-1] is False   # reading paused, then resumed
 
 
+async def _writer_over_small_socket(**options):
+    """A direct ReplyWriter on one end of a socket pair with a small send buffer."""
+    ours, theirs = socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32 * 1024)
+    loop = asyncio.get_running_loop()
+    transport, sink = await loop.connect_accepted_socket(_Sink, ours)
+    writer = output.ReplyWriter(transport, lambda high: None, 4 * MiB, MiB, plain=True,
+                                **options)
+    sink.writer = writer
+    assert writer.direct
+    return writer, transport, theirs
+
+
+@pytest.mark.timeout(60)
+def test_queued_file_ranges_are_sent_in_order_and_materialized_on_demand(tmp_path):
+    """File ranges queued behind a full socket go out with sendfile, in order with
+    the other parts; past the file's end they read zeros; once materialized they
+    no longer depend on the file (here: it is truncated to nothing)."""
+    path = tmp_path / "f"
+    size = 3 * MiB
+    path.write_bytes(random.Random(8).randbytes(size))
+    fd = os.open(path, os.O_RDWR)
+    rng = random.Random(9)
+    ranges = [(rng.randrange(0, size), rng.choice([65536, 300_000, MiB])) for _ in range(24)]
+    ranges.append((size - 1000, 70_000))      # runs past the end of the file
+    total = sum(16 + length for _, length in ranges)
+
+    async def main():
+        writer, transport, theirs = await _writer_over_small_socket()
+        expected, received = bytearray(), bytearray()
+        reader = threading.Thread(target=_drain_slowly, args=(theirs, total, received))
+        reader.start()
+        writer.corked = True
+        for index, (offset, length) in enumerate(ranges):
+            header = index.to_bytes(16, "big")
+            writer.send_file(header, fd, offset, length)
+            part = os.pread(fd, length, offset)
+            expected += header + part + bytes(length - len(part))
+            if index == 12:
+                writer.corked = False
+                writer.flush()          # the socket fills: most of it waits queued
+                writer.materialize_files()
+                # sendfile's pages already in the socket keep their bytes when the
+                # file lets go of them; the ranges still queued were read into memory
+                os.ftruncate(fd, 0)
+                writer.corked = True
+        writer.corked = False
+        writer.flush()
+        while len(received) < total and reader.is_alive():
+            await asyncio.sleep(0.01)
+        reader.join(10)
+        transport.close()
+        theirs.close()
+        return bytes(expected), bytes(received)
+
+    try:
+        expected, received = asyncio.run(main())
+    finally:
+        os.close(fd)
+    assert len(received) == len(expected) == total
+    assert received == expected
+
+
+@pytest.mark.timeout(60)
+def test_a_file_range_that_cannot_be_read_breaks_the_connection(tmp_path):
+    """A queued range whose file fails to read cannot be completed (its header is
+    sent): the writer reports the connection broken instead of sending garbage."""
+    broken = []
+    directory = os.open(tmp_path, os.O_RDONLY)   # sendfile and pread both fail on it
+
+    async def main():
+        writer, transport, theirs = await _writer_over_small_socket(on_broken=broken.append)
+        writer.send_file(b"h" * 16, directory, 0, 65536)
+        await asyncio.sleep(0)
+        transport.abort()
+        theirs.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.close(directory)
+    assert len(broken) == 1 and "after its header was sent" in broken[0]
+
+
 def test_raw_without_holes_is_one_extent_and_a_trim_shows_again(tmp_path):
     path = tmp_path / "d.raw"
     _random_file(path, 4 * MiB, seed=1)

@@ -98,6 +98,9 @@ class CommandRunner:
 
     def execute(self, req, payload) -> None:
         """Run a checked request; a failure becomes an error reply, never a close."""
+        if req.type in _WRITING:
+            # READ replies still waiting in the file must not see this write
+            self.replies.materialize_files()
         try:
             self._COMMANDS[req.type](self, req, payload)
         except (ImageIOError, OSError) as exc:
@@ -181,27 +184,15 @@ class CommandRunner:
         self.send(header, data)
 
     def _send_file_range(self, header, offset: int, length: int) -> bool:
-        """Answer a one-run READ with ``header`` and sendfile; False when that cannot be done.
-
-        Saves the copy into and out of a buffer.  Whatever sendfile leaves (a
-        full socket, the file's end) is read and queued as usual.
-        """
+        """Answer a one-run READ with ``header`` and the image file's own bytes, sent by
+        sendfile in their turn; False when that cannot be done (a copy is then sent)."""
         if length < SENDFILE_MIN or not self.replies.direct:
             return False
         where = self.backend.host_range(offset, length)
         if where is None:
             return False
-        sent = self.replies.try_sendfile(header, where[0], where[1], length)
+        self.replies.send_file(header, where[0], where[1], length)
         self.stats.bytes_read += length
-        if sent < length:
-            rest = self.replies.lend(length - sent)
-            try:
-                self.backend.read_into(offset + sent, rest)
-            except (ImageIOError, OSError) as exc:
-                # the header promised these bytes: no error reply can follow it
-                self._abort(f"READ at {offset}+{length} failed after its reply started: {exc}")
-                return True
-            self.send(rest)
         return True
 
     def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:

@@ -531,7 +531,8 @@ class NbdConnection(CommandRunner, asyncio.BufferedProtocol):
         self.export = export
         self.mode = negotiation.mode
         self.replies = ReplyWriter(self.transport, self._reply_backlog, WRITE_HIGH_WATER,
-                                   WRITE_LOW_WATER, plain=self.transport is self._plain_transport)
+                                   WRITE_LOW_WATER, plain=self.transport is self._plain_transport,
+                                   on_broken=self._abort)
         self.start_commands(export, negotiation.contexts)
         self._transmitting = True
         log.debug("%s: export %r, %s replies", self.peer, export.name, self.mode.name.lower())

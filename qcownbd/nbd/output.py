@@ -16,11 +16,23 @@ at once because its limits are set to zero) and the rest waits here,
 uncopied, until ``resume_writing`` says the transport drained.
 
 Large READ buffers come from `BufferPool`: reused bytearrays, so a 1 MiB
-reply costs neither a zeroed allocation nor fresh pages.
+reply costs neither a zeroed allocation nor fresh pages.  Large READs whose
+bytes lie as-is in one run of the image file are not read at all: a
+`FileRange` waits in the queue like any other part and goes out with
+sendfile when its turn comes, however full the socket was when it was
+queued, so that data is never copied through this process and a deep
+pipeline of large READs (nbdcopy keeps 64 per connection) holds no buffers.
+Before a write to the image, `materialize_files` reads the ranges still
+queued, so a WRITE does not change the reply of a READ executed before it;
+only bytes sendfile already gave the socket are the file's own pages until
+the client reads them (any sendfile server has that window, and NBD leaves
+overlapping requests that are in flight together unordered).
 """
 
 import collections
 import os
+
+from qcownbd.image.faults import syscalls
 
 #: most iovecs one writev takes (Linux IOV_MAX)
 IOV_MAX = 1024
@@ -32,6 +44,22 @@ POOL_MAX_BYTES = 8 * 1024 * 1024
 MAX_LENT = 64
 #: bytes handed to the transport when the socket is full: it copies them, so few
 HANDOVER = 16 * 1024
+
+
+class FileRange:
+    """Reply bytes still in a file: ``length`` bytes at ``offset`` of ``fd``."""
+
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class FileReadError(Exception):
+    """A queued `FileRange` could not be read: its reply cannot be completed."""
 
 
 class BufferPool:
@@ -69,13 +97,16 @@ class ReplyWriter:
     direct writes may be used.
     ``on_backlog(high: bool)`` is called when the bytes waiting here cross
     ``high_water`` (stop reading requests) or fall to ``low_water`` again.
+    ``on_broken(reason)`` is called when a queued `FileRange` cannot be read:
+    its header is on the wire already, so only closing the connection is left.
     """
 
     def __init__(self, transport, on_backlog, high_water: int, low_water: int, *,
-                 plain: bool):
+                 plain: bool, on_broken=None):
         self.transport = transport
         self.corked = False
         self._on_backlog = on_backlog
+        self._on_broken = on_broken
         self._high, self._low = high_water, low_water
         sock = transport.get_extra_info("socket") if plain else None
         self._fd = sock.fileno() if sock is not None else -1
@@ -90,6 +121,7 @@ class ReplyWriter:
         self._transport_busy = False
         self._backlog_high = False
         self._lent: list[bytearray] = []
+        self._files = 0     # FileRange parts in _batch and _queue
 
     @property
     def direct(self) -> bool:
@@ -124,28 +156,26 @@ class ReplyWriter:
         self._queued += sum(map(len, parts))
         self._drain()
 
-    def try_sendfile(self, header, fd: int, offset: int, length: int) -> int:
-        """Send ``header``, then file bytes with sendfile if the socket is ours now.
+    def send_file(self, header, fd: int, offset: int, length: int) -> None:
+        """Queue ``header``, then ``length`` bytes of ``fd`` from ``offset``, sent with
+        sendfile in their turn (direct writes only; bytes past the file's end are zeros)."""
+        assert self._direct
+        self._files += 1
+        self.send((header, FileRange(fd, offset, length)))
 
-        Returns how many of the ``length`` bytes went out (0 when sendfile could
-        not be used); the caller sends the rest.  The header is always queued.
-        """
-        self._batch.append(header)
-        if not self._direct:
-            return 0
-        self.flush()
-        if self._queue or self._transport_busy or self.transport.is_closing():
-            return 0
-        sent = 0
+    def materialize_files(self) -> None:
+        """Read every queued `FileRange` into memory now (before the image is written)."""
+        if not self._files:
+            return
         try:
-            while sent < length:
-                count = os.sendfile(self._fd, fd, offset + sent, length - sent)
-                if not count:
-                    break       # end of the file: the caller reads the rest (zeros)
-                sent += count
-        except OSError:
-            pass    # a full socket, or a file sendfile cannot read: the caller goes on
-        return sent
+            self._batch = [self._read_range(p) if type(p) is FileRange else p for p in self._batch]
+            queue = self._queue
+            for index, part in enumerate(queue):
+                if type(part) is FileRange:
+                    queue[index] = self._read_range(part)
+        except FileReadError as exc:
+            self._broken(str(exc))
+        self._files = 0
 
     def transport_paused(self) -> None:
         """The transport buffers bytes: direct writes must wait."""
@@ -158,6 +188,7 @@ class ReplyWriter:
 
     def hand_over(self) -> None:
         """Give every queued byte to the transport (before it is closed)."""
+        self.materialize_files()
         parts = list(self._queue) + self._batch
         self.discard()
         if parts:
@@ -167,34 +198,91 @@ class ReplyWriter:
         """The connection is gone: drop what is queued."""
         self._batch, self._lent = [], []
         self._queue.clear()
-        self._queued = 0
+        self._queued = self._files = 0
+
+    def _broken(self, reason: str) -> None:
+        self.discard()
+        if self._on_broken is not None:
+            self._on_broken(reason)
+        else:
+            self.transport.abort()
+
+    def _read_range(self, part: FileRange, limit: int | None = None) -> memoryview:
+        """The bytes of ``part`` (its first ``limit`` only, if given), zeros past EOF."""
+        length = part.length if limit is None else min(limit, part.length)
+        view = self.lend(length)
+        done = 0
+        try:
+            while done < length:
+                got = syscalls.preadv(part.fd, [view[done:]], part.offset + done)
+                if not got:
+                    view[done:] = bytes(length - done)
+                    break
+                done += got
+        except OSError as exc:
+            raise FileReadError(f"reading reply data failed after its header was sent: "
+                                f"{exc.strerror or exc}") from None
+        return view
 
     def _drain(self) -> None:
         queue = self._queue
-        while queue and not self._transport_busy:
-            if self.transport.is_closing():
-                # a closing transport still sends what it is given, and may not be
-                # bypassed: its fd may be closed already
-                self.hand_over()
-                return
-            try:
-                sent = os.writev(self._fd, list(_head(queue, IOV_MAX)))
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                # a dead socket: the transport finds out and closes the connection
-                self.hand_over()
-                return
-            self._consume(sent)
-            if queue and not self._transport_busy:
-                # the socket is full: the transport watches it for us from now on
-                piece = memoryview(queue[0])[:HANDOVER]
-                self._consume(len(piece))
-                self.transport.write(piece)
+        try:
+            while queue and not self._transport_busy:
+                if self.transport.is_closing():
+                    # a closing transport still sends what it is given, and may not be
+                    # bypassed: its fd may be closed already
+                    self.hand_over()
+                    return
+                head = queue[0]
+                if type(head) is FileRange:
+                    sent, wanted = self._sendfile(head), len(head)
+                else:
+                    parts = list(_head(queue, IOV_MAX))
+                    wanted = sum(map(len, parts))
+                    try:
+                        sent = os.writev(self._fd, parts)
+                    except (BlockingIOError, InterruptedError):
+                        sent = 0
+                    except OSError:
+                        # a dead socket: the transport finds out and closes the connection
+                        self.hand_over()
+                        return
+                self._consume(sent)
+                if sent < wanted and queue and not self._transport_busy:
+                    # the socket is full: the transport watches it for us from now on
+                    self._hand_piece_over(queue[0])
+        except FileReadError as exc:
+            self._broken(str(exc))
+            return
         if not queue and not self._transport_busy and self._lent:
             POOL.give_back(self._lent)
             self._lent = []
         self._note_backlog()
+
+    def _sendfile(self, part: FileRange) -> int:
+        """sendfile as much of ``part`` as the socket takes (0 when it is full)."""
+        try:
+            sent = os.sendfile(self._fd, part.fd, part.offset, part.length)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            # the file or the socket failed: the file's bytes tell which (a read
+            # error raises FileReadError; a dead socket fails the next writev)
+            sent = 0
+        if not sent:
+            # the file's end (or an error above): what sendfile cannot send, pread
+            self._queue[0] = self._read_range(part)
+            self._files -= 1
+        return sent
+
+    def _hand_piece_over(self, head) -> None:
+        """Give the transport the first few bytes of the queue (it copies them)."""
+        if type(head) is FileRange:
+            piece = self._read_range(head, HANDOVER)
+        else:
+            piece = memoryview(head)[:HANDOVER]
+        self._consume(len(piece))
+        self.transport.write(piece)
 
     def _consume(self, sent: int) -> None:
         """Drop ``sent`` bytes from the front of the queue."""
@@ -203,10 +291,15 @@ class ReplyWriter:
         while sent:
             part = queue[0]
             if sent < len(part):
-                queue[0] = memoryview(part)[sent:]
+                if type(part) is FileRange:
+                    part.offset += sent
+                    part.length -= sent
+                else:
+                    queue[0] = memoryview(part)[sent:]
                 return
             sent -= len(part)
-            queue.popleft()
+            if type(queue.popleft()) is FileRange:
+                self._files -= 1
 
     def _note_backlog(self) -> None:
         high = self._queued > self._high or (self._backlog_high and self._queued > self._low)
@@ -216,9 +309,9 @@ class ReplyWriter:
 
 
 def _head(queue, count: int):
-    """The first ``count`` items of a deque."""
+    """The first ``count`` items of a deque, up to the first `FileRange`."""
     for index, item in enumerate(queue):
-        if index == count:
+        if index == count or type(item) is FileRange:
             return
         yield item
 
