@@ -13,6 +13,23 @@ goes on reading and writing.  Implementations make that one overlap safe.
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from .faults import syscalls
+
+
+def pread_filling(fd: int, view: memoryview, offset: int) -> None:
+    """Fill the byte view ``view`` from ``fd`` at ``offset``; bytes past the file's
+    end read as zeros (QEMU parity: a file that shrank, a cluster past EOF).
+
+    Raises the OSError of a failed read; callers say what was being read.
+    """
+    done = 0
+    while done < len(view):
+        got = syscalls.preadv(fd, [view[done:]], offset + done)
+        if not got:
+            view[done:] = bytes(len(view) - done)
+            return
+        done += got
+
 
 @dataclass(frozen=True, slots=True)
 class Extent:

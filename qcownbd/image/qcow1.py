@@ -12,7 +12,7 @@ from array import array
 from collections import OrderedDict
 
 from ..errors import ImageFormatError, ImageIOError
-from .backend import Backend, Extent
+from .backend import Backend, Extent, pread_filling
 from .faults import syscalls
 from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
 from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, identify,
@@ -190,16 +190,10 @@ class Qcow1Image(Backend):
         return entry + (offset & self._cluster_mask)
 
     def _pread(self, dest: memoryview, host: int) -> None:
-        done = 0
         try:
-            while done < len(dest):
-                got = syscalls.preadv(self.fd, [dest[done:]], host + done)
-                if not got:
-                    break
-                done += got
+            pread_filling(self.fd, dest, host)
         except OSError as exc:
             raise ImageIOError(exc.errno, f"{self.path}: read failed: {exc.strerror}") from None
-        zero_fill(dest[done:])  # a cluster ending past EOF reads zeros there (QEMU parity)
 
     def _read_lower(self, start: int, dest: memoryview) -> None:
         """Bytes of an unallocated range: the backing file's, zeros past its end or without one."""

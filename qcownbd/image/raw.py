@@ -15,7 +15,7 @@ import stat
 import struct
 
 from qcownbd.errors import ImageIOError
-from qcownbd.image.backend import Backend, Extent
+from qcownbd.image.backend import Backend, Extent, pread_filling
 from qcownbd.image.faults import syscalls
 
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -89,16 +89,8 @@ class RawImage(Backend):
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``; bytes past the file's current end read as zeros."""
-        view = memoryview(buf).cast("B")
-        done = 0
         try:
-            while done < len(view):
-                got = syscalls.preadv(self.fd, [view[done:]], offset + done)
-                if got == 0:
-                    # the file shrank under us: what is gone reads as zeros (as in QEMU)
-                    view[done:] = bytes(len(view) - done)
-                    return
-                done += got
+            pread_filling(self.fd, memoryview(buf).cast("B"), offset)
         except OSError as exc:
             raise _io_error(exc, self.path, "read") from None
 

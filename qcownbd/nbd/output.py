@@ -32,7 +32,7 @@ overlapping requests that are in flight together unordered).
 import collections
 import os
 
-from qcownbd.image.faults import syscalls
+from qcownbd.image.backend import pread_filling
 
 #: most iovecs one writev takes (Linux IOV_MAX)
 IOV_MAX = 1024
@@ -209,16 +209,9 @@ class ReplyWriter:
 
     def _read_range(self, part: FileRange, limit: int | None = None) -> memoryview:
         """The bytes of ``part`` (its first ``limit`` only, if given), zeros past EOF."""
-        length = part.length if limit is None else min(limit, part.length)
-        view = self.lend(length)
-        done = 0
+        view = self.lend(part.length if limit is None else min(limit, part.length))
         try:
-            while done < length:
-                got = syscalls.preadv(part.fd, [view[done:]], part.offset + done)
-                if not got:
-                    view[done:] = bytes(length - done)
-                    break
-                done += got
+            pread_filling(part.fd, view, part.offset)
         except OSError as exc:
             raise FileReadError(f"reading reply data failed after its header was sent: "
                                 f"{exc.strerror or exc}") from None

@@ -225,6 +225,7 @@ _EXTENDED = ReplyMode.EXTENDED
 _DONE = int(ReplyFlag.DONE)
 _OFFSET_DATA, _NONE = int(ReplyType.OFFSET_DATA), int(ReplyType.NONE)
 
+
 def request_size(mode: ReplyMode) -> int:
     """Bytes in one request header for the negotiated mode."""
     return EXTENDED_REQUEST.size if mode == ReplyMode.EXTENDED else REQUEST.size
@@ -307,7 +308,7 @@ def done_reply(mode: ReplyMode, cookie: int, req_offset: int) -> bytes:
     """Success without data: a simple reply, or a NONE chunk in extended mode."""
     if mode == _EXTENDED:
         return chunk_header(mode, _DONE, _NONE, cookie, req_offset, 0)
-    return SIMPLE_REPLY.pack(SIMPLE_REPLY_MAGIC, 0, cookie)
+    return simple_reply(cookie)
 
 
 def error_reply(mode: ReplyMode, cookie: int, req_offset: int, error: int,
