@@ -1,30 +1,71 @@
 """The one exception hierarchy of qcownbd.
 
-Every error a client or an operator can see is one of these; the errno an
-NBD client receives is decided by `qcownbd.nbd.protocol.nbd_error_code`.
+Every error carries two texts: ``str(exc)``, the full detail for the
+operator's log (paths, system messages), and ``exc.public``, what a client
+may read (never a host path).  The errno an NBD client receives is decided
+by `qcownbd.nbd.protocol.nbd_error_code`, from the error and the command.
 """
 
 import errno as _errno
+import os as _os
 
 
 class QcownbdError(Exception):
-    """Base of every error qcownbd raises on purpose."""
+    """Base of every error qcownbd raises on purpose.
+
+    ``public`` is the text a client may be sent; without one the class's
+    ``default_public`` is used, which names nothing of the host.
+    """
+
+    default_public = "internal error"
+
+    def __init__(self, detail: str = "", *, public: str | None = None):
+        super().__init__(detail)
+        self._public = public
+
+    @property
+    def public(self) -> str:
+        """What a client may read about this error (no host paths)."""
+        return self._public if self._public is not None else self.default_public
 
 
 class ImageFormatError(QcownbdError):
     """An image cannot be opened: bad header, hostile metadata, bad backing chain."""
 
+    default_public = "the image cannot be opened"
+
 
 class ImageIOError(QcownbdError):
-    """An I/O operation on an open image failed; carries the errno to report."""
+    """An I/O operation on an open image failed; carries the errno to report.
 
-    def __init__(self, err: int, message: str = ""):
-        super().__init__(message or _errno.errorcode.get(err, str(err)))
+    Its public text is the errno's description ("No space left on device"):
+    the detail names the file.
+    """
+
+    def __init__(self, err: int, detail: str = "", *, public: str | None = None):
+        super().__init__(detail or _errno.errorcode.get(err, str(err)), public=public)
         self.errno = err
+
+    @property
+    def public(self) -> str:
+        """The given public text, else the errno's description."""
+        return self._public if self._public is not None else _os.strerror(self.errno)
+
+
+class NoSuchExport(QcownbdError, LookupError):
+    """A client named an export it cannot have: absent, broken, full or not for it.
+
+    The public text names only what the client itself asked for.
+    """
+
+    def __init__(self, detail: str, *, public: str | None = None):
+        super().__init__(detail, public=detail if public is None else public)
 
 
 class ProtocolError(QcownbdError):
     """A peer broke the NBD protocol; the connection it came on is closed."""
+
+    default_public = "protocol error"
 
 
 class ConfigError(QcownbdError):
