@@ -13,7 +13,6 @@ import pytest
 from conftest import QcownbdServer, qcownbd_cmd, run
 
 SECTOR = 512
-NBD_EIO, NBD_ENOSPC = 5, 28
 
 
 class DrainedPipe:

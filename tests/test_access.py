@@ -5,20 +5,16 @@ Refusal is proven from 127.0.0.1 against networks that exclude it; no test
 connects anywhere but 127.0.0.1 (or a Unix socket in its tmp dir).
 """
 
-import struct
-
 import pytest
 
 from conftest import qcownbd_cmd, run
+from nbdclient import (ERR_UNKNOWN, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_LIST_META, REP_ACK,
+                       NbdClient, go_payload, meta_payload)
 from qcownbd.config import parse_config
 from qcownbd.errors import ConfigError
-from test_server_hostile import (
-    ERR_UNKNOWN, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, REP_ACK, RawClient,
-)
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 1024 * 1024
-OPT_LIST_META_CONTEXT = 9
 
 
 def _raw(tmp_path, name: str, fill: int) -> str:
@@ -57,23 +53,21 @@ def test_export_outside_the_clients_networks_is_invisible_and_refused(fenced):
     assert run(["nbdinfo", fenced.uri("hidden")], check=False).returncode != 0
     assert run(["qemu-img", "info", fenced.uri("hidden")], check=False).returncode != 0
     # the refusal says what a name that never existed says: nothing to probe with
-    client = RawClient(fenced.port)
+    client = NbdClient(fenced.port)
     client.greet()
     for name in (b"hidden", b"nonexistent"):
-        client.option(OPT_GO, struct.pack(">I", len(name)) + name + b"\0\0")
+        client.option(OPT_GO, go_payload(name))
         opt, rep, message = client.option_reply()
         assert (opt, rep) == (OPT_GO, ERR_UNKNOWN)
         assert message == f"no export named {name.decode()!r}".encode()
-    meta = struct.pack(">I", 6) + b"hidden" + struct.pack(">I", 1) + struct.pack(">I", 15) \
-        + b"base:allocation"
-    client.option(OPT_LIST_META_CONTEXT, meta)
+    client.option(OPT_LIST_META, meta_payload(b"hidden", [b"base:allocation"]))
     assert client.option_reply()[1] == ERR_UNKNOWN
     client.option(OPT_LIST)
     replies = []
     while (reply := client.option_reply())[1] != REP_ACK:
         replies.append(reply[2])
     assert not any(b"hidden" in data for data in replies)
-    old_style = RawClient(fenced.port)
+    old_style = NbdClient(fenced.port)
     old_style.greet()
     old_style.option(OPT_EXPORT_NAME, b"hidden")
     assert old_style.closed()
@@ -149,11 +143,8 @@ def _size(server, export: str) -> int:
 
 
 def _read_first_byte(server, export: str) -> bytes:
-    client = RawClient(server.port)
-    client.go(export.encode())
-    client.send(client.request(0, 0, 1, 1))
-    assert client.simple_reply() == (0, 1)
-    return client.recv(1)
+    with NbdClient.connect(server.port, export) as client:
+        return client.read(0, 1)
 
 
 def test_backing_files_are_confined_to_the_configured_directories(chain, qcownbd_server):
@@ -213,10 +204,10 @@ def test_fleet_members_are_fenced_before_any_overlay_is_made(tmp_path, qcownbd_s
         f'[exports.fleet]\ngolden = "{golden}"\ngolden_format = "raw"\n'
         f'overlay_dir = "{overlays}"\nallow = ["10.9.9.0/24"]\n')
     server = qcownbd_server("--config", config)
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.greet()
     for name in (b"fleet/vm1", b"fleet/../../etc", b"fleet"):
-        client.option(OPT_GO, struct.pack(">I", len(name)) + name + b"\0\0")
+        client.option(OPT_GO, go_payload(name))
         assert client.option_reply()[1:] == (
             ERR_UNKNOWN, f"no export named {name.decode()!r}".encode())
     assert not overlays.exists() or not any(overlays.rglob("*"))

@@ -20,7 +20,7 @@ from functools import lru_cache
 
 import pytest
 
-from nbdraw import CMD_FLUSH, CMD_WRITE, FLAG_FUA, NbdClient
+from nbdclient import CMD_FLUSH, CMD_WRITE, FLAG_FUA, NbdClient
 from robustness import SECTOR, LoggedServer, make_image, qcownbd_check, qemu_raw_bytes
 
 MiB = 1 << 20
@@ -48,7 +48,7 @@ class PipelinedWriter:
     def __init__(self, port: int, seed: int, window_start: int):
         self.seed, self.rnd = seed, random.Random(seed)
         self.window_start = window_start
-        self.client = NbdClient(port, "d", timeout=30)
+        self.client = NbdClient.connect(port, "d", timeout=30)
         self.writes: dict[int, tuple[int, int, int]] = {}   # cookie -> offset, length, id
         self.history: dict[int, list[int]] = defaultdict(list)
         self.durable: dict[int, int] = {}
@@ -72,7 +72,7 @@ class PipelinedWriter:
 
     def _send(self) -> None:
         if self.rnd.random() < 0.06:
-            cookie = self.client.send(CMD_FLUSH)
+            cookie = self.client.submit(CMD_FLUSH)
             self.inflight[cookie] = list(self.unflushed)
             self.unflushed = []
             return
@@ -86,8 +86,8 @@ class PipelinedWriter:
             return  # never two overlapping writes in flight: their order would be unknown
         write_id = len(self.writes)
         flags = FLAG_FUA if self.rnd.random() < 0.1 else 0
-        cookie = self.client.send(CMD_WRITE, first * SECTOR, length, flags,
-                                  payload(self.seed, write_id, length))
+        cookie = self.client.submit(CMD_WRITE, first * SECTOR, length, flags,
+                                    payload(self.seed, write_id, length))
         self.writes[cookie] = (first * SECTOR, length, write_id)
         self.busy.update(sectors)
         for s in sectors:
@@ -142,7 +142,7 @@ class PipelinedWriter:
 
 
 def _read_through_server(port: int) -> bytes:
-    client = NbdClient(port, "d")
+    client = NbdClient.connect(port, "d")
     data = b"".join(client.read(offset, MiB) for offset in range(0, SIZE, MiB))
     client.close()
     return data

@@ -15,9 +15,9 @@ import subprocess
 import pytest
 
 from conftest import REPO, qcownbd_cmd, run
-from nbdraw import CMD_FLUSH, CMD_READ, FLAG_FUA, NbdClient
-from robustness import (NBD_EIO, NBD_ENOSPC, SECTOR, assert_sectors_old_or_new,  # noqa: F401
-                        logged_server, make_image, qcownbd_check, qemu_raw_bytes)
+from nbdclient import CMD_FLUSH, CMD_READ, FLAG_FUA, NBD_EIO, NBD_ENOSPC, NbdClient
+from robustness import (SECTOR, assert_sectors_old_or_new, logged_server,  # noqa: F401
+                        make_image, qcownbd_check, qemu_raw_bytes)
 from qcownbd.image.faults import parse_rules
 
 pytestmark = pytest.mark.timeout(120)
@@ -79,7 +79,7 @@ def test_injected_write_fault(tmp_path, logged_server, fmt, errname, nbd_errno):
     switch = tmp_path / "faults-on"
     server = logged_server(f"d={image}", env={"QCOWNBD_FAULTS": f"write:{errname}:while={switch}"})
     rnd, ref = random.Random(5), bytearray(SIZE)
-    client = NbdClient(server.port, "d")
+    client = NbdClient.connect(server.port, "d")
     for offset in range(0, 2 * MiB, 256 * 1024):       # allocated before the fault
         _write_ok(client, ref, offset, rnd.randbytes(70000))
     assert client.flush() == 0
@@ -92,7 +92,7 @@ def test_injected_write_fault(tmp_path, logged_server, fmt, errname, nbd_errno):
                   check=False, timeout=60)
     assert f"write failed: {os.strerror(getattr(errno, errname))}" in qemu_io.stdout
     assert client.read(0, 70000) == ref[:70000]       # reads go on
-    other = NbdClient(server.port, "d")                # and so do new clients
+    other = NbdClient.connect(server.port, "d")        # and so do new clients
     assert other.read(100000, 9000) == ref[100000:109000]
     other.close()
 
@@ -109,7 +109,7 @@ def test_failed_flush_then_successful_flush_is_durable(tmp_path, logged_server, 
     switch = tmp_path / "faults-on"
     server = logged_server(f"d={image}", env={"QCOWNBD_FAULTS": f"sync:EIO:while={switch}"})
     rnd, ref = random.Random(6), bytearray(SIZE)
-    client = NbdClient(server.port, "d")
+    client = NbdClient.connect(server.port, "d")
     switch.touch()
     for offset in range(0, 4 * MiB, 300000):
         _write_ok(client, ref, offset, rnd.randbytes(40000))
@@ -155,7 +155,7 @@ def test_real_enospc_on_a_full_tmpfs(tmp_path, small_tmpfs, logged_server, fmt):
     ballast.write_bytes(bytes(2 * MiB))
     server = logged_server(f"d={image}")
     rnd, ref = random.Random(7), bytearray(size)
-    client = NbdClient(server.port, "d")
+    client = NbdClient.connect(server.port, "d")
     chunk, offset, errors = 64 * 1024, 0, []
     while offset < size and len(errors) < 3:
         data = rnd.randbytes(chunk)
@@ -169,7 +169,7 @@ def test_real_enospc_on_a_full_tmpfs(tmp_path, small_tmpfs, logged_server, fmt):
     assert 4 * MiB < offset < 8 * MiB
     assert client.flush() == 0
     assert client.read(0, offset) == ref[:offset]      # what was written still reads back
-    other = NbdClient(server.port, "d")
+    other = NbdClient.connect(server.port, "d")
     assert other.read(0, 4096) == ref[:4096]
     other.close()
 
@@ -232,7 +232,7 @@ def test_random_write_faults_keep_qcow1_consistent(tmp_path, logged_server, back
                            env={"QCOWNBD_FAULTS": f"write:EIO:prob=0.2,seed=3,while={switch}"})
     disk = MaybeWritten(SIZE)
     disk.ref[:] = before
-    rnd, client, errors = random.Random(8), NbdClient(server.port, "d"), []
+    rnd, client, errors = random.Random(8), NbdClient.connect(server.port, "d"), []
     switch.touch()
     for _ in range(300):
         if rnd.random() < 0.1:
@@ -260,7 +260,7 @@ def test_injected_read_fault(tmp_path, logged_server, fmt):
     switch = tmp_path / "faults-on"
     server = logged_server(f"d={image}", env={"QCOWNBD_FAULTS": f"read:EIO:while={switch}"})
     rnd, ref = random.Random(9), bytearray(SIZE)
-    client = NbdClient(server.port, "d")
+    client = NbdClient.connect(server.port, "d")
     _write_ok(client, ref, 4096, rnd.randbytes(100000))
     switch.touch()
     assert client.call(CMD_READ, 4096, 100000)[0] == NBD_EIO

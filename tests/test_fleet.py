@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, qcownbd_cmd, run
-from nbdraw import NbdClient
+from nbdclient import ERR_UNKNOWN, NbdClient
 from qcownbd.config import load_config, parse_config
 from qcownbd.errors import ConfigError
 from qcownbd.fleet import FleetConfig
@@ -25,7 +25,8 @@ from qcownbd.fleet import FleetConfig
 pytestmark = pytest.mark.timeout(90)
 
 SIZE = 16 * 1024 * 1024
-ERR_UNKNOWN = "0x80000006"
+#: how a refusal of an unknown export shows in the text of `refused`
+UNKNOWN = f"{ERR_UNKNOWN:#x}"
 # What each client writes (qemu-io commands), applied to a raw copy of the
 # golden image they give what that client must see.
 WRITES = {"a": ["write -P 0xaa 1M 64k", "write -z 10M 4k"],
@@ -86,7 +87,7 @@ def qemu_io(uri: str, *commands: str, check=True):
 def refused(port: int, name: str) -> str:
     """The GO refusal text for ``name`` (AssertionError if the server accepts it)."""
     try:
-        client = NbdClient(port, name, timeout=10)
+        client = NbdClient.connect(port, name, timeout=10)
     except ValueError as exc:
         return str(exc)
     client.close()
@@ -118,7 +119,7 @@ def test_overlays_are_isolated_and_qemu_reads_them(tmp_path, golden, qcownbd_ser
     assert "fleet/ID" in exports["fleet"]["description"]
     assert exports["fleet"]["is_read_only"] and exports["fleet"]["export-size"] == SIZE
     # the fleet export itself is the golden image, read-only
-    reader = NbdClient(server.port, "fleet")
+    reader = NbdClient.connect(server.port, "fleet")
     assert reader.write(0, b"\1" * 4096) != 0 and reader.read(0, 4096) == b"\x11" * 4096
     reader.close()
     assert server.stop() == 0 and "Traceback" not in server.stderr, server.stderr
@@ -139,7 +140,7 @@ def test_overlays_are_isolated_and_qemu_reads_them(tmp_path, golden, qcownbd_ser
 def test_persistent_overlay_survives_restart_and_is_shared(tmp_path, golden, qcownbd_server):
     config = write_config(tmp_path, golden)
     server = qcownbd_server("--config", config)
-    first, second = NbdClient(server.port, "fleet/p"), NbdClient(server.port, "fleet/p")
+    first, second = (NbdClient.connect(server.port, "fleet/p") for _ in range(2))
     assert first.write(3 * 4096, b"\x5a" * 4096) == 0 and first.flush() == 0
     # multi-conn: one backend behind every connection to the overlay
     assert second.read(3 * 4096, 4096) == b"\x5a" * 4096
@@ -148,11 +149,11 @@ def test_persistent_overlay_survives_restart_and_is_shared(tmp_path, golden, qco
     assert server.stop() == 0
 
     server = qcownbd_server("--config", config)
-    again = NbdClient(server.port, "fleet/p")
+    again = NbdClient.connect(server.port, "fleet/p")
     assert again.read(3 * 4096, 4096) == b"\x5a" * 4096
     assert again.read(0, 4096) == b"\x11" * 4096
     again.close()
-    assert NbdClient(server.port, "fleet/q").read(3 * 4096, 4096) == b"\x11" * 4096
+    assert NbdClient.connect(server.port, "fleet/q").read(3 * 4096, 4096) == b"\x11" * 4096
 
 
 def test_ephemeral_overlays_are_deleted(tmp_path, golden, qcownbd_server):
@@ -165,7 +166,7 @@ def test_ephemeral_overlays_are_deleted(tmp_path, golden, qcownbd_server):
          "-F", "qcow" if golden[1] == "qcow1" else "raw", kept])
     server = qcownbd_server("--config", config)
     assert not (ephemeral / ".left.1234.tmp").exists()
-    one, two = NbdClient(server.port, "fleet/e"), NbdClient(server.port, "fleet/e")
+    one, two = (NbdClient.connect(server.port, "fleet/e") for _ in range(2))
     overlay = ephemeral / "e.qcow"
     assert overlay.exists()
     assert one.write(0, b"\x77" * 512) == 0 and two.read(0, 512) == b"\x77" * 512
@@ -174,7 +175,7 @@ def test_ephemeral_overlays_are_deleted(tmp_path, golden, qcownbd_server):
     assert overlay.exists(), "deleted while a client still uses it"
     two.close()
     assert wait_for(lambda: not overlay.exists()), "not deleted after the last client left"
-    fresh = NbdClient(server.port, "fleet/e")
+    fresh = NbdClient.connect(server.port, "fleet/e")
     assert fresh.read(0, 512) == b"\x11" * 512
     # a crash leaves the overlay behind; the next start removes it
     server.proc.send_signal(signal.SIGKILL)
@@ -192,10 +193,10 @@ def test_bad_overlay_names_are_refused(tmp_path, golden, qcownbd_server):
     for name in ["fleet/../x", "fleet/a/b", "fleet/", "fleet/a\0b", "fleet/" + "x" * 65,
                  "fleet/.hidden", "fleet/a..b", "fleet/-x", "fleet/a b", "fleet/\u00e9t\u00e9",
                  "nofleet/a"]:
-        assert ERR_UNKNOWN in refused(server.port, name), name
+        assert UNKNOWN in refused(server.port, name), name
     assert sorted(p for p in tmp_path.rglob("*")) == before, "a refused name created a file"
     longest = "x" * 64
-    NbdClient(server.port, f"fleet/{longest}").close()
+    NbdClient.connect(server.port, f"fleet/{longest}").close()
     assert wait_for((tmp_path / "overlays" / f"{longest}.qcow").exists)
     server.stop()
     assert "Traceback" not in server.stderr
@@ -213,11 +214,11 @@ def test_info_creates_no_overlay_and_foreign_overlays_are_refused(tmp_path, gold
     run(["qemu-img", "create", "-q", "-f", "raw", other, str(SIZE)])
     run(["qemu-img", "create", "-q", "-f", "qcow", "-b", other, "-F", "raw",
          tmp_path / "overlays" / "foreign.qcow"])
-    assert ERR_UNKNOWN in refused(server.port, "fleet/foreign")
-    NbdClient(server.port, "fleet/one").close()
+    assert UNKNOWN in refused(server.port, "fleet/foreign")
+    NbdClient.connect(server.port, "fleet/one").close()
     # foreign.qcow and one.qcow: max_overlays = 2 is reached
     assert "is full" in refused(server.port, "fleet/two")
-    NbdClient(server.port, "fleet/one").close()
+    NbdClient.connect(server.port, "fleet/one").close()
     server.stop()
     assert "not the golden image" in server.stderr and "max_overlays=2 reached" in server.stderr
     assert "Traceback" not in server.stderr
@@ -242,7 +243,7 @@ def test_cli_list_info_delete_commit(tmp_path, golden, qcownbd_server):
     server = qcownbd_server("--config", config)
     for ident, commands in WRITES.items():
         qemu_io(server.uri(f"fleet/{ident}"), *commands)
-    holder = NbdClient(server.port, "fleet/a")
+    holder = NbdClient.connect(server.port, "fleet/a")
     rows = {r["overlay"]: r for r in json.loads(fleet_cli("list", config, "--json").stdout)}
     assert sorted(rows) == ["fleet/a", "fleet/b"]
     assert rows["fleet/a"]["in-use"] and not rows["fleet/b"]["in-use"]
@@ -307,19 +308,19 @@ def test_systemd_example_documents_a_working_fleet():
 def test_reload_keeps_clients_of_a_changed_fleet(tmp_path, golden, qcownbd_server):
     config = write_config(tmp_path, golden)
     server = qcownbd_server("--config", config)
-    old = NbdClient(server.port, "fleet/a")
+    old = NbdClient.connect(server.port, "fleet/a")
     assert old.write(0, b"\x42" * 4096) == 0
     config.write_text(config.read_text().replace("test fleet", "renamed fleet"))
     server.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "renamed fleet" in run(["nbdinfo", "--list", server.uri()]).stdout)
     # the retired fleet still serves its client; the new one cannot take the overlay yet
     assert old.write(4096, b"\x43" * 4096) == 0 and old.flush() == 0
-    assert ERR_UNKNOWN in refused(server.port, "fleet/a")
-    NbdClient(server.port, "fleet/b").close()
+    assert UNKNOWN in refused(server.port, "fleet/a")
+    NbdClient.connect(server.port, "fleet/b").close()
     old.close()
     assert wait_for(lambda: not json.loads(fleet_cli("info", config, "a", "--json").stdout)
                     ["in-use"])
-    new = NbdClient(server.port, "fleet/a")
+    new = NbdClient.connect(server.port, "fleet/a")
     assert new.read(0, 8192) == b"\x42" * 4096 + b"\x43" * 4096
     new.close()
     assert server.stop() == 0 and "Traceback" not in server.stderr, server.stderr
@@ -330,7 +331,7 @@ def test_allow_list_guards_the_fleet_and_its_overlays(tmp_path, golden, qcownbd_
     config = write_config(tmp_path, golden, extra='allow = ["192.0.2.0/24"]\n')
     server = qcownbd_server("--config", config)
     for name in ("fleet", "fleet/a"):
-        assert ERR_UNKNOWN in refused(server.port, name)
+        assert UNKNOWN in refused(server.port, name)
     assert "fleet" not in run(["nbdinfo", "--list", server.uri()], check=False).stdout
     assert server.stop() == 0
     assert sorted(p.name for p in (tmp_path / "overlays").iterdir()) == []
@@ -339,8 +340,8 @@ def test_allow_list_guards_the_fleet_and_its_overlays(tmp_path, golden, qcownbd_
 @pytest.mark.parametrize("golden", ["qcow1"], indirect=True)
 def test_one_golden_backend_and_one_backend_per_overlay(tmp_path, golden, qcownbd_server):
     server = qcownbd_server("--config", write_config(tmp_path, golden))
-    clients = [NbdClient(server.port, name) for name in ("fleet/a", "fleet/a", "fleet/b",
-                                                          "fleet/c", "fleet")]
+    clients = [NbdClient.connect(server.port, name)
+               for name in ("fleet/a", "fleet/a", "fleet/b", "fleet/c", "fleet")]
     fds = Path(f"/proc/{server.proc.pid}/fd")
     open_files = [os.readlink(fd) for fd in fds.iterdir() if fd.is_symlink()]
     overlays = tmp_path / "overlays"

@@ -25,13 +25,12 @@ import time
 import pytest
 
 from conftest import run
+from nbdclient import (OPT_EXPORT_NAME, OPT_EXTENDED, OPT_GO, OPT_SET_META, OPT_STRUCTURED,
+                       go_payload, meta_payload, option, request)
 from robustness import LoggedServer
 
 MiB = 1 << 20
-IHAVEOPT = b"IHAVEOPT"
 LEGIT = "legit-export-7f3a9c"       # fuzzers never send this name
-REQUEST_MAGIC, EXTENDED_MAGIC = 0x25609513, 0x21E41C71
-OPT_EXPORT_NAME, OPT_GO, OPT_STRUCTURED, OPT_SET_META, OPT_EXTENDED = 1, 7, 8, 10, 11
 FUZZ_EXPORTS = [b"fz", b"fzraw", b"", b"nope", b"fz\0", b"\xff\xfe"]
 CONTEXTS = [b"base:allocation", b"qemu:allocation-depth", b"base:", b"qemu:", b"x:y", b""]
 
@@ -64,19 +63,13 @@ print("legit ops", ops)
 """
 
 
-def option(opt: int, payload: bytes) -> bytes:
-    return IHAVEOPT + struct.pack(">II", opt, len(payload)) + payload
-
-
-def info_payload(rnd, name: bytes) -> bytes:
+def random_info_payload(rnd, name: bytes) -> bytes:
     infos = [rnd.randrange(5) for _ in range(rnd.randrange(4))]
-    return struct.pack(">I", len(name)) + name + struct.pack(f">H{len(infos)}H", len(infos), *infos)
+    return go_payload(name, *infos)
 
 
-def meta_payload(rnd, name: bytes) -> bytes:
-    queries = rnd.sample(CONTEXTS, rnd.randrange(4))
-    return (struct.pack(">I", len(name)) + name + struct.pack(">I", len(queries))
-            + b"".join(struct.pack(">I", len(q)) + q for q in queries))
+def random_meta_payload(rnd, name: bytes) -> bytes:
+    return meta_payload(name, rnd.sample(CONTEXTS, rnd.randrange(4)))
 
 
 def valid_option(rnd) -> bytes:
@@ -84,9 +77,9 @@ def valid_option(rnd) -> bytes:
     opt = rnd.choice([1, 2, 3, 5, 6, 7, 8, 9, 10, 11, rnd.randrange(1 << 32)])
     name = rnd.choice(FUZZ_EXPORTS)
     if opt in (6, 7):
-        return option(opt, info_payload(rnd, name))
+        return option(opt, random_info_payload(rnd, name))
     if opt in (9, 10):
-        return option(opt, meta_payload(rnd, name))
+        return option(opt, random_meta_payload(rnd, name))
     if opt == OPT_EXPORT_NAME:
         return option(opt, name)
     return option(opt, rnd.randbytes(rnd.choice([0, 0, 0, 3, 100])))
@@ -114,17 +107,14 @@ def mutate(rnd, data: bytes) -> bytes:
     return bytes(data)
 
 
-def request(rnd, extended: bool, size: int) -> bytes:
+def random_request(rnd, extended: bool, size: int) -> bytes:
     """A transmission request: mostly in range, sometimes absurd."""
     cmd = rnd.choice([0, 0, 1, 1, 2, 3, 4, 5, 6, 7, 8, rnd.randrange(1 << 16)])
     flags = rnd.choice([0, 0, 1, 4, 8, 16, 32, rnd.randrange(1 << 16)])
     length = rnd.choice([1, 512, 4096, 65536, 0, 32 * MiB, 32 * MiB + 1, rnd.randrange(1 << 32)])
     offset = rnd.choice([0, rnd.randrange(size), size - 1, size, (1 << 64) - 1 - rnd.randrange(4096)])
     cookie = rnd.randrange(1 << 64)
-    if extended:
-        header = struct.pack(">IHHQQQ", EXTENDED_MAGIC, flags, cmd, cookie, offset, length)
-    else:
-        header = struct.pack(">IHHQQI", REQUEST_MAGIC, flags, cmd, cookie, offset, length)
+    header = request(cmd, offset, length, cookie, flags, extended=extended)
     carries = cmd == 1 or (extended and flags & 32)
     if carries and length <= 65536:
         header += rnd.randbytes(length if rnd.random() < 0.8 else rnd.randrange(length + 1))
@@ -191,19 +181,19 @@ class Fuzzer:
         mode = rnd.choice(["simple", "structured", "extended"])
         name = rnd.choice([b"fz", b"fzraw"])
         if mode == "structured":
-            sock.sendall(option(OPT_STRUCTURED, b""))
+            sock.sendall(option(OPT_STRUCTURED))
         if mode == "extended":
-            sock.sendall(option(OPT_EXTENDED, b""))
+            sock.sendall(option(OPT_EXTENDED))
         if mode != "simple" and rnd.random() < 0.7:
-            sock.sendall(option(OPT_SET_META, meta_payload(rnd, name)))
+            sock.sendall(option(OPT_SET_META, random_meta_payload(rnd, name)))
         if rnd.random() < 0.2:
             sock.sendall(option(OPT_EXPORT_NAME, name))
         else:
-            sock.sendall(option(OPT_GO, info_payload(rnd, name)))
+            sock.sendall(option(OPT_GO, random_info_payload(rnd, name)))
         if drain(sock, 0.02):
             return
         for _ in range(rnd.randrange(1, 40)):
-            sock.sendall(request(rnd, mode == "extended", self.size))
+            sock.sendall(random_request(rnd, mode == "extended", self.size))
             if rnd.random() < 0.2 and drain(sock, 0.01):
                 return
         drain(sock, 0.05)

@@ -12,12 +12,11 @@ import time
 import pytest
 
 from conftest import REPO, QcownbdServer, free_port, qcownbd_cmd, run, wait_listening
-from test_server_hostile import OPT_GO, READ, WRITE, RawClient
+from nbdclient import CMD_READ, CMD_WRITE, NBD_EINVAL, OPT_GO, NbdClient
 
 pytestmark = pytest.mark.timeout(120)
 SIZE = 40 * 1024 * 1024
 MAX_REQUEST = 32 * 1024 * 1024
-EINVAL = 22
 MiB = 1024 * 1024
 
 
@@ -74,7 +73,7 @@ def test_half_open_flood_does_not_starve_real_clients(image, tmp_path):
     try:
         soft, hard = _open_files_limit(server.proc.pid)
         assert soft == hard
-        early = RawClient(server.port)
+        early = NbdClient(server.port)
         early.go()
         flood = [_half_open(server.port, kind) for kind in range(300)]
         try:
@@ -84,7 +83,7 @@ def test_half_open_flood_does_not_starve_real_clients(image, tmp_path):
             run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x4c 0 4096",
                  f"nbd://127.0.0.1:{server.port}/d"], timeout=30)
             assert time.monotonic() - started < 5
-            early.send(early.request(READ, 0, 4, 1))
+            early.send(early.request(CMD_READ, 0, 4, 1))
             assert early.simple_reply() == (0, 1) and early.recv(4) == b"LLLL"
             fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
             assert fds < 64 + 40      # the negotiation budget, not the flood, bounds it
@@ -97,12 +96,12 @@ def test_half_open_flood_does_not_starve_real_clients(image, tmp_path):
     assert "Traceback" not in server.stderr
 
 
-def _admitted(port: int) -> RawClient:
+def _admitted(port: int) -> NbdClient:
     """A client in transmission, retrying while a just-closed connection still counts."""
     deadline = time.monotonic() + 5
     while True:
         try:
-            client = RawClient(port)
+            client = NbdClient(port)
             client.go()
             return client
         except (EOFError, ConnectionError):
@@ -117,13 +116,13 @@ def test_per_client_limit_refuses_only_that_address(image, tmp_path, qcownbd_ser
     server = qcownbd_server("--config", config, f"d={image}")
     # (the start-up probe's connection may still count for a moment)
     clients = [_admitted(server.port) for _ in range(3)]
-    refused = RawClient(server.port)
+    refused = NbdClient(server.port)
     assert refused.closed()
     # Unix-socket clients have no address to share a count with
     assert int(run(["nbdinfo", "--size", f"nbd+unix:///d?socket={sock}"]).stdout) == SIZE
     clients.pop().sock.close()
     late = _admitted(server.port)
-    late.send(late.request(READ, 0, 2, 1))
+    late.send(late.request(CMD_READ, 0, 2, 1))
     assert late.simple_reply() == (0, 1) and late.recv(2) == b"LL"
     server.stop()
     assert "too many connections from this address" in server.stderr
@@ -133,10 +132,10 @@ def test_handshake_timeout_runs_from_accept_to_transmission(image, tmp_path, qco
     config = tmp_path / "c.toml"
     config.write_text("[server]\nhandshake_timeout = 1\n")
     server = qcownbd_server("--config", config, f"d={image}")
-    working = RawClient(server.port)
+    working = NbdClient(server.port)
     working.go()
     stalled = [_half_open(server.port, kind) for kind in range(5)]
-    silent_after_greeting = RawClient(server.port)
+    silent_after_greeting = NbdClient(server.port)
     silent_after_greeting.recv(18)
     started = time.monotonic()
     for sock in stalled:
@@ -150,7 +149,7 @@ def test_handshake_timeout_runs_from_accept_to_transmission(image, tmp_path, qco
     assert time.monotonic() - started < 4
     # transmission is not subject to the handshake timeout
     time.sleep(0.5)
-    working.send(working.request(READ, 0, 1, 7))
+    working.send(working.request(CMD_READ, 0, 1, 7))
     assert working.simple_reply() == (0, 7) and working.recv(1) == b"L"
 
 
@@ -160,24 +159,24 @@ def test_a_write_payload_that_stops_arriving_ends_its_connection(image, tmp_path
     config = tmp_path / "c.toml"
     config.write_text("[server]\npayload_timeout = 1\n")
     server = qcownbd_server("--config", config, f"d={image}")
-    working, stalled, slow = (RawClient(server.port) for _ in range(3))
+    working, stalled, slow = (NbdClient(server.port) for _ in range(3))
     for client in (working, stalled, slow):
         client.go()
     payload = b"P" * MiB
-    stalled.send(stalled.request(WRITE, 0, MiB, 1) + payload[:100_000])
-    slow.send(slow.request(WRITE, MiB, MiB, 2) + payload[:100_000])
+    stalled.send(stalled.request(CMD_WRITE, 0, MiB, 1) + payload[:100_000])
+    slow.send(slow.request(CMD_WRITE, MiB, MiB, 2) + payload[:100_000])
     started = time.monotonic()
     for step in range(8):       # a byte every 0.4 s: never 1 s without one
         time.sleep(0.4)
         slow.send(payload[100_000 + step:100_000 + step + 1])
-        working.send(working.request(READ, 0, 1, 10 + step))
+        working.send(working.request(CMD_READ, 0, 1, 10 + step))
         assert working.simple_reply() == (0, 10 + step) and working.recv(1) == b"L"
     assert stalled.closed()
     # the timer looks every payload_timeout seconds: closed after 1 to 2 s of silence
     assert time.monotonic() - started < 4
     slow.send(payload[100_008:])
     assert slow.simple_reply() == (0, 2)
-    slow.send(slow.request(READ, MiB, MiB, 3))
+    slow.send(slow.request(CMD_READ, MiB, MiB, 3))
     assert slow.simple_reply() == (0, 3) and slow.recv(MiB) == payload
     server.stop()
     assert "no byte of a WRITE payload for 1s" in server.stderr
@@ -185,11 +184,11 @@ def test_a_write_payload_that_stops_arriving_ends_its_connection(image, tmp_path
 
 def test_requests_are_capped_at_32_mib(image, qcownbd_server):
     server = qcownbd_server(f"d={image}")
-    client = RawClient(server.port, timeout=30)
+    client = NbdClient(server.port, timeout=30)
     client.go()
-    client.send(client.request(READ, 0, MAX_REQUEST + 1, 1),
-                client.request(READ, 0, MAX_REQUEST, 2))
-    assert client.simple_reply() == (EINVAL, 1)
+    client.send(client.request(CMD_READ, 0, MAX_REQUEST + 1, 1),
+                client.request(CMD_READ, 0, MAX_REQUEST, 2))
+    assert client.simple_reply() == (NBD_EINVAL, 1)
     assert client.simple_reply() == (0, 2)
     data = client.recv(MAX_REQUEST)
     assert data[:4096] == b"L" * 4096 and data[4096:] == bytes(MAX_REQUEST - 4096)

@@ -19,9 +19,9 @@ import time
 import pytest
 
 from conftest import run
-from nbdraw import CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, AsyncNbdClient, NbdClient, request
+from nbdclient import (CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, AsyncNbdClient,
+                       NbdClient)
 from robustness import LoggedServer
-from test_server_hostile import BLOCK_STATUS, RawClient
 
 MiB = 1 << 20
 CLIENTS = 64
@@ -144,9 +144,9 @@ def test_half_sent_big_writes_keep_rss_bounded(tmp_path):
         clients = []
         try:
             for index in range(40):
-                clients.append(NbdClient(server.port, "d"))
+                clients.append(NbdClient.connect(server.port, "d"))
                 send_until_stalled(clients[-1].sock,
-                                   request(CMD_WRITE, index, 0, 32 * MiB) + payload)
+                                   clients[-1].request(CMD_WRITE, 0, 32 * MiB, index) + payload)
             time.sleep(1)
             rss = server.rss_bytes()
             assert rss < 400 * MiB, f"server RSS {rss >> 20} MiB with 40 half-sent writes"
@@ -172,7 +172,7 @@ def test_pipelined_reads_of_clients_that_do_not_read_keep_rss_bounded(tmp_path, 
     with LoggedServer(f"d={image}") as server:
         clients, senders = [], []
         for _ in range(4):
-            client = NbdClient(server.port, "d")
+            client = NbdClient.connect(server.port, "d")
             client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
             burst = b"".join(client.encode(CMD_READ, offset, length)[1] for offset in offsets)
             # the server stops reading once its backlog is full: send from a thread
@@ -218,11 +218,12 @@ def test_pipelined_block_status_of_a_client_that_does_not_read_keeps_rss_bounded
             file.seek(offset)
             file.write(b"D" * 4096)
     with LoggedServer(f"d={image}") as server:
-        client = RawClient(server.port, timeout=60)
+        client = NbdClient(server.port, timeout=60)
         client.go(structured=True, contexts=(b"base:allocation",))
         client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
         before = server.rss_bytes()
-        client.send(*(client.request(BLOCK_STATUS, 0, 64 * MiB, cookie) for cookie in range(250)))
+        client.send(*(client.request(CMD_BLOCK_STATUS, 0, 64 * MiB, cookie)
+                      for cookie in range(250)))
         wait_until_idle(server.proc.pid)
         grown = server.rss_bytes() - before
         assert grown < 16 * MiB, f"server RSS grew {grown >> 20} MiB holding status replies"
@@ -244,14 +245,14 @@ def test_big_writes_beyond_the_payload_budget_all_complete(tmp_path):
     image = tmp_path / "big.raw"
     run(["qemu-img", "create", "-f", "raw", image, f"{12 * 32}M"])
     with LoggedServer(f"d={image}") as server:
-        clients = [NbdClient(server.port, "d") for _ in range(12)]
+        clients = [NbdClient.connect(server.port, "d") for _ in range(12)]
         patterns = [bytes([index + 1]) * (32 * MiB) for index in range(12)]
         try:
             cookies = []
             for index, client in enumerate(clients):
                 # the header goes first; the payload is sent by a thread below
                 cookies.append(client.next_cookie())
-                client.sock.sendall(request(CMD_WRITE, cookies[-1], index * 32 * MiB, 32 * MiB))
+                client.send(client.request(CMD_WRITE, index * 32 * MiB, 32 * MiB, cookies[-1]))
             senders = [threading.Thread(target=client.sock.sendall, args=(pattern,))
                        for client, pattern in zip(clients, patterns)]
             for sender in senders:

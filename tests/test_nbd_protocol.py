@@ -5,6 +5,7 @@ import struct
 
 import pytest
 
+from nbdclient import OPTION_REPLY_MAGIC, go_payload, meta_payload
 from qcownbd.errors import ImageIOError, ProtocolError
 from qcownbd.image.backend import Extent
 from qcownbd.nbd import protocol
@@ -12,7 +13,7 @@ from qcownbd.nbd.constants import Opt, Rep, TransmissionFlag
 from qcownbd.nbd.negotiation import Action, Negotiation
 from qcownbd.nbd.protocol import BadOption, ReplyMode
 
-OPT_REPLY_MAGIC = bytes.fromhex("0003e889045565a9")
+OPT_REPLY_MAGIC = OPTION_REPLY_MAGIC.to_bytes(8, "big")
 
 
 def test_greeting_is_magic_ihaveopt_and_flags():
@@ -44,7 +45,7 @@ def test_option_reply_layout():
 
 
 def test_info_request_parsing_and_errors():
-    payload = struct.pack(">I", 3) + b"abc" + struct.pack(">HHH", 2, 1, 3)
+    payload = go_payload(b"abc", 1, 3)
     assert protocol.parse_info_request(payload) == ("abc", [1, 3])
     for bad in (payload[:-1], payload + b"x", struct.pack(">I", 99) + b"abc"):
         with pytest.raises(BadOption) as info:
@@ -54,8 +55,7 @@ def test_info_request_parsing_and_errors():
 
 def test_meta_context_request_and_matching():
     queries = [b"base:", b"qemu:allocation-depth", b"nope:x"]
-    payload = struct.pack(">I", 1) + b"e" + struct.pack(">I", len(queries))
-    payload += b"".join(struct.pack(">I", len(q)) + q for q in queries)
+    payload = meta_payload(b"e", queries)
     name, parsed = protocol.parse_meta_context_request(payload)
     assert (name, parsed) == ("e", ["base:", "qemu:allocation-depth", "nope:x"])
     known = {"base:allocation": 1, "qemu:allocation-depth": 2}
@@ -171,13 +171,9 @@ def _reply_types(result):
     return [struct.unpack(">I", reply[12:16])[0] for reply in result.replies]
 
 
-def _go_payload(name, *infos):
-    return struct.pack(">I", len(name)) + name + struct.pack(f">H{len(infos)}H", len(infos), *infos)
-
-
 def test_negotiation_go_sends_infos_then_ack():
     neg = Negotiation(FakeRegistry(FakeExport("a", "first")))
-    result = neg.option(Opt.GO, _go_payload(b"a", 1, 2))
+    result = neg.option(Opt.GO, go_payload(b"a", 1, 2))
     assert result.action is Action.TRANSMIT and result.export.name == "a"
     assert _reply_types(result) == [Rep.INFO] * 4 + [Rep.ACK]
     info_types = [struct.unpack(">H", r[20:22])[0] for r in result.replies[:4]]
@@ -187,7 +183,7 @@ def test_negotiation_go_sends_infos_then_ack():
 
 def test_negotiation_errors_keep_negotiating():
     neg = Negotiation(FakeRegistry(FakeExport("a")))
-    assert _reply_types(neg.option(Opt.GO, _go_payload(b"zz"))) == [Rep.ERR_UNKNOWN]
+    assert _reply_types(neg.option(Opt.GO, go_payload(b"zz"))) == [Rep.ERR_UNKNOWN]
     assert _reply_types(neg.option(Opt.GO, b"\0\0")) == [Rep.ERR_INVALID]
     assert _reply_types(neg.option(99, b"")) == [Rep.ERR_UNSUP]
     assert _reply_types(neg.option(Opt.STARTTLS, b"")) == [Rep.ERR_POLICY]
@@ -199,14 +195,14 @@ def test_negotiation_errors_keep_negotiating():
 
 def test_negotiation_meta_contexts_need_structured_and_reset_on_other_export():
     neg = Negotiation(FakeRegistry(FakeExport("a"), FakeExport("b")))
-    query = struct.pack(">I", 1) + b"a" + struct.pack(">II", 1, 5) + b"base:"
+    query = meta_payload(b"a", [b"base:"])
     assert _reply_types(neg.option(Opt.SET_META_CONTEXT, query)) == [Rep.ERR_INVALID]
     assert _reply_types(neg.option(Opt.STRUCTURED_REPLY, b"")) == [Rep.ACK]
     result = neg.option(Opt.SET_META_CONTEXT, query)
     assert _reply_types(result) == [Rep.META_CONTEXT, Rep.ACK]
     assert result.replies[0][20:] == struct.pack(">I", 1) + b"base:allocation"
     assert neg.contexts == {1: "base:allocation"}
-    neg.option(Opt.GO, _go_payload(b"b"))
+    neg.option(Opt.GO, go_payload(b"b"))
     assert neg.contexts == {}
 
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 from conftest import run
-from nbdraw import CMD_READ, CMD_WRITE, NbdClient
+from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import Qcow1Image
@@ -48,11 +48,11 @@ def _pipelined_reads_stalled(port: int, requests, stall: float, half_close: bool
     ``half_close``: shut our sending side after the requests (the server sees EOF
     while replies are still queued, and must send them all before closing).
     """
-    client = NbdClient(port, "d")
+    client = NbdClient.connect(port, "d")
     client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     cookies = []
     for cmd, offset, length, payload in requests:
-        cookies.append(client.send(cmd, offset, length, payload=payload))
+        cookies.append(client.submit(cmd, offset, length, payload=payload))
     if half_close:
         client.sock.shutdown(socket.SHUT_WR)
     time.sleep(stall)   # the server's socket fills: partial sends, hand-over, queueing
@@ -132,7 +132,7 @@ def test_large_writes_pipelined_with_small_requests_in_odd_pieces(tmp_path, qcow
             requests.append((CMD_WRITE, offset, length, rng.randbytes(length)))
         else:
             requests.append((CMD_READ, offset, length, b""))
-    client = NbdClient(server.port, "d")
+    client = NbdClient.connect(server.port, "d")
     wire = [client.encode(cmd, offset, length, 0, payload)[1]
             for cmd, offset, length, payload in requests]
 

@@ -10,8 +10,7 @@ from array import array
 import pytest
 
 from conftest import QcownbdServer, free_port, qcownbd_cmd, run, REPO
-from test_server_hostile import READ, RawClient
-
+from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from qcownbd.image.qcow1_header import create_qcow1, read_header
 
 pytestmark = pytest.mark.timeout(60)
@@ -46,11 +45,8 @@ def can_connect(server, export) -> bool:
 
 
 def first_byte(port, export=b"d") -> bytes:
-    client = RawClient(port)
-    client.go(export)
-    client.send(client.request(READ, 0, 1, 1))
-    assert client.simple_reply() == (0, 1)
-    return client.recv(1)
+    with NbdClient.connect(port, export) as client:
+        return client.read(0, 1)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -65,10 +61,10 @@ def test_signal_stops_cleanly_with_exit_0_and_logs_connections(sig, tmp_path, qc
 def test_stop_finishes_in_flight_writes(tmp_path, qcownbd_server):
     image = raw_image(tmp_path)
     server = qcownbd_server(f"d={image}")
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.go()
     block = b"\x99" * 1024 * 1024
-    client.send(*[client.request(1, i << 20, 1 << 20, i, flags=1, payload=block)
+    client.send(*[client.request(CMD_WRITE, i << 20, 1 << 20, i, flags=1, payload=block)
                   for i in range(1, 6)])
     time.sleep(1)  # let the server take the requests in; unreceived ones are not in flight
     server.proc.send_signal(signal.SIGTERM)
@@ -141,7 +137,7 @@ def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
     first, second = raw_image(tmp_path, "one", 0x31), raw_image(tmp_path, "two", 0x32)
     config.write_text(f'[exports.one]\npath = "{first}"\n')
     server = qcownbd_server("--config", config)
-    old_client = RawClient(server.port)
+    old_client = NbdClient(server.port)
     old_client.go(b"one")
     config.write_text(f'[exports.two]\npath = "{second}"\n')
     server.proc.send_signal(signal.SIGHUP)
@@ -151,7 +147,7 @@ def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
         time.sleep(0.1)
     assert not can_connect(server, "one")
     assert first_byte(server.port, b"two") == b"2"
-    old_client.send(old_client.request(READ, 0, 1, 7))
+    old_client.send(old_client.request(CMD_READ, 0, 1, 7))
     assert old_client.simple_reply() == (0, 7) and old_client.recv(1) == b"1"
     assert stop(server) == 0
 
@@ -190,7 +186,7 @@ def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_s
     server = qcownbd_server("--config", config)
     big = tmp_path / "big.qcow"
     fully_mapped_qcow1(big, 4 << 30)
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.go(b"d")
     latencies, reading = [], True
 
@@ -199,7 +195,7 @@ def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_s
         while reading:
             cookie += 1
             started = time.monotonic()
-            client.send(client.request(READ, 0, 4096, cookie))
+            client.send(client.request(CMD_READ, 0, 4096, cookie))
             assert client.simple_reply() == (0, cookie) and client.recv(4096) == b"B" * 4096
             latencies.append(time.monotonic() - started)
 
@@ -249,9 +245,9 @@ def test_metadata_is_committed_without_a_client_flush(tmp_path, qcownbd_server):
     image = tmp_path / "d.qcow"
     run(["qemu-img", "create", "-q", "-f", "qcow", image, str(SIZE)])
     server = qcownbd_server(f"d={image}")
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.go()
-    client.send(client.request(1, 3 << 20, 4096, 1, payload=b"\x5c" * 4096))
+    client.send(client.request(CMD_WRITE, 3 << 20, 4096, 1, payload=b"\x5c" * 4096))
     assert client.simple_reply() == (0, 1)
     time.sleep(3.5)  # the commit timer runs every ~2 s
     server.proc.kill()

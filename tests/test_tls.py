@@ -9,7 +9,6 @@ ahead of the TLS handshake, state surviving the restart).
 import os
 import signal
 import ssl
-import struct
 import subprocess
 import time
 from types import SimpleNamespace
@@ -17,15 +16,13 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import qcownbd_cmd, run
+from nbdclient import (CMD_READ, ERR_INVALID, ERR_POLICY, ERR_TLS_REQD, OPT_ABORT,
+                       OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED, REP_ACK,
+                       NbdClient, go_payload, option)
 from qcownbd.config import parse_config
 from qcownbd.errors import ConfigError
-from test_server_hostile import (
-    ERR_INVALID, ERR_POLICY, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_STARTTLS,
-    OPT_STRUCTURED, READ, REP_ACK, RawClient,
-)
 
 pytestmark = pytest.mark.timeout(90)
-ERR_TLS_REQD = 0x80000005
 SIZE = 8 * 1024 * 1024
 
 
@@ -131,16 +128,16 @@ def test_require_refuses_plain_clients_before_tls(pki, image, qcownbd_server):
                 ["qemu-img", "info", server.uri("d")]):
         result = run(cmd, check=False, timeout=30)
         assert result.returncode != 0, cmd
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.greet()
-    for option, data in ((OPT_LIST, b""), (OPT_STRUCTURED, b""), (OPT_GO, b"\0\0\0\1d\0\0"),
-                         (99, b"")):
-        client.option(option, data)
-        assert client.option_reply()[:2] == (option, ERR_TLS_REQD)
+    for opt, data in ((OPT_LIST, b""), (OPT_STRUCTURED, b""), (OPT_GO, go_payload("d")),
+                      (99, b"")):
+        client.option(opt, data)
+        assert client.option_reply()[:2] == (opt, ERR_TLS_REQD)
     client.option(OPT_ABORT)
     assert client.option_reply()[1] == REP_ACK
     assert client.closed()
-    old_style = RawClient(server.port)
+    old_style = NbdClient(server.port)
     old_style.greet()
     old_style.option(OPT_EXPORT_NAME, b"d")
     assert old_style.closed()
@@ -219,7 +216,7 @@ def _client_ssl(pki) -> ssl.SSLContext:
 
 def test_negotiation_restarts_after_starttls(pki, image, qcownbd_server):
     server = qcownbd_server(*tls_args(pki, "on"), f"d={image}")
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.greet(flags=3)
     # agreed in clear text, so it must not hold once TLS is up
     client.option(OPT_STRUCTURED)
@@ -229,22 +226,21 @@ def test_negotiation_restarts_after_starttls(pki, image, qcownbd_server):
     client.sock = _client_ssl(pki).wrap_socket(client.sock, server_hostname="127.0.0.1")
     client.option(OPT_STARTTLS)
     assert client.option_reply()[:2] == (OPT_STARTTLS, ERR_INVALID)
-    client.option(OPT_GO, b"\0\0\0\1d\0\0")
+    client.option(OPT_GO, go_payload("d"))
     while client.option_reply()[1] != REP_ACK:
         pass
-    client.send(client.request(READ, 0, 16, 7))
+    client.send(client.request(CMD_READ, 0, 16, 7))
     assert client.simple_reply() == (0, 7)        # a simple reply: structured was forgotten
     assert client.recv(16) == bytes(16)
 
 
 def test_bytes_sent_ahead_of_the_tls_handshake_end_the_connection(pki, image, qcownbd_server):
     server = qcownbd_server(*tls_args(pki, "require"), f"d={image}")
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.greet()
     # a STARTTLS injection: plain-text options queued behind STARTTLS must not
     # be taken as if they had come through TLS
-    go = b"IHAVEOPT" + struct.pack(">II", OPT_GO, 7) + b"\0\0\0\1d\0\0"
-    client.sock.sendall(b"IHAVEOPT" + struct.pack(">II", OPT_STARTTLS, 0) + go)
+    client.send(option(OPT_STARTTLS), option(OPT_GO, go_payload("d")))
     assert client.closed()
     server.stop()
     assert "data after STARTTLS" in server.stderr
@@ -252,7 +248,7 @@ def test_bytes_sent_ahead_of_the_tls_handshake_end_the_connection(pki, image, qc
 
 def test_starttls_refused_when_tls_is_off(image, qcownbd_server):
     server = qcownbd_server(f"d={image}")
-    client = RawClient(server.port)
+    client = NbdClient(server.port)
     client.greet()
     client.option(OPT_STARTTLS)
     assert client.option_reply()[:2] == (OPT_STARTTLS, ERR_POLICY)
@@ -284,13 +280,13 @@ def test_abandoned_tls_handshakes_free_their_connection_slots(pki, image, tmp_pa
         # the client rejects the server's certificate and hangs up mid-handshake
         result = run(["nbdinfo", nbds(server, "d", pki.untrusting)], check=False, timeout=30)
         assert result.returncode != 0
-        quitter = RawClient(server.port)
+        quitter = NbdClient(server.port)
         quitter.greet()
         quitter.option(OPT_STARTTLS)
         assert quitter.option_reply()[1] == REP_ACK
         quitter.sock.close()
     # a client stalling inside the TLS handshake is cut off by the handshake timeout
-    staller = RawClient(server.port)
+    staller = NbdClient(server.port)
     staller.greet()
     staller.option(OPT_STARTTLS)
     assert staller.option_reply()[1] == REP_ACK
