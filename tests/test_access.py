@@ -7,7 +7,7 @@ connects anywhere but 127.0.0.1 (or a Unix socket in its tmp dir).
 
 import pytest
 
-from conftest import qcownbd_cmd, run
+from helpers import first_byte, qcownbd_cmd, run
 from nbdclient import (ERR_UNKNOWN, OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_LIST_META, REP_ACK,
                        NbdClient, go_payload, meta_payload)
 from qcownbd.config import parse_config
@@ -142,11 +142,6 @@ def _size(server, export: str) -> int:
     return int(info)
 
 
-def _read_first_byte(server, export: str) -> bytes:
-    with NbdClient.connect(server.port, export) as client:
-        return client.read(0, 1)
-
-
 def test_backing_files_are_confined_to_the_configured_directories(chain, qcownbd_server):
     config = chain / "c.toml"
     config.write_text(
@@ -158,7 +153,7 @@ def test_backing_files_are_confined_to_the_configured_directories(chain, qcownbd
     server = qcownbd_server("--config", config)
     for export in ("confined", "sneaky"):
         assert run(["nbdinfo", server.uri(export)], check=False).returncode != 0
-    assert _read_first_byte(server, "permitted") == b"\x5b"
+    assert first_byte(server.port, "permitted") == b"\x5b"
     server.stop()
     assert server.stderr.count("is outside the allowed directories") == 2
 
@@ -170,7 +165,7 @@ def test_server_backing_dirs_apply_to_command_line_exports(chain, qcownbd_server
                              f"ov={chain / 'overlays' / 'ov.qcow'}"), check=False, timeout=30)
     assert result.returncode != 0 and "outside the allowed directories" in result.stderr
     server = qcownbd_server("--config", config, f"ok={chain / 'bases' / 'base.raw'}")
-    assert _read_first_byte(server, "ok") == b"\x5b"
+    assert first_byte(server.port, "ok") == b"\x5b"
 
 
 def test_format_pins_hold_for_exports_and_their_backing_files(tmp_path, qcownbd_server):
@@ -191,9 +186,9 @@ def test_format_pins_hold_for_exports_and_their_backing_files(tmp_path, qcownbd_
     size = planted.stat().st_size
     assert _size(server, "pinned") == size
     assert _size(server, "probed") == 64 * 1024 * 1024
-    assert _read_first_byte(server, "pinned") == b"Q"
-    assert _read_first_byte(server, "ov-pinned") == b"Q"     # backing read as raw bytes
-    assert _read_first_byte(server, "ov-probed") == b"\0"    # backing taken as QCOW1
+    assert first_byte(server.port, "pinned") == b"Q"
+    assert first_byte(server.port, "ov-pinned") == b"Q"     # backing read as raw bytes
+    assert first_byte(server.port, "ov-probed") == b"\0"    # backing taken as QCOW1
 
 
 def test_fleet_members_are_fenced_before_any_overlay_is_made(tmp_path, qcownbd_server):

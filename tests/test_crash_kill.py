@@ -20,8 +20,8 @@ from functools import lru_cache
 
 import pytest
 
+from helpers import SECTOR, LoggedServer, make_qcow1, qcownbd_check, qemu_raw
 from nbdclient import CMD_FLUSH, CMD_WRITE, FLAG_FUA, NbdClient
-from robustness import SECTOR, LoggedServer, make_image, qcownbd_check, qemu_raw_bytes
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -160,7 +160,7 @@ def serve_args(tmp_path, image: str, cache_tables: int | None) -> list[str]:
 def crash_rounds(tmp_path, backing: bool, rounds: int, seed: int,
                  cache_tables: int | None = None) -> None:
     """``rounds`` × (serve, verify reads, write, kill -9, check, verify survivors)."""
-    image, before = make_image(tmp_path, backing, SIZE, seed)
+    image, before = make_qcow1(tmp_path, backing, SIZE, seed)
     before = bytes(before)
     rnd = random.Random(seed)
     for round_no in range(rounds):
@@ -178,7 +178,7 @@ def crash_rounds(tmp_path, backing: bool, rounds: int, seed: int,
         assert writer.failure is None, writer.failure
         assert writer.acked > 0 and writer.durable_writes > 0, "no heavy writes before the kill"
         qcownbd_check(image)
-        got = qemu_raw_bytes(image, tmp_path / "got.raw")
+        got = qemu_raw(image, tmp_path / "got.raw")
         writer.verify(got, before)
         before = got
 

@@ -14,10 +14,9 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, qcownbd_cmd, run
+from helpers import (SECTOR, assert_sectors_old_or_new, make_qcow1, qcownbd_check, qcownbd_cmd,
+                     qcownbd_env, qemu_compare, qemu_raw, run)
 from nbdclient import CMD_FLUSH, CMD_READ, FLAG_FUA, NBD_EIO, NBD_ENOSPC, NbdClient
-from robustness import (SECTOR, assert_sectors_old_or_new, logged_server,  # noqa: F401
-                        make_image, qcownbd_check, qemu_raw_bytes)
 from qcownbd.image.faults import parse_rules
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,8 +39,7 @@ def _finish(server, client, image: str, ref: bytearray, tmp_path, fmt: str) -> N
     if fmt == "qcow1":
         qcownbd_check(image)
     (tmp_path / "ref.raw").write_bytes(ref)
-    result = run(["qemu-img", "compare", "-f", "qcow" if fmt == "qcow1" else "raw",
-                  "-F", "raw", image, tmp_path / "ref.raw"], check=False, timeout=60)
+    result = qemu_compare(image, tmp_path / "ref.raw", "qcow" if fmt == "qcow1" else "raw")
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -64,9 +62,8 @@ def test_fault_spec_parsing():
 
 
 def test_bad_fault_spec_is_one_line_error(tmp_path):
-    env = {**os.environ, "QCOWNBD_FAULTS": "write:EIO:often"}
-    result = subprocess.run(qcownbd_cmd("check", tmp_path / "x"), capture_output=True,
-                            text=True, timeout=60, env={**env, "PYTHONPATH": str(REPO)})
+    result = run(qcownbd_cmd("check", tmp_path / "x"), timeout=60, check=False,
+                 env=qcownbd_env(QCOWNBD_FAULTS="write:EIO:often"))
     assert result.returncode != 0
     assert result.stderr.strip().count("\n") == 0 and "QCOWNBD_FAULTS" in result.stderr
     assert "Traceback" not in result.stderr
@@ -124,7 +121,7 @@ def test_failed_flush_then_successful_flush_is_durable(tmp_path, logged_server, 
     assert "Traceback" not in server.log
     if fmt == "qcow1":
         qcownbd_check(image)
-    got = qemu_raw_bytes(image, tmp_path / "got.raw", "qcow" if fmt == "qcow1" else "raw")
+    got = qemu_raw(image, tmp_path / "got.raw", "qcow" if fmt == "qcow1" else "raw")
     # the FUA write failed: each of its sectors may hold the old or the new bytes
     fua_got = got[7 * MiB:7 * MiB + len(fua_data)]
     assert_sectors_old_or_new(fua_got, bytes(len(fua_data)), fua_data)
@@ -226,7 +223,7 @@ class MaybeWritten:
 @pytest.mark.parametrize("backing", [False, True], ids=["plain", "backing"])
 def test_random_write_faults_keep_qcow1_consistent(tmp_path, logged_server, backing):
     """One pwrite/pwritev in five fails (data, new L2 tables, pointer commits alike)."""
-    image, before = make_image(tmp_path, backing, SIZE)
+    image, before = make_qcow1(tmp_path, backing, SIZE)
     switch = tmp_path / "faults-on"
     server = logged_server(f"d={image}",
                            env={"QCOWNBD_FAULTS": f"write:EIO:prob=0.2,seed=3,while={switch}"})
@@ -251,7 +248,7 @@ def test_random_write_faults_keep_qcow1_consistent(tmp_path, logged_server, back
     server.kill9()
     assert "Traceback" not in server.log
     qcownbd_check(image)
-    disk.check(qemu_raw_bytes(image, tmp_path / "got.raw"))
+    disk.check(qemu_raw(image, tmp_path / "got.raw"))
 
 
 @pytest.mark.parametrize("fmt", ["qcow1", "raw"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, qcownbd_cmd, run
+from helpers import REPO, qcownbd_cmd, qcownbd_env, qemu_io, run, wait_for
 from nbdclient import ERR_UNKNOWN, NbdClient
 from qcownbd.config import load_config, parse_config
 from qcownbd.errors import ConfigError
@@ -79,11 +79,6 @@ def expected_image(tmp_path: Path, golden, ident: str) -> Path:
     return raw
 
 
-def qemu_io(uri: str, *commands: str, check=True):
-    args = [arg for cmd in commands for arg in ("-c", cmd)]
-    return run(["qemu-io", "-f", "raw", *args, uri], timeout=60, check=check)
-
-
 def refused(port: int, name: str) -> str:
     """The GO refusal text for ``name`` (AssertionError if the server accepts it)."""
     try:
@@ -94,25 +89,16 @@ def refused(port: int, name: str) -> str:
     raise AssertionError(f"export {name!r} was accepted")
 
 
-def wait_for(predicate, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
-
-
 def test_overlays_are_isolated_and_qemu_reads_them(tmp_path, golden, qcownbd_server):
     before = sha256(golden[0])
     server = qcownbd_server("--config", write_config(tmp_path, golden))
     for ident, commands in WRITES.items():
-        qemu_io(server.uri(f"fleet/{ident}"), *commands)
+        qemu_io(server.uri(f"fleet/{ident}"), *commands, fmt="raw")
     # each client sees its own writes over the golden data, not the other's
     qemu_io(server.uri("fleet/a"), "read -P 0xaa 1M 64k", "read -P 0x11 1536k 4k",
-            "read -P 0 10M 4k", "read -P 0x33 10489856 4k", "read -P 0 4M 1M")
+            "read -P 0 10M 4k", "read -P 0x33 10489856 4k", "read -P 0 4M 1M", fmt="raw")
     qemu_io(server.uri("fleet/b"), "read -P 0xbb 1536k 4k", "read -P 0x11 1M 64k",
-            "read -P 0x33 10M 4k")
+            "read -P 0x33 10M 4k", fmt="raw")
     listing = run(["nbdinfo", "--list", "--json", server.uri()]).stdout
     exports = {e["export-name"]: e for e in json.loads(listing)["exports"]}
     assert list(exports) == ["fleet"], "overlays are not listed"
@@ -227,8 +213,7 @@ def test_info_creates_no_overlay_and_foreign_overlays_are_refused(tmp_path, gold
 
 
 def fleet_cli(*args, check=True):
-    result = run(qcownbd_cmd("fleet", *args), timeout=60, check=False,
-                 env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = run(qcownbd_cmd("fleet", *args), timeout=60, check=False, env=qcownbd_env())
     if check:
         assert result.returncode == 0, result.stderr
     else:
@@ -242,7 +227,7 @@ def test_cli_list_info_delete_commit(tmp_path, golden, qcownbd_server):
     config = write_config(tmp_path, golden)
     server = qcownbd_server("--config", config)
     for ident, commands in WRITES.items():
-        qemu_io(server.uri(f"fleet/{ident}"), *commands)
+        qemu_io(server.uri(f"fleet/{ident}"), *commands, fmt="raw")
     holder = NbdClient.connect(server.port, "fleet/a")
     rows = {r["overlay"]: r for r in json.loads(fleet_cli("list", config, "--json").stdout)}
     assert sorted(rows) == ["fleet/a", "fleet/b"]

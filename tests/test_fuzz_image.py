@@ -28,7 +28,7 @@ import tracemalloc
 
 import pytest
 
-from conftest import REPO, run
+from helpers import REPO, run
 from qcownbd.errors import ImageFormatError, ImageIOError
 from qcownbd.image.backend import Extent
 from qcownbd.image.probe import open_image

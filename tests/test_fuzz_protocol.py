@@ -24,10 +24,9 @@ import time
 
 import pytest
 
-from conftest import run
+from helpers import LoggedServer, qemu_compare, run
 from nbdclient import (OPT_EXPORT_NAME, OPT_EXTENDED, OPT_GO, OPT_SET_META, OPT_STRUCTURED,
                        go_payload, meta_payload, option, request)
-from robustness import LoggedServer
 
 MiB = 1 << 20
 LEGIT = "legit-export-7f3a9c"       # fuzzers never send this name
@@ -234,8 +233,7 @@ def fuzz_storm(tmp_path, seconds: float, threads: int) -> None:
     finally:
         server.stop()
     assert "Traceback" not in server.stderr, server.stderr[server.stderr.find("Traceback"):][:3000]
-    result = run(["qemu-img", "compare", "-f", "qcow", "-F", "raw", legit,
-                  tmp_path / "legit.ref"], check=False)
+    result = qemu_compare(legit, tmp_path / "legit.ref")
     assert result.returncode == 0, f"legit data damaged on disk {where}: {result.stdout}"
 
 

@@ -8,32 +8,19 @@ import subprocess
 
 import pytest
 
-from conftest import REPO, qcownbd_cmd, run
+from helpers import qcownbd_cmd, qcownbd_env, qemu_img, qemu_io, run
 
 pytestmark = pytest.mark.timeout(90)
 
 MiB = 1 << 20
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def qcownbd(*args, cwd=None, ok=True):
-    res = subprocess.run(qcownbd_cmd(*args), capture_output=True, text=True, timeout=60,
-                         env=ENV, cwd=cwd)
+    res = run(qcownbd_cmd(*args), timeout=60, check=False, env=qcownbd_env(), cwd=cwd)
     assert "Traceback" not in res.stderr, res.stderr
     if ok:
         assert res.returncode == 0, res.stderr
     return res
-
-
-def qemu_img(*args, cwd=None):
-    return run(["qemu-img", *args], timeout=60, cwd=cwd)
-
-
-def qemu_io(path, *cmds, fmt="qcow"):
-    args = ["qemu-io", "-f", fmt]
-    for cmd in cmds:
-        args += ["-c", cmd]
-    return run(args + [path], timeout=60)
 
 
 def mixed_raw(path, size=4 * MiB):
@@ -295,7 +282,8 @@ def test_convert_errors_leave_no_output(tmp_path, chain, unwritable_dir):
 def on_terminal(*args) -> tuple[int, bytes]:
     """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
     master, slave = pty.openpty()
-    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave, env=ENV)
+    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
+                            env=qcownbd_env())
     os.close(slave)
     output = b""
     while True:

@@ -2,16 +2,14 @@
 the request size cap, and the open-files limit the server raises for itself.
 """
 
-import os
 import resource
 import socket
 import struct
-import subprocess
 import time
 
 import pytest
 
-from conftest import REPO, QcownbdServer, free_port, qcownbd_cmd, run, wait_listening
+from helpers import QcownbdServer, raw_file, run
 from nbdclient import CMD_READ, CMD_WRITE, NBD_EINVAL, OPT_GO, NbdClient
 
 pytestmark = pytest.mark.timeout(120)
@@ -25,22 +23,12 @@ class LowFdServer(QcownbdServer):
 
     def __init__(self, *serve_args, soft: int):
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-        self.port = free_port()
-        self.args = ["serve", "--listen", f"127.0.0.1:{self.port}", *map(str, serve_args)]
-        self.proc = subprocess.Popen(
-            ["prlimit", f"--nofile={soft}:{hard}", *qcownbd_cmd(*self.args)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(REPO)})
-        wait_listening(self.port, self.proc)
+        super().__init__(*serve_args, launcher=["prlimit", f"--nofile={soft}:{hard}"])
 
 
 @pytest.fixture
 def image(tmp_path):
-    path = tmp_path / "d.raw"
-    with open(path, "wb") as file:
-        file.write(b"L" * 4096)
-        file.truncate(SIZE)
-    return path
+    return raw_file(tmp_path / "d.raw", b"L" * 4096, SIZE)
 
 
 def _open_files_limit(pid: int) -> tuple[str, str]:
@@ -85,7 +73,7 @@ def test_half_open_flood_does_not_starve_real_clients(image, tmp_path):
             assert time.monotonic() - started < 5
             early.send(early.request(CMD_READ, 0, 4, 1))
             assert early.simple_reply() == (0, 1) and early.recv(4) == b"LLLL"
-            fds = len(os.listdir(f"/proc/{server.proc.pid}/fd"))
+            fds = server.fd_count()
             assert fds < 64 + 40      # the negotiation budget, not the flood, bounds it
         finally:
             for sock in flood:

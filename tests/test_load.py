@@ -18,10 +18,9 @@ import time
 
 import pytest
 
-from conftest import run
+from helpers import LoggedServer, qemu_compare, run
 from nbdclient import (CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_WRITE, FLAG_FUA, AsyncNbdClient,
                        NbdClient)
-from robustness import LoggedServer
 
 MiB = 1 << 20
 CLIENTS = 64
@@ -103,7 +102,7 @@ def run_load(tmp_path, seconds: float) -> None:
     for export, image, fmt in (("q", qcow, "qcow"), ("r", raw, "raw")):
         ref = tmp_path / f"{export}.ref"
         ref.write_bytes(b"".join(refs[export][slot] for slot in sorted(refs[export])))
-        result = run(["qemu-img", "compare", "-f", fmt, "-F", "raw", image, ref], check=False)
+        result = qemu_compare(image, ref, fmt)
         assert result.returncode == 0, f"{export}: {result.stdout}{result.stderr}"
 
 

@@ -8,7 +8,7 @@ import tomllib
 
 import pytest
 
-from conftest import REPO, free_port, run, wait_listening
+from helpers import REPO, free_port, run, wait_listening
 
 SUBCOMMANDS = ("serve", "create", "info", "map", "check", "convert")
 

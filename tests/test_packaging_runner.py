@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, run
+from helpers import REPO, run
 
 RUN_SH = REPO / "tests" / "run.sh"
 

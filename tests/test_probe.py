@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from conftest import run
+from helpers import qemu_img, raw_file, read
 from qcownbd.errors import ImageFormatError
 from qcownbd.image.probe import identify, open_image
 
@@ -15,27 +15,10 @@ pytestmark = pytest.mark.timeout(60)
 KiB = 1024
 
 
-def qemu_img(*args):
-    return run(["qemu-img", *args], timeout=30)
-
-
 def overlay(path, backing_name, backing_fmt="raw", size="1M"):
     """A qemu-img-made QCOW1 overlay storing ``backing_name`` verbatim (-u: unchecked)."""
     qemu_img("create", "-f", "qcow", "-u", "-b", backing_name, "-F", backing_fmt, path, size)
     return path
-
-
-def raw_file(path, content=b"", size=1 << 20):
-    with open(path, "wb") as f:
-        f.write(content)
-        f.truncate(size)
-    return path
-
-
-def read(img, offset, length):
-    buf = bytearray(length)
-    img.read_into(offset, memoryview(buf))
-    return bytes(buf)
 
 
 def refused(path, match, **kwargs):

@@ -16,7 +16,7 @@ import struct
 
 import pytest
 
-from test_qcow1_helpers import open_image, read_all, run
+from helpers import make_qcow1, open_image, read_all
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -72,14 +72,8 @@ def _workload(image, log, ref: bytearray, seed: int, ops: int):
 
 
 def _record(tmp_path, monkeypatch, backing: bool, seed: int, ops: int):
-    img = str(tmp_path / "img.qcow")
-    if backing:
-        (tmp_path / "base.raw").write_bytes(random.Random(seed).randbytes(3 * MiB))
-        run(["qemu-img", "create", "-f", "qcow", "-b", "base.raw", "-F", "raw", img, "4M"])
-        ref = bytearray((tmp_path / "base.raw").read_bytes() + bytes(MiB))
-    else:
-        run(["qemu-img", "create", "-f", "qcow", img, "5M"])
-        ref = bytearray(5 * MiB)
+    # 4 MiB over a 3 MiB random base, or 5 MiB without one
+    img, ref = make_qcow1(tmp_path, backing, 4 * MiB if backing else 5 * MiB, seed)
     initial = open(img, "rb").read()
     image = open_image(img, read_only=False)
     log = IoLog(monkeypatch, image.fd)

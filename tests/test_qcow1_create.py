@@ -2,9 +2,9 @@
 
 import pytest
 
+from helpers import open_image, run
 from qcownbd.errors import ImageFormatError
 from qcownbd.image.qcow1 import create_qcow1
-from test_qcow1_helpers import open_image, run
 
 pytestmark = pytest.mark.timeout(60)
 SIZES = [512, 1000, 2 * 1024 * 1024, 2 * 1024 * 1024 + 512, 64 * 1024 * 1024, 10_000_000]

@@ -2,7 +2,7 @@
 
 Images are crafted with the §14 header packer.  Rows 24-30 (backing-name
 policy: json:, protocols, loops, depth, format pin) belong to probe.open_image
-and are tested with it; row 26's resolution is what `backing_opener_for` does.
+and are tested with it; row 26's resolution is what `backing_opener_for` (helpers) does.
 """
 
 import errno
@@ -14,10 +14,10 @@ from array import array
 
 import pytest
 
+from helpers import be64, compressed_entry, hdr, open_image, read_all, run
 from qcownbd.errors import ImageFormatError, ImageIOError
 from qcownbd.image import qcow1_check
 from qcownbd.image.qcow1 import Qcow1Image
-from test_qcow1_helpers import be64, compressed_entry, hdr, open_image, read_all, run
 
 pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
+from helpers import open_image, qemu_io, qemu_raw, read_all, run
 from qcownbd.image.backend import Extent
-from test_qcow1_helpers import open_image, qemu_raw, read_all, run
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,13 +28,6 @@ def _mixed_source(path, size, seed):
         total += n
     with open(path, "wb") as f:
         f.write(b"".join(parts)[:size])
-
-
-def _qemu_io(img, *cmds):
-    args = ["qemu-io", "-f", "qcow"]
-    for cmd in cmds:
-        args += ["-c", cmd]
-    run(args + [img])
 
 
 def _assert_reads_like_qemu(img, tmp_path, **open_kwargs):
@@ -58,8 +51,8 @@ def _assert_reads_like_qemu(img, tmp_path, **open_kwargs):
 def test_plain_image_written_by_qemu(tmp_path, size):
     img = str(tmp_path / "a.qcow")
     run(["qemu-img", "create", "-f", "qcow", img, size])
-    _qemu_io(img, "write -P 0xab 4096 10240", "write -P 0x11 1M 70000",
-             "write -P 0x5a 2093056 8192", "write -z 0 4096")
+    qemu_io(img, "write -P 0xab 4096 10240", "write -P 0x11 1M 70000",
+            "write -P 0x5a 2093056 8192", "write -z 0 4096")
     _assert_reads_like_qemu(img, tmp_path)
     _assert_reads_like_qemu(img, tmp_path, l2_cache_tables=2)
 
@@ -86,10 +79,10 @@ def test_backing_chain_raw_qcow1_qcow1(tmp_path):
     base.write_bytes(random.Random(1).randbytes(3 * 1024 * 1024 + 4096))
     mid = str(tmp_path / "bk" / "mid.qcow")
     run(["qemu-img", "create", "-f", "qcow", "-b", "base.raw", "-F", "raw", mid, "5M"])
-    _qemu_io(mid, "write -P 0x22 1000k 300k", "write -P 0x23 4M 4096")
+    qemu_io(mid, "write -P 0x22 1000k 300k", "write -P 0x23 4M 4096")
     top = str(tmp_path / "top.qcow")
     run(["qemu-img", "create", "-f", "qcow", "-b", "bk/mid.qcow", "-F", "qcow", top, "6M"])
-    _qemu_io(top, "write -P 0x33 1M 512", "write -P 0x34 5M 1M")
+    qemu_io(top, "write -P 0x33 1M 512", "write -P 0x34 5M 1M")
     _assert_reads_like_qemu(top, tmp_path)
     image = open_image(top)
     try:
@@ -121,7 +114,7 @@ def _status_at(extents, offset):
 def test_map_matches_qemu_img_map(tmp_path):
     img = str(tmp_path / "m.qcow")
     run(["qemu-img", "create", "-f", "qcow", img, "8M"])
-    _qemu_io(img, "write -P 1 0 12k", "write -P 2 2M 4k", "write -P 3 6M 100k")
+    qemu_io(img, "write -P 1 0 12k", "write -P 2 2M 4k", "write -P 3 6M 100k")
     qmap = json.loads(run(["qemu-img", "map", "--output=json", "-f", "qcow", img]).stdout)
     image = open_image(img)
     try:
@@ -140,7 +133,7 @@ def test_map_matches_qemu_img_map(tmp_path):
 def test_block_status_of_2tib_sparse_image_is_fast(tmp_path):
     img = str(tmp_path / "big.qcow")
     run(["qemu-img", "create", "-f", "qcow", img, "2T"])
-    _qemu_io(img, "write -P 9 1T 4k", "write -P 9 1536G 8k")
+    qemu_io(img, "write -P 9 1T 4k", "write -P 9 1536G 8k")
     image = open_image(img)
     try:
         started = time.monotonic()
@@ -160,7 +153,7 @@ def test_size_not_multiple_of_cluster_or_sector(tmp_path):
     """size 1 MiB + 512 and a 1000-byte header size: QEMU's floor-to-512 view."""
     img = str(tmp_path / "odd.qcow")
     run(["qemu-img", "create", "-f", "qcow", img, str(1024 * 1024 + 512)])
-    _qemu_io(img, "write -P 0x77 1048576 512", "write -P 0x78 1000 3000")
+    qemu_io(img, "write -P 0x77 1048576 512", "write -P 0x78 1000 3000")
     _assert_reads_like_qemu(img, tmp_path)
     with open(img, "r+b") as f:  # header size 1000 → a 512-byte disk
         f.seek(24)
@@ -211,7 +204,7 @@ def test_block_status_matches_qemu_nbd(tmp_path):
         f.write(b"y" * 100)
     img = str(tmp_path / "ov.qcow")
     run(["qemu-img", "create", "-f", "qcow", "-b", "b.raw", "-F", "raw", img, "4M"])
-    _qemu_io(img, "write -P 1 2M 4k", "write -P 2 0 512", "write -P 3 3M 1536")
+    qemu_io(img, "write -P 1 2M 4k", "write -P 2 0 512", "write -P 3 3M 1536")
     expected = _qemu_nbd_map(img, tmp_path / "s.sock")
     image = open_image(img)
     try:

@@ -8,8 +8,8 @@ import threading
 
 import pytest
 
+from helpers import open_image, qemu_compare, read_all, run
 from qcownbd.errors import ImageIOError
-from test_qcow1_helpers import open_image, qemu_compare, read_all, run
 
 pytestmark = pytest.mark.timeout(150)
 MiB = 1024 * 1024

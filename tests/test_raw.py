@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from conftest import run
+from helpers import raw_file, read, run
 from qcownbd.errors import ImageIOError
 from qcownbd.image.raw import RawImage
 
@@ -18,21 +18,9 @@ pytestmark = pytest.mark.timeout(60)
 MiB = 1 << 20
 
 
-def make_raw(path, size):
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
 def open_raw(path, read_only=False):
     fd = os.open(path, os.O_RDONLY if read_only else os.O_RDWR)
     return RawImage(fd, str(path), read_only=read_only)
-
-
-def read(img, offset, length):
-    buf = bytearray(length)
-    img.read_into(offset, memoryview(buf))
-    return bytes(buf)
 
 
 def kernel_map(path, length):
@@ -84,7 +72,7 @@ def qemu_data_runs(path):
 
 
 def test_reads_what_qemu_wrote_and_qemu_reads_what_we_wrote(tmp_path):
-    path = make_raw(tmp_path / "a.raw", 4 * MiB)
+    path = raw_file(tmp_path / "a.raw", size=4 * MiB)
     run(["qemu-io", "-f", "raw", "-c", "write -P 0xab 4095 10000", path], timeout=30)
     img = open_raw(path)
     assert img.size == 4 * MiB and img.format_name == "raw"
@@ -100,7 +88,7 @@ def test_reads_what_qemu_wrote_and_qemu_reads_what_we_wrote(tmp_path):
 
 
 def test_zeroes_and_trim_punch_holes_or_allocate(tmp_path):
-    path = make_raw(tmp_path / "z.raw", 2 * MiB)
+    path = raw_file(tmp_path / "z.raw", size=2 * MiB)
     img = open_raw(path)
     img.write(0, b"\x55" * (2 * MiB))
     img.write_zeroes(65536, 131072)                      # may_trim: a hole
@@ -124,7 +112,7 @@ def test_zeroes_and_trim_punch_holes_or_allocate(tmp_path):
 
 
 def test_block_status_matches_seek_data_and_qemu_map(tmp_path):
-    path = make_raw(tmp_path / "s.raw", 8 * MiB + 512)
+    path = raw_file(tmp_path / "s.raw", size=8 * MiB + 512)
     rng = random.Random(4)
     img = open_raw(path)
     for _ in range(40):
@@ -153,7 +141,7 @@ def test_fast_zero_refused_where_only_writes_would_do(tmp_path):
     # leaving a hole costs real writes there, so fast must say ENOTSUP untouched
     if not os.path.isdir("/dev/shm"):
         pytest.skip("no /dev/shm")
-    path = make_raw(f"/dev/shm/qcownbd-test-{os.getpid()}.raw", MiB)
+    path = raw_file(f"/dev/shm/qcownbd-test-{os.getpid()}.raw", size=MiB)
     try:
         img = open_raw(path)
         img.write(0, b"\x77" * MiB)
@@ -171,7 +159,7 @@ def test_fast_zero_refused_where_only_writes_would_do(tmp_path):
 
 
 def test_read_only_refuses_changes_and_errors_carry_errno(tmp_path):
-    path = make_raw(tmp_path / "ro.raw", MiB)
+    path = raw_file(tmp_path / "ro.raw", size=MiB)
     img = open_raw(path, read_only=True)
     assert img.read_only and not img.can_trim and not img.can_fast_zero
     for call in (lambda: img.write(0, b"x"), lambda: img.trim(0, 512),
@@ -187,7 +175,7 @@ def test_read_only_refuses_changes_and_errors_carry_errno(tmp_path):
 
 
 def test_file_shrunk_under_us_reads_zeros_and_flush_from_thread(tmp_path):
-    path = make_raw(tmp_path / "t.raw", MiB)
+    path = raw_file(tmp_path / "t.raw", size=MiB)
     img = open_raw(path)
     img.write(0, b"\x01" * MiB)
     os.truncate(path, 4096)
@@ -213,7 +201,7 @@ def test_file_shrunk_under_us_reads_zeros_and_flush_from_thread(tmp_path):
 
 @pytest.fixture
 def loop_device(tmp_path):
-    backing = make_raw(tmp_path / "loop.img", 4 * MiB)
+    backing = raw_file(tmp_path / "loop.img", size=4 * MiB)
     res = subprocess.run(["losetup", "-f", "--show", str(backing)],
                          capture_output=True, text=True, timeout=20)
     if res.returncode != 0:

@@ -16,9 +16,9 @@ import threading
 import time
 
 import pytest
-from conftest import run
-from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 
+from helpers import run
+from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import Qcow1Image
 from qcownbd.nbd import output

@@ -7,11 +7,10 @@ oracle.
 
 import json
 import os
-import signal
 
 import pytest
 
-from conftest import run
+from helpers import qemu_io, run
 
 SIZE = 64 * 1024 * 1024
 QEMU_FMT = {"raw": "raw", "qcow1": "qcow"}
@@ -23,12 +22,10 @@ pytestmark = pytest.mark.timeout(120)
 each_format = pytest.mark.parametrize("fmt", ["raw", "qcow1"])
 
 
-def qemu_io(fmt, path, *commands, timeout=60):
-    """Run qemu-io commands on an image (a file or an nbd:// URI)."""
-    args = ["qemu-io", "-f", QEMU_FMT[fmt] if not str(path).startswith("nbd:") else "raw"]
-    for command in commands:
-        args += ["-c", command]
-    result = run(args + [path], timeout=timeout)
+def qemu_io_clean(fmt, path, *commands):
+    """Run qemu-io commands on an image (a file or an nbd:// URI); no error in its output."""
+    result = qemu_io(path, *commands,
+                     fmt=QEMU_FMT[fmt] if not str(path).startswith("nbd:") else "raw")
     assert "error" not in result.stdout.lower() and "fail" not in result.stdout.lower(), result.stdout
     return result
 
@@ -41,14 +38,8 @@ def make_image(tmp_path, fmt, name="disk", layout=LAYOUT, backing=None):
         args += ["-b", backing[0], "-F", QEMU_FMT[backing[1]]]
     run(args + [path, str(SIZE)])
     if layout:
-        qemu_io(fmt, path, *layout)
+        qemu_io_clean(fmt, path, *layout)
     return path
-
-
-def stop(server, sig=signal.SIGTERM, timeout=20):
-    """Signal a server and return its exit status (the fixture still cleans up)."""
-    server.proc.send_signal(sig)
-    return server.proc.wait(timeout)
 
 
 def direct_map(fmt, path):
@@ -120,7 +111,7 @@ def test_nbdinfo_can_every_flag(fmt, tmp_path, qcownbd_server):
 @each_format
 def test_map_over_nbd_matches_qemu_reading_the_image(fmt, tmp_path, qcownbd_server):
     image = make_image(tmp_path, fmt)
-    qemu_io(fmt, image, "write -z 8M 1M", "discard 20M 1M")
+    qemu_io_clean(fmt, image, "write -z 8M 1M", "discard 20M 1M")
     server = qcownbd_server(f"d={image}")
     direct = merged([(e["start"], e["length"], (e["zero"], e["data"]))
                      for e in direct_map(fmt, image)])
@@ -160,7 +151,7 @@ def test_nbdcopy_both_directions_multi_conn(fmt, tmp_path, qcownbd_server):
     back = tmp_path / "back.bin"
     run(["nbdcopy", "-C", "4", server.uri("d"), back])
     assert back.read_bytes() == source.read_bytes()
-    assert stop(server) == 0
+    assert server.stop() == 0
     run(["qemu-img", "compare", "-f", QEMU_FMT[fmt], "-F", "raw", image, source])
 
 
@@ -187,11 +178,12 @@ def test_qemu_io_unaligned_patterns_match_reference(fmt, tmp_path, qcownbd_serve
               "aio_write -P 0xd4 5000000 4097", "aio_write -P 0xe5 5010000 9000", "aio_flush",
               "write -f -P 0xf6 67100000 8864"]
     server = qcownbd_server(f"d={image}")
-    qemu_io("raw", server.uri("d"), *script, "read -P 0xa1 1000 5000", "read -P 0 300001 70000",
-            "read -P 0xf6 67100000 8864", "read -P 0xe5 5010000 9000")
-    qemu_io("raw", reference, *script)
+    qemu_io_clean("raw", server.uri("d"), *script, "read -P 0xa1 1000 5000",
+                  "read -P 0 300001 70000", "read -P 0xf6 67100000 8864",
+                  "read -P 0xe5 5010000 9000")
+    qemu_io_clean("raw", reference, *script)
     run(["qemu-img", "compare", "-f", "raw", reference, server.uri("d")])
-    assert stop(server) == 0
+    assert server.stop() == 0
     run(["qemu-img", "compare", "-f", QEMU_FMT[fmt], "-F", "raw", image, reference])
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import run
+from helpers import run
 from qcownbd.config import ExportConfig, load_config, parse_config, parse_listen
 from qcownbd.errors import ConfigError
 from qcownbd.exports import ExportRegistry

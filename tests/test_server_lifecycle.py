@@ -9,13 +9,12 @@ from array import array
 
 import pytest
 
-from conftest import QcownbdServer, free_port, qcownbd_cmd, run, REPO
+from helpers import QcownbdServer, first_byte, free_port, qcownbd_cmd, qcownbd_env, run
 from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from qcownbd.image.qcow1_header import create_qcow1, read_header
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 8 * 1024 * 1024
-ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 
 
 def raw_image(tmp_path, name="d", byte=0x42):
@@ -28,33 +27,19 @@ def raw_image(tmp_path, name="d", byte=0x42):
 
 def serve_fails(*args) -> subprocess.CompletedProcess:
     """Run `qcownbd serve ARGS` expecting it to exit by itself."""
-    return subprocess.run(qcownbd_cmd("serve", *args), capture_output=True, text=True,
-                          timeout=20, env=ENV)
-
-
-def stop(server, sig=signal.SIGTERM) -> int:
-    """Signal a fixture's server, wait, keep its log in ``server.log``; returns the exit status."""
-    server.proc.send_signal(sig)
-    status = server.proc.wait(20)
-    server.log = server.proc.stderr.read()
-    return status
+    return run(qcownbd_cmd("serve", *args), timeout=20, check=False, env=qcownbd_env())
 
 
 def can_connect(server, export) -> bool:
     return run(["nbdinfo", "--size", server.uri(export)], check=False).returncode == 0
 
 
-def first_byte(port, export=b"d") -> bytes:
-    with NbdClient.connect(port, export) as client:
-        return client.read(0, 1)
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_with_exit_0_and_logs_connections(sig, tmp_path, qcownbd_server):
     server = qcownbd_server(f"d={raw_image(tmp_path)}")
     run(["nbdinfo", server.uri("d")])
-    assert stop(server, sig) == 0
-    closed = [line for line in server.log.splitlines() if "closed export=d" in line]
+    assert server.stop(sig) == 0
+    closed = [line for line in server.stderr.splitlines() if "closed export=d" in line]
     assert len(closed) == 1 and "requests=" in closed[0] and "errors=0" in closed[0]
 
 
@@ -128,8 +113,8 @@ def test_broken_config_export_is_refused_while_others_serve(tmp_path, qcownbd_se
                       f'[exports.broken]\npath = "{tmp_path / "nothing.raw"}"\n')
     server = qcownbd_server("--config", config)
     assert can_connect(server, "good") and not can_connect(server, "broken")
-    assert stop(server) == 0
-    assert "nothing.raw" in server.log
+    assert server.stop() == 0
+    assert "nothing.raw" in server.stderr
 
 
 def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
@@ -149,7 +134,7 @@ def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
     assert first_byte(server.port, b"two") == b"2"
     old_client.send(old_client.request(CMD_READ, 0, 1, 7))
     assert old_client.simple_reply() == (0, 7) and old_client.recv(1) == b"1"
-    assert stop(server) == 0
+    assert server.stop() == 0
 
 
 def fully_mapped_qcow1(path, size: int) -> None:
@@ -215,7 +200,7 @@ def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_s
     assert run(["nbdinfo", "--size", server.uri("big")]).stdout.strip() == str(4 << 30)
     worst = max(latencies)
     assert worst < opened_after / 8, f"a READ took {worst:.2f}s; opening took {opened_after:.2f}s"
-    assert stop(server) == 0
+    assert server.stop() == 0
 
 
 def test_unix_socket(tmp_path):
@@ -235,7 +220,7 @@ def test_demo_creates_and_serves_a_qcow1_image(tmp_path, qcownbd_server):
                   "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
                   "sys.stdout.write(h.pread(17, 0).decode())", server.uri("demo")]).stdout
     assert banner == "qcownbd demo disk"
-    assert stop(server) == 0
+    assert server.stop() == 0
     image = tmp_path / "qcownbd" / "demo.qcow"
     info = run(["qemu-img", "info", "--output=json", image]).stdout
     assert '"format": "qcow"' in info and '"virtual-size": 67108864' in info

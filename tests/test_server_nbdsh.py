@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from conftest import run
+from helpers import run
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 16 * 1024 * 1024

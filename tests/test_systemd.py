@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, free_port, qcownbd_cmd, run, wait_listening
+from helpers import REPO, free_port, qcownbd_cmd, raw_file, run, stop_process, wait_listening
 from qcownbd.config import ExportConfig, ServerConfig, load_config
 from qcownbd.fleet import FleetConfig
 
@@ -107,11 +107,8 @@ def test_example_config_loads_and_documents_every_option():
 @pytest.fixture
 def raw_image(tmp_path):
     """A raw image with a recognisable first sector."""
-    path = tmp_path / "disk.raw"
-    with open(path, "wb") as f:
-        f.write(b"qcownbd socket activation".ljust(512, b"."))
-        f.truncate(IMAGE_SIZE)
-    return path
+    return raw_file(tmp_path / "disk.raw", b"qcownbd socket activation".ljust(512, b"."),
+                    IMAGE_SIZE)
 
 
 def listening_tcp_ports(pid: int) -> set[int]:
@@ -144,15 +141,9 @@ def start_activated(listen: str, *serve_args) -> subprocess.Popen:
 
 def stop(proc: subprocess.Popen) -> int:
     """SIGTERM and wait; the exit status."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    status = stop_process(proc)
     proc.stderr.close()
-    return proc.returncode
+    return status
 
 
 @pytest.mark.timeout(90)

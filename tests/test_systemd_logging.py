@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 
 # cli.setup_logging reconfigures the root logger, so it runs in a child
 # process rather than inside pytest's own logging capture.

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 from qcownbd import systemd
 
 # Runs in a child so that fd 3 and the environment are its own: puts a

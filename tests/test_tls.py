@@ -9,13 +9,12 @@ ahead of the TLS handshake, state surviving the restart).
 import os
 import signal
 import ssl
-import subprocess
 import time
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import qcownbd_cmd, run
+from helpers import qcownbd_cmd, qcownbd_env, run, wait_for
 from nbdclient import (CMD_READ, ERR_INVALID, ERR_POLICY, ERR_TLS_REQD, OPT_ABORT,
                        OPT_EXPORT_NAME, OPT_GO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED, REP_ACK,
                        NbdClient, go_payload, option)
@@ -172,17 +171,8 @@ def test_tls_on_serves_plain_and_tls_clients_without_client_certs(pki, image, qc
 
 def _trusted_by(server, certs) -> bool:
     """Whether an nbds:// client trusting the CA in ``certs`` completes the handshake."""
-    return subprocess.run(["nbdinfo", "--size", nbds(server, "d", certs)], capture_output=True,
-                          timeout=30).returncode == 0
-
-
-def _eventually(predicate, seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
+    return run(["nbdinfo", "--size", nbds(server, "d", certs)], timeout=30,
+               check=False).returncode == 0
 
 
 def test_sighup_rereads_the_certificate_files(pki, image, tmp_path, qcownbd_server):
@@ -197,7 +187,7 @@ def test_sighup_rereads_the_certificate_files(pki, image, tmp_path, qcownbd_serv
     cert.write_bytes((pki.root / "rotated-cert.pem").read_bytes())
     key.write_bytes((pki.root / "rotated-key.pem").read_bytes())
     server.proc.send_signal(signal.SIGHUP)
-    assert _eventually(lambda: _trusted_by(server, pki.untrusting))
+    assert wait_for(lambda: _trusted_by(server, pki.untrusting))
     assert not _trusted_by(server, pki.nocert)
     key.write_text("not a key\n")
     server.proc.send_signal(signal.SIGHUP)
@@ -262,10 +252,8 @@ def test_starttls_refused_when_tls_is_off(image, qcownbd_server):
      "cannot load TLS certificate /nonexistent/c.pem"),
 ])
 def test_bad_tls_settings_are_one_line_errors(args, message, image):
-    result = subprocess.run(qcownbd_cmd("serve", "--listen", "127.0.0.1:1", *args, f"d={image}"),
-                            capture_output=True, text=True, timeout=30,
-                            env={**os.environ, "PYTHONPATH": str(os.path.dirname(
-                                os.path.dirname(os.path.abspath(__file__))))})
+    result = run(qcownbd_cmd("serve", "--listen", "127.0.0.1:1", *args, f"d={image}"),
+                 timeout=30, check=False, env=qcownbd_env())
     assert result.returncode != 0
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -14,10 +14,9 @@ import subprocess
 
 import pytest
 
-from conftest import run
+from helpers import run
 from vm import Guest
 from vm.disks import ROOT_INIT, debugfs_cat, fsck_clean, make_ext4, root_tree, to_qcow1, to_raw
-from vm.server import stop_server
 
 pytestmark = pytest.mark.vm
 
@@ -68,7 +67,7 @@ def test_four_guests_boot_from_one_golden_image(vm_kit, qcownbd_server, tmp_path
         result = again.wait(60).check()
     assert result.markers("QCOWNBD-ROOT-MARKER") == [marker_line("vm3", 2)], result.output
 
-    status, log = stop_server(server)
+    status, log = server.stop(), server.stderr
     assert status == 0 and "Traceback" not in log, log
     assert hashlib.sha256(golden.read_bytes()).hexdigest() == golden_sha
     golden_raw = to_raw(golden, tmp_path / "golden-after.raw")

@@ -13,10 +13,9 @@ import uuid
 
 import pytest
 
-from conftest import free_port, run, wait_listening
+from helpers import free_port, qemu_io, raw_file, run, wait_listening
 from vm import boot, nbd_address
 from vm.disks import debugfs_cat, fsck_clean, to_raw
-from vm.server import stop_server
 
 pytestmark = pytest.mark.vm
 
@@ -99,9 +98,7 @@ VARIANTS = ["netlink-single", "netlink-multi", "ioctl-single", "ioctl-multi",
 @pytest.fixture
 def failing_server(tmp_path):
     """nbdkit serving a scratch file with every write failing (EIO)."""
-    scratch = tmp_path / "scratch.raw"
-    with open(scratch, "wb") as sparse:
-        sparse.truncate(64 << 20)
+    scratch = raw_file(tmp_path / "scratch.raw", size=64 << 20)
     port = free_port()
     log = open(tmp_path / "nbdkit.log", "w")  # a file: injected errors are logged
     proc = subprocess.Popen(
@@ -118,17 +115,13 @@ def failing_server(tmp_path):
         log.close()
 
 
-def qemu_io_read(image, *commands) -> subprocess.CompletedProcess:
-    """Run qemu-io read commands on a QCOW1 image without writing to it."""
-    args = [arg for command in commands for arg in ("-c", command)]
-    return run(["qemu-io", "-f", "qcow", "-r", *args, image], timeout=60, check=False)
-
-
 def host_checks(image, raw):
     """What the guest wrote, seen through QEMU and e2fsprogs."""
-    done = qemu_io_read(image, "read -P 0xa5 56M 1M", "read -P 0x5a 58M 4M")
+    done = qemu_io(image, "read -P 0xa5 56M 1M", "read -P 0x5a 58M 4M", read_only=True,
+                   check=False)
     assert done.returncode == 0 and "verification failed" not in done.stdout, done.stdout
-    wrong = qemu_io_read(image, "read -P 0x5a 56M 1M")  # host-side negative control
+    # host-side negative control
+    wrong = qemu_io(image, "read -P 0x5a 56M 1M", read_only=True, check=False)
     assert "verification failed" in wrong.stdout, wrong.stdout
     to_raw(image, raw)
     fsck_clean(raw)
@@ -151,7 +144,7 @@ def test_kernel_client_variants_on_qcow1(vm_kit, qcownbd_server, failing_server,
                   nbd_ports=[server.port, failing_server]).check()
 
     assert [line.split()[0] for line in result.markers("QCOWNBD-OK")] == VARIANTS
-    status, log = stop_server(server)
+    status, log = server.stop(), server.stderr
     assert status == 0 and "Traceback" not in log, log
     busybox = host_checks(image, tmp_path / "disk.raw")
     assert busybox == vm_kit.busybox.read_bytes()

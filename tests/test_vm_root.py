@@ -11,10 +11,9 @@ import secrets
 
 import pytest
 
-from conftest import run
+from helpers import run
 from vm import boot
 from vm.disks import ROOT_INIT, debugfs_cat, fsck_clean, make_ext4, root_tree, to_qcow1, to_raw
-from vm.server import stop_server
 
 pytestmark = pytest.mark.vm
 
@@ -51,7 +50,7 @@ def test_guest_boots_from_qcow1_export(vm_kit, qcownbd_server, root_image, tmp_p
 
     expected = f"id={identity} root={DEVICE[client]} pid=1 boots=1"
     assert result.markers("QCOWNBD-ROOT-MARKER") == [expected], result.output
-    status, log = stop_server(server)
+    status, log = server.stop(), server.stderr
     assert status == 0 and "Traceback" not in log, log
     raw = to_raw(root_image, tmp_path / "root-after.raw")
     fsck_clean(raw)

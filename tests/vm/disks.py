@@ -7,6 +7,8 @@ work on image files directly.
 import subprocess
 from pathlib import Path
 
+from helpers import run
+
 from .initramfs import GuestKit
 
 # /sbin/init of a guest root filesystem: record who booted, from which device,
@@ -28,11 +30,6 @@ poweroff -f
 """
 
 
-def _run(cmd, timeout=120) -> subprocess.CompletedProcess:
-    return subprocess.run([str(c) for c in cmd], capture_output=True, timeout=timeout,
-                          check=True)
-
-
 def make_ext4(path: Path, size_mb: int, *, uuid: str, tree: Path | None = None) -> Path:
     """A raw ext4 image file (optionally filled from directory `tree`), fixed UUID.
 
@@ -42,7 +39,7 @@ def make_ext4(path: Path, size_mb: int, *, uuid: str, tree: Path | None = None) 
     cmd = ["mke2fs", "-q", "-F", "-t", "ext4", "-U", uuid, "-E", f"hash_seed={uuid}"]
     if tree is not None:
         cmd += ["-d", tree]
-    _run(cmd + [path, f"{size_mb}M"])
+    run(cmd + [path, f"{size_mb}M"])
     return path
 
 
@@ -53,7 +50,7 @@ def root_tree(kit: GuestKit, tree: Path, init_script: str = ROOT_INIT) -> Path:
         (tree / directory).mkdir(parents=True, exist_ok=True)
     (tree / "bin" / "busybox").write_bytes(kit.busybox.read_bytes())
     (tree / "bin" / "busybox").chmod(0o755)
-    applets = _run([kit.busybox, "--list-full"]).stdout.decode().split()
+    applets = run([kit.busybox, "--list-full"]).stdout.split()
     for applet in applets:
         link = tree / applet
         if not link.exists() and not link.is_symlink():
@@ -67,13 +64,13 @@ def root_tree(kit: GuestKit, tree: Path, init_script: str = ROOT_INIT) -> Path:
 
 def to_qcow1(raw: Path, qcow: Path) -> Path:
     """Convert a raw image to QCOW1 with QEMU."""
-    _run(["qemu-img", "convert", "-f", "raw", "-O", "qcow", raw, qcow])
+    run(["qemu-img", "convert", "-f", "raw", "-O", "qcow", raw, qcow])
     return qcow
 
 
 def to_raw(image: Path, raw: Path, fmt: str = "qcow") -> Path:
     """Read an image back into a raw file with QEMU (the independent reader)."""
-    _run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw])
+    run(["qemu-img", "convert", "-f", fmt, "-O", "raw", image, raw])
     return raw
 
 
