@@ -4,10 +4,10 @@ Seed images are made by qemu-img/qemu-io (plain, with a raw backing file,
 compressed).  Mutants flip bytes and plant hostile u64 values (0, 1, bit 63,
 bit 62, EOF, the header's or the L1's offset, another entry: aliasing) in
 the header, L1 and L2 tables, truncate or extend the file; the §12 corpus of
-test_qcow1_hostile joins them.  A worker subprocess (RLIMIT_AS capped, an
-alarm per image) opens each one read-only and read-write, reads every
-allocated byte and, when the read-write open is accepted, writes, reopens
-and reads back.  Proved: only ImageFormatError/ImageIOError ever escape
+hostile_qcow1 joins them.  A worker subprocess (image_fuzz_worker.py,
+RLIMIT_AS capped, an alarm per image) opens each one read-only and
+read-write, reads every allocated byte and, when the read-write open is
+accepted, writes, reopens and reads back.  Proved: only ImageFormatError/ImageIOError ever escape
 (with one-line messages), nothing hangs, the traced Python allocation per
 image stays within a constant plus a few times the file size, and an image
 that passed the read-write scan is still accepted, with our data, after we
@@ -19,35 +19,25 @@ import os
 import random
 import resource
 import shutil
-import signal
 import struct
-import subprocess
 import sys
-import traceback
-import tracemalloc
+from pathlib import Path
 
 import pytest
 
-from helpers import REPO, run
-from qcownbd.errors import ImageFormatError, ImageIOError
-from qcownbd.image.backend import Extent
-from qcownbd.image.probe import open_image
+from helpers import qcownbd_env, qemu_io, run
+from hostile_qcow1 import MAPPINGS, OPEN_ERRORS
 
 MiB = 1 << 20
 HOSTILE_U64 = [0, 1, 512, 4096, 8193, 1 << 62, 1 << 63, (1 << 63) | 4096, (1 << 64) - 1,
                1 << 40, 48, 8]
-PER_IMAGE_SECONDS = 10
-MEMORY_CONSTANT = 24 * MiB     # L2 cache (64 × 64 KiB), inflate cache, read buffers
-READ_CAP = 64 * MiB            # bytes read per image at most (virtual sizes can be huge)
+WORKER = Path(__file__).with_name("image_fuzz_worker.py")
 
 
 # ----------------------------------------------------------- seed images
 
 def seed_images(work) -> dict[str, bytes]:
     """Valid images made by QEMU: plain, with backing, compressed."""
-    def qemu_io(image, *cmds, fmt="qcow"):
-        run(["qemu-io", "-f", fmt, *[arg for c in cmds for arg in ("-c", c)], image])
-
     plain = work / "plain.qcow"
     run(["qemu-img", "create", "-f", "qcow", plain, "6M"])
     qemu_io(plain, "write -P 0x11 0 70k", "write -P 0x22 2M 4k", "write -P 0x33 5M 100k")
@@ -103,110 +93,8 @@ def mutate(rnd, image: bytes) -> tuple[bytes, str]:
 
 
 def hostile_corpus() -> dict[str, bytes]:
-    """The §12 images of test_qcow1_hostile (open errors and hostile mappings)."""
-    from test_qcow1_hostile import MAPPINGS, OPEN_ERRORS
+    """The §12 images of hostile_qcow1 (open errors and hostile mappings)."""
     return {f"s12-{case[0]}": case[1] for case in OPEN_ERRORS + MAPPINGS}
-
-
-# ----------------------------------------------------------- the worker
-
-class Hang(Exception):
-    """An image took longer than PER_IMAGE_SECONDS."""
-
-
-def _on_alarm(_signum, _frame):
-    raise Hang()
-
-
-def read_everything(img) -> None:
-    """Read every allocated extent (and the first MiB), up to READ_CAP; EIO is fine."""
-    buf, pos, done = memoryview(bytearray(MiB)), 0, 0
-    while pos < img.size and done < READ_CAP:
-        try:
-            extents = img.block_status(pos, img.size - pos)
-        except ImageIOError:
-            extents = None
-        if not extents:   # no map: read plainly, a MiB at a time
-            extents = [Extent(min(MiB, img.size - pos), False, False, 1)]
-        for ext in extents:
-            assert ext.length > 0, "empty extent"
-            if not ext.hole or pos < MiB:
-                for at in range(pos, pos + min(ext.length, READ_CAP - done), MiB):
-                    step = min(MiB, pos + ext.length - at)
-                    try:
-                        img.read_into(at, buf[:step])
-                    except ImageIOError:
-                        pass
-                    done += step
-            pos += ext.length
-
-
-def write_and_reopen(path: str, img) -> None:
-    """Write three pieces, close, reopen read-write and read them back."""
-    rnd = random.Random(path)
-    pieces = []
-    for third in range(3):
-        length = min(5000, img.size // 3)
-        offset = rnd.randrange(third * (img.size // 3), (third + 1) * (img.size // 3) - length + 1)
-        data = rnd.randbytes(length)
-        img.write(offset, data)
-        pieces.append((offset, data))
-    img.flush()
-    img.close()
-    again = open_image(path, read_only=False, allowed_backing_dirs=[os.path.dirname(path)])
-    try:
-        for offset, data in pieces:
-            got = bytearray(len(data))
-            again.read_into(offset, memoryview(got))
-            assert got == data, f"our write at {offset} did not read back"
-    finally:
-        again.close()
-
-
-def probe_one(path: str, read_only: bool) -> str:
-    """'ok', 'ImageFormatError: ...' / 'ImageIOError: ...', or 'BAD ...'."""
-    signal.alarm(PER_IMAGE_SECONDS)
-    try:
-        img = open_image(path, read_only=read_only, allowed_backing_dirs=[os.path.dirname(path)])
-        try:
-            read_everything(img)
-            if not read_only:
-                write_and_reopen(path, img)
-        finally:
-            img.close()
-        return "ok"
-    except (ImageFormatError, ImageIOError) as exc:
-        text = f"{type(exc).__name__}: {exc}"
-        return f"BAD multi-line message {text!r}" if "\n" in str(exc) else text
-    except Hang:
-        return f"BAD hang (> {PER_IMAGE_SECONDS} s)"
-    except BaseException:  # noqa: B036 - everything else is the bug we look for
-        return "BAD " + traceback.format_exc(limit=-6)
-    finally:
-        signal.alarm(0)
-
-
-def worker(directory: str) -> None:
-    """Probe every *.img in ``directory``; one JSON line per image on stdout."""
-    signal.signal(signal.SIGALRM, _on_alarm)
-    tracemalloc.start(1)
-    for name in sorted(os.listdir(directory)):
-        if not name.endswith(".img"):
-            continue
-        path = os.path.join(directory, name)
-        original = open(path, "rb").read()
-        outcomes = {}
-        for read_only in (True, False):
-            with open(path, "wb") as f:
-                f.write(original)
-            tracemalloc.reset_peak()
-            base = tracemalloc.get_traced_memory()[0]
-            outcome = probe_one(path, read_only)
-            peak = tracemalloc.get_traced_memory()[1] - base
-            if peak > MEMORY_CONSTANT + 4 * len(original):
-                outcome = f"BAD allocated {peak} bytes for a {len(original)}-byte file ({outcome})"
-            outcomes["ro" if read_only else "rw"] = outcome
-        print(json.dumps({"name": name, **outcomes}), flush=True)
 
 
 def _limit_memory():
@@ -216,11 +104,8 @@ def _limit_memory():
 def run_worker(directory, timeout: float) -> list[dict]:
     """The worker in a subprocess with a 1 GiB address-space cap and a time bound."""
     count = len([n for n in os.listdir(directory) if n.endswith(".img")])
-    code = f"import test_fuzz_image as t; t.worker({str(directory)!r})"
-    env = {**os.environ, "PYTHONPATH": f"{REPO / 'tests'}:{REPO}"}
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=env, timeout=timeout,
-                          preexec_fn=_limit_memory, cwd=directory)
+    proc = run([sys.executable, WORKER, directory], timeout=timeout, check=False,
+               env=qcownbd_env(), preexec_fn=_limit_memory, cwd=directory)
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert proc.returncode == 0 and len(results) == count, \
         f"worker died ({proc.returncode}) after {len(results)} of {count}: {proc.stderr[-3000:]}"
