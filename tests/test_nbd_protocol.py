@@ -133,15 +133,29 @@ def test_status_descriptors_merge_per_context():
     assert protocol.status_descriptors(extents, "qemu:allocation-depth") == [(10, 0), (12, 1)]
 
 
-@pytest.mark.parametrize("exc, wire", [
-    (ImageIOError(errno.ENOSPC), 28), (ImageIOError(errno.EPERM), 1),
-    (ImageIOError(errno.EOPNOTSUPP), 95), (OSError(errno.EIO, "x"), 5),
-    (OSError(errno.EDQUOT, "x"), 28), (ImageIOError(errno.ENOENT), 5),
-    (ValueError("bug"), 5), (MemoryError(), 12), (ImageIOError(errno.EOVERFLOW), 75),
-    (ImageIOError(errno.EINVAL), 22), (ImageIOError(errno.ESHUTDOWN), 108),
+FAST_ZERO, DF = 1 << 4, 1 << 2
+
+
+@pytest.mark.parametrize("exc, flags, wire", [
+    (ImageIOError(errno.ENOSPC), 0, 28), (ImageIOError(errno.EPERM), 0, 1),
+    (ImageIOError(errno.EOPNOTSUPP), FAST_ZERO, 95), (OSError(errno.EIO, "x"), 0, 5),
+    (OSError(errno.EDQUOT, "x"), 0, 28), (ImageIOError(errno.ENOENT), 0, 5),
+    (ValueError("bug"), 0, 5), (MemoryError(), 0, 12), (ImageIOError(errno.EOVERFLOW), DF, 75),
+    (ImageIOError(errno.EINVAL), 0, 22), (ImageIOError(errno.ESHUTDOWN), 0, 108),
+    # nbdkit's rule: ENOTSUP only answers FAST_ZERO, EOVERFLOW only DF; else EINVAL
+    (ImageIOError(errno.ENOTSUP), 0, 22), (ImageIOError(errno.EOPNOTSUPP), DF, 22),
+    (ImageIOError(errno.EOVERFLOW), 0, 22), (OSError(errno.EOVERFLOW, "x"), FAST_ZERO, 22),
 ])
-def test_nbd_error_code(exc, wire):
-    assert protocol.nbd_error_code(exc) == wire
+def test_nbd_error_code(exc, flags, wire):
+    assert protocol.nbd_error_code(exc, flags) == wire
+
+
+def test_client_messages_name_no_host_path():
+    assert protocol.client_message(ImageIOError(errno.ENOSPC, "/srv/x.raw: write failed")) \
+        == "No space left on device"
+    assert protocol.client_message(OSError(errno.EIO, "Input/output error", "/srv/x")) \
+        == "Input/output error"
+    assert protocol.client_message(KeyError("/srv/x")) == "internal error"
 
 
 # ------------------------------------------------------------ negotiation

@@ -2,7 +2,8 @@
 
 The connection reads an option, hands it to `Negotiation.option`, sends the
 replies it gets back and does what the result's action says.  Tests drive
-it with bytes alone.
+it with bytes alone.  What was agreed when transmission starts is one small
+value, the `Session`.
 """
 
 from dataclasses import dataclass, field
@@ -25,6 +26,18 @@ class Action(Enum):
     TRANSMIT = "transmit"
     CLOSE = "close"
     STARTTLS = "starttls"
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a client agreed before transmission: the state its requests are served in."""
+
+    export_name: str
+    mode: ReplyMode
+    #: metadata context id -> name, for BLOCK_STATUS
+    contexts: dict[int, str]
+    no_zeroes: bool
+    tls: bool
 
 
 @dataclass
@@ -57,6 +70,15 @@ class Negotiation:
         #: context id -> name, valid for ``context_export`` only
         self.contexts: dict[int, str] = {}
         self.context_export: str | None = None
+
+    def restarted_over_tls(self) -> "Negotiation":
+        """The negotiation that starts after STARTTLS: nothing agreed before TLS holds."""
+        return Negotiation(self.exports, self.tls, tls_active=True, no_zeroes=self.no_zeroes)
+
+    def session(self, export) -> Session:
+        """The agreed state for transmission on ``export`` (after TRANSMIT)."""
+        return Session(export.name, self.mode, dict(self.contexts), self.no_zeroes,
+                       self.tls_active)
 
     def client_flags(self, data) -> None:
         """Take the client's flags word; unknown bits raise `ProtocolError`."""

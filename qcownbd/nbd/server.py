@@ -1,9 +1,10 @@
 """The listening side: sockets, the set of live connections, orderly stop.
 
-`NbdServer` is the ``hub`` every `NbdConnection` talks to.  It also runs the
-metadata commit timer: a backend with allocations not yet committed gets a
-`flush` in a worker thread every couple of seconds, so a crash loses at
-most that much of what clients did not flush themselves.
+`NbdServer` is what every `NbdConnection` talks to, and holds what they
+share: the payload budget, the buffer pool, the worker threads.  It also
+runs the metadata commit timer: a backend with allocations not yet
+committed gets a `flush` in a worker thread every couple of seconds, so a
+crash loses at most that much of what clients did not flush themselves.
 """
 
 import asyncio
@@ -15,12 +16,51 @@ import stat
 
 from qcownbd.errors import ConfigError
 from qcownbd.nbd.connection import NbdConnection
+from qcownbd.nbd.replies import BufferPool
 
 log = logging.getLogger("qcownbd.server")
 
 METADATA_COMMIT_INTERVAL = 2.0
 #: how long a stopping server waits for clients to take their last replies
 STOP_GRACE = 10.0
+#: bytes of partly received WRITE payloads all connections may hold at once
+PAYLOAD_BUDGET = 128 * 1024 * 1024
+
+
+class PayloadBudget:
+    """Server-wide bound on the memory of WRITE payloads still being received.
+
+    A payload too large for the receive buffer needs a reservation; one
+    payload is always granted when nothing is reserved, so any single request
+    can proceed.  Refused connections wait (not reading) and are woken in
+    turn, through their ``budget_available()``, when bytes are released.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._waiting: list = []
+
+    def reserve(self, nbytes: int, conn) -> bool:
+        """Take ``nbytes`` for ``conn``, or queue it to be woken later and say no."""
+        if self.used and self.used + nbytes > self.limit:
+            if conn not in self._waiting:
+                self._waiting.append(conn)
+            return False
+        self.used += nbytes
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """Give back a reservation and let the waiting connections try again."""
+        self.used -= nbytes
+        waiting, self._waiting = self._waiting, []
+        for conn in waiting:
+            conn.budget_available()
+
+    def forget(self, conn) -> None:
+        """A waiting connection went away."""
+        if conn in self._waiting:
+            self._waiting.remove(conn)
 
 
 class NbdServer:
@@ -31,13 +71,16 @@ class NbdServer:
     flood of idle or half-open connections (which the handshake timeout ends
     anyway) can neither fill ``max_connections`` nor keep a real client out.
     ``max_connections_per_client`` (0: none) counts both phases per address.
+    ``zero_copy``: large reads may go out with sendfile straight from the
+    image file (off while faults are injected into the image I/O, which
+    every read must then meet).
     """
 
     def __init__(self, exports, *, max_connections: int = 256,
                  handshake_timeout: float = 30.0, payload_timeout: float = 30.0,
                  max_handshakes: int = 64,
                  max_connections_per_client: int = 0, tls: str = "off",
-                 tls_context=None):
+                 tls_context=None, zero_copy: bool = True):
         self.exports = exports
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
@@ -46,6 +89,9 @@ class NbdServer:
         self.max_connections_per_client = max_connections_per_client
         self.tls = tls
         self.tls_context = tls_context
+        self.zero_copy = zero_copy
+        self.payloads = PayloadBudget(PAYLOAD_BUDGET)
+        self.buffers = BufferPool()
         self.connections: set[NbdConnection] = set()
         #: connections still negotiating, oldest first (a dict keeps the order)
         self._negotiating: dict[NbdConnection, None] = {}
@@ -57,6 +103,12 @@ class NbdServer:
         self._committing: set[int] = set()
 
     # ------------------------------------------------------- connection hub
+
+    @staticmethod
+    def offload(function, done) -> None:
+        """Run ``function()`` in a worker thread; ``done(future)`` follows in the loop."""
+        future = asyncio.get_running_loop().run_in_executor(None, function)
+        future.add_done_callback(done)
 
     def register(self, conn: NbdConnection) -> bool:
         """Admit a new connection unless a limit is reached (see the class)."""

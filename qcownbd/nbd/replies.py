@@ -15,8 +15,9 @@ transport (which copies it, watches the socket and calls ``pause_writing``
 at once because its limits are set to zero) and the rest waits here,
 uncopied, until ``resume_writing`` says the transport drained.
 
-Large READ buffers come from `BufferPool`: reused bytearrays, so a 1 MiB
-reply costs neither a zeroed allocation nor fresh pages.  Large READs whose
+Large READ buffers come from `BufferPool` (one per server): reused
+bytearrays, so a 1 MiB reply costs neither a zeroed allocation nor fresh
+pages.  Large READs whose
 bytes lie as-is in one run of the image file are not read at all: a
 `FileRange` waits in the queue like any other part and goes out with
 sendfile when its turn comes, however full the socket was when it was
@@ -30,8 +31,10 @@ overlapping requests that are in flight together unordered).
 """
 
 import collections
+import errno
 import os
 
+from qcownbd.errors import ImageIOError
 from qcownbd.image.backend import pread_filling
 
 #: most iovecs one writev takes (Linux IOV_MAX)
@@ -58,7 +61,7 @@ class FileRange:
         return self.length
 
 
-class FileReadError(Exception):
+class FileReadError(ImageIOError):
     """A queued `FileRange` could not be read: its reply cannot be completed."""
 
 
@@ -87,8 +90,6 @@ class BufferPool:
                 self._bytes += len(buf)
 
 
-POOL = BufferPool()
-
 
 class ReplyWriter:
     """The reply path of one connection (see the module docstring).
@@ -99,12 +100,19 @@ class ReplyWriter:
     ``high_water`` (stop reading requests) or fall to ``low_water`` again.
     ``on_broken(reason)`` is called when a queued `FileRange` cannot be read:
     its header is on the wire already, so only closing the connection is left.
+    ``pool``: the server's `BufferPool`.  While ``corked`` (a batch of
+    requests is being run) replies gather, and go out once the batch holds
+    ``batch_limit`` bytes, so that the backlog sees them and a long pipeline
+    cannot pile replies up in memory.
     """
 
     def __init__(self, transport, on_backlog, high_water: int, low_water: int, *,
-                 plain: bool, on_broken=None):
+                 plain: bool, pool: BufferPool, on_broken=None, batch_limit: int = 1 << 20):
         self.transport = transport
+        self.pool = pool
         self.corked = False
+        self._batch_limit = batch_limit
+        self._batch_bytes = 0
         self._on_backlog = on_backlog
         self._on_broken = on_broken
         self._high, self._low = high_water, low_water
@@ -132,7 +140,7 @@ class ReplyWriter:
         """A writable view of ``length`` bytes for reply data, recycled once sent."""
         if length < POOL_MIN:
             return memoryview(bytearray(length))
-        buf = POOL.take(length)
+        buf = self.pool.take(length)
         if self._direct and len(self._lent) < MAX_LENT:
             self._lent.append(buf)
         return memoryview(buf)[:length]
@@ -142,10 +150,15 @@ class ReplyWriter:
         self._batch.extend(parts)
         if not self.corked:
             self.flush()
+            return
+        self._batch_bytes += sum(map(len, parts))
+        if self._batch_bytes >= self._batch_limit:
+            self.flush()
 
     def flush(self) -> None:
         """Send what the batch gathered."""
         parts, self._batch = self._batch, []
+        self._batch_bytes = 0
         if not parts:
             return
         if not self._direct:
@@ -197,6 +210,7 @@ class ReplyWriter:
     def discard(self) -> None:
         """The connection is gone: drop what is queued."""
         self._batch, self._lent = [], []
+        self._batch_bytes = 0
         self._queue.clear()
         self._queued = self._files = 0
 
@@ -213,7 +227,8 @@ class ReplyWriter:
         try:
             pread_filling(part.fd, view, part.offset)
         except OSError as exc:
-            raise FileReadError(f"reading reply data failed after its header was sent: "
+            raise FileReadError(exc.errno or errno.EIO,
+                                f"reading reply data failed after its header was sent: "
                                 f"{exc.strerror or exc}") from None
         return view
 
@@ -248,7 +263,7 @@ class ReplyWriter:
             self._broken(str(exc))
             return
         if not queue and not self._transport_busy and self._lent:
-            POOL.give_back(self._lent)
+            self.pool.give_back(self._lent)
             self._lent = []
         self._note_backlog()
 
