@@ -207,6 +207,7 @@ def test_negotiation_errors_keep_negotiating():
     assert _reply_types(neg.option(Opt.STARTTLS, b"")) == [Rep.ERR_POLICY]
     assert _reply_types(neg.option(Opt.LIST, b"x")) == [Rep.ERR_INVALID]
     assert _reply_types(neg.oversized(Opt.GO, 1 << 20)) == [Rep.ERR_TOO_BIG]
+    assert neg.oversized(Opt.GO, 1 << 20).action is Action.CONTINUE
     assert neg.oversized(Opt.EXPORT_NAME, 1 << 20).action is Action.CLOSE
     assert neg.option(Opt.EXPORT_NAME, b"zz").action is Action.CLOSE
 
@@ -241,3 +242,18 @@ def test_negotiation_extended_headers_mode():
     assert neg.mode == ReplyMode.EXTENDED
     assert _reply_types(neg.option(Opt.STRUCTURED_REPLY, b"")) == [Rep.ERR_EXT_HEADER_REQD]
     assert _reply_types(neg.option(Opt.ABORT, b"")) == [Rep.ACK]
+
+
+def test_option_payloads_beyond_a_mebibyte_are_refused_and_end_the_connection():
+    neg = Negotiation(FakeRegistry(FakeExport("a")))
+    result = neg.oversized(Opt.LIST, (1 << 20) + 1)
+    assert _reply_types(result) == [Rep.ERR_TOO_BIG] and result.action is Action.CLOSE
+    assert neg.oversized(Opt.INFO, 4 << 30).action is Action.CLOSE
+
+
+def test_export_name_after_extended_headers_closes():
+    """The spec forbids EXPORT_NAME once extended headers are agreed (QEMU closes too)."""
+    neg = Negotiation(FakeRegistry(FakeExport("a")))
+    neg.option(Opt.EXTENDED_HEADERS, b"")
+    result = neg.option(Opt.EXPORT_NAME, b"a")
+    assert result.action is Action.CLOSE and result.replies == []

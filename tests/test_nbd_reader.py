@@ -2,6 +2,7 @@
 and the dispatcher's replies through a recording replies port (nbd/dispatch.py)."""
 
 import errno
+import logging
 import random
 import struct
 
@@ -12,6 +13,7 @@ from qcownbd.image.backend import Extent
 from qcownbd.nbd.dispatch import ConnectionStats, Dispatcher
 from qcownbd.nbd.negotiation import Session
 from qcownbd.nbd.protocol import ReplyMode, Request
+from qcownbd.ratelimit import RateLimitedLog
 from qcownbd.nbd.reader import (
     LARGE_PAYLOAD, RECV_BUFFER, ClientFlags, Option, OversizedOption, Payload, PayloadNeeded,
     RequestReader, State, Violation,
@@ -271,7 +273,8 @@ def dispatcher(mode=ReplyMode.SIMPLE):
     replies, offloaded = RecordingReplies(), []
     disp = Dispatcher(Export(), Session("e", mode, {}, True, False), replies, ConnectionStats(),
                       "test", offload=lambda fn, done: offloaded.append((fn, done)),
-                      on_async_done=lambda: None)
+                      defer=lambda callback: callback(), on_async_done=lambda: None,
+                      log=RateLimitedLog(logging.getLogger("test")))
     return disp, replies, offloaded
 
 

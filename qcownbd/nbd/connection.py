@@ -12,7 +12,8 @@ events, and pauses the transport, for any of the reasons in ``paused``:
 the client does not read its replies (``BACKLOG``: more than the high-water
 mark of reply bytes unsent, during negotiation too), a large WRITE payload
 waits for the server-wide budget (``BUDGET``), or too many flushes are in
-flight (``INFLIGHT``).  A payload that makes no progress for the server's
+flight (``INFLIGHT``), or a long request is still running in pieces
+(``BUSY``).  A payload that makes no progress for the server's
 ``payload_timeout`` ends its connection.
 
 TLS slots in at negotiation: after the ACK to NBD_OPT_STARTTLS,
@@ -26,12 +27,13 @@ import enum
 import logging
 import ssl
 import time
+from time import perf_counter
 
 from qcownbd.access import PeerExports, peer_address
 from qcownbd.errors import ProtocolError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import MAX_REQUEST_SIZE
-from qcownbd.nbd.dispatch import ConnectionStats, Dispatcher
+from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
 from qcownbd.nbd.negotiation import MAX_OPTION_PAYLOAD, Action, Negotiation
 from qcownbd.nbd.reader import (
     ClientFlags, Option, OversizedOption, Payload, PayloadNeeded, RequestReader, Violation,
@@ -70,6 +72,7 @@ class Phase(enum.Enum):
 PAUSE_BACKLOG = 1       # the client does not read its replies
 PAUSE_BUDGET = 2        # a large payload waits for the server's payload budget
 PAUSE_INFLIGHT = 4      # too many flushes in flight
+PAUSE_BUSY = 8          # a long request runs in pieces: nothing after it may start
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -100,7 +103,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._eof = False               # the client sent everything it will send
         self._timer = None              # handshake deadline, or a stalled payload's check
         self._tls_task = None
-        self._payload = None            # (bytes reserved, pooled buffer) of a payload received
+        self._payload_buffer = None     # pooled buffer of a payload being received
         self._payload_seen = 0          # its bytes when the stall timer last looked
         self._export_released = False
 
@@ -116,7 +119,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.peer = str(peer) if peer else "unix"
         self.address = peer_address(peer)
         if not self.server.register(self):
-            log.warning("%s: refused: too many connections", self.peer)
+            self.server.log.log(logging.WARNING, "connection limit",
+                                "%s: refused: too many connections", self.peer)
             self.phase = Phase.CLOSED
             transport.abort()
             return
@@ -140,7 +144,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.replies.discard()
         if not self.server.unregister(self):
             return
-        if self.dispatcher is None or not self.dispatcher.inflight:
+        if self.dispatcher is None or not (self.dispatcher.inflight or self.dispatcher.busy):
             self._release_export()
         stats = self.stats
         log.info("%s: closed export=%s duration=%.1fs requests=%d read=%d written=%d errors=%d",
@@ -175,10 +179,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         """Drop a connection still negotiating to make room for a newer one."""
         self._abort(reason)
 
-    def _abort(self, reason: str, send_queued: bool = False):
+    def _abort(self, reason: str, send_queued: bool = False, kind: str = ""):
+        """Close at once (``send_queued``: after the replies already queued); the log
+        line's ``kind`` (default: the reason itself) is what its rate limit counts."""
         if self.phase is Phase.CLOSED:
             return
-        log.warning("%s: %s; closing", self.peer, reason)
+        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing", self.peer, reason)
         self.reader.stop()
         self._cancel_timer()
         if self.phase is Phase.TRANSMITTING:
@@ -197,7 +203,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._maybe_close()
 
     def _maybe_close(self):
-        if self.phase is Phase.CLOSING and not self.dispatcher.inflight:
+        dispatcher = self.dispatcher
+        if self.phase is Phase.CLOSING and not dispatcher.inflight and not dispatcher.busy:
             # close() still sends what is queued, then ends the connection
             self._hand_over_replies()
             self.transport.close()
@@ -227,6 +234,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         else:
             self._unpause(PAUSE_BACKLOG)
 
+    def _reply_broken(self, reason: str):
+        """A queued reply cannot be completed (its data could not be read)."""
+        self._abort(reason, kind="reply data unreadable")
+
     def _reply_backlog(self, high: bool):
         """The reply writer's backlog crossed a water mark (direct writes)."""
         if high:
@@ -252,18 +263,44 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def request_done(self):
-        """A request that was in flight (a flush) finished."""
+        """A request that was in flight (a flush) or running in pieces finished."""
+        dispatcher = self.dispatcher
         if self.phase is Phase.CLOSED:
-            if not self.dispatcher.inflight:
+            if not dispatcher.inflight and not dispatcher.busy:
                 self._release_export()
             return
-        if self.dispatcher.inflight < Dispatcher.MAX_INFLIGHT:
+        if not dispatcher.busy:
+            self._unpause(PAUSE_BUSY)
+        if dispatcher.inflight < Dispatcher.MAX_INFLIGHT:
             self._unpause(PAUSE_INFLIGHT)
         self._maybe_close()
 
+    def _defer(self, callback):
+        """Run ``callback`` in a later turn of the event loop, unless the client is gone."""
+        def later():
+            if self.phase is not Phase.CLOSED:
+                callback()
+            elif self.dispatcher.busy:
+                # nobody waits for the answer: the rest of the request is dropped
+                self.dispatcher.busy = False
+                self.request_done()
+        asyncio.get_running_loop().call_soon(later)
+
+    @property
+    def payload_received(self) -> int:
+        """Bytes of the WRITE payload being received into its own buffer."""
+        return self.reader.payload_received
+
+    def budget_revoked(self, rate: float):
+        """PayloadBudget: our payload arrives too slowly while others wait for budget."""
+        self._drop_payload()
+        self._abort(f"WRITE payload arriving at {rate:.0f} bytes/s while others wait "
+                    "for the payload budget", kind="slow WRITE payload")
+
     def budget_available(self):
         """PayloadBudget: bytes were released; try the waiting request again."""
-        if self.paused & PAUSE_BUDGET and self.phase is not Phase.CLOSED:
+        # called back later: the refusal that queued us may not have paused us yet
+        if self.phase is not Phase.CLOSED:
             asyncio.get_running_loop().call_soon(self._unpause, PAUSE_BUDGET)
 
     # -------------------------------------------------------------- reading
@@ -292,7 +329,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self.phase is Phase.TRANSMITTING:
                 self._transmit()
         except ProtocolError as exc:
-            self._abort(str(exc))
+            self._abort(str(exc), kind="protocol violation")
         finally:
             self._processing = False
 
@@ -315,7 +352,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif kind is ClientFlags:
                 negotiation.client_flags(event.data)
             else:
-                self._abort(event.reason)
+                self._abort(event.reason, kind="protocol violation")
 
     def _act(self, result):
         """Send an option's replies and take the step the negotiation chose."""
@@ -340,7 +377,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             tls = await loop.start_tls(raw, self, self.server.tls_context, server_side=True)
         except (ssl.SSLError, OSError) as exc:
             reason = getattr(exc, "reason", None) or exc
-            log.warning("%s: TLS handshake failed: %s; closing", self.peer, reason)
+            self.server.log.log(logging.WARNING, "TLS handshake failed",
+                                "%s: TLS handshake failed: %s; closing", self.peer, reason)
             tls = None
         except asyncio.CancelledError:
             tls = None
@@ -374,11 +412,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.replies = ReplyWriter(transport, self._reply_backlog, WRITE_HIGH_WATER,
                                    WRITE_LOW_WATER, plain=transport is self._plain_transport,
-                                   pool=self.server.buffers, on_broken=self._abort,
+                                   pool=self.server.buffers, on_broken=self._reply_broken,
                                    batch_limit=BATCH_REPLY_BYTES)
         self.dispatcher = Dispatcher(export, session, self.replies, self.stats, self.peer,
-                                     offload=self.server.offload,
-                                     on_async_done=self.request_done,
+                                     offload=self.server.offload, defer=self._defer,
+                                     on_async_done=self.request_done, log=self.server.log,
                                      zero_copy=self.server.zero_copy)
         self.phase = Phase.TRANSMITTING
         log.debug("%s: export %r, %s replies", self.peer, export.name, session.mode.name.lower())
@@ -388,10 +426,16 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _transmit(self):
         reader, dispatcher, replies = self.reader, self.dispatcher, self.replies
         transmitting = Phase.TRANSMITTING
+        # a long pipeline is taken in turns of TIME_SLICE, so that the other clients'
+        # requests are served in between
+        deadline = perf_counter() + TIME_SLICE
         # the replies of every request taken now leave together (see ReplyWriter)
         replies.corked = True
         try:
             while not self.paused and self.phase is transmitting:
+                if perf_counter() > deadline:
+                    asyncio.get_running_loop().call_soon(self._process)
+                    break
                 event = reader.next_event()
                 if event is None:
                     if self._eof:
@@ -404,9 +448,11 @@ class NbdConnection(asyncio.BufferedProtocol):
                 elif kind is Payload:
                     self._payload_received(event)
                 elif kind is Violation:
-                    self._abort(event.reason)
+                    self._abort(event.reason, kind="protocol violation")
                 elif not dispatcher.run_checked(event):
                     self._closing()     # DISC: what is in flight is still answered
+                if dispatcher.busy:
+                    self._pause(PAUSE_BUSY)
                 if dispatcher.inflight >= Dispatcher.MAX_INFLIGHT:
                     self._pause(PAUSE_INFLIGHT)
         finally:
@@ -421,7 +467,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self.dispatcher.refuse(req, error, reason)
             if req.length > MAX_DISCARD:
                 self._abort(f"payload of {req.length} bytes is too big to skip",
-                            send_queued=True)
+                            send_queued=True, kind="payload too big to skip")
             else:
                 self.reader.skip(req.length)
             return
@@ -433,31 +479,32 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._pause(PAUSE_BUDGET)     # this event comes again once bytes are released
             return
         buffer = self.server.buffers.take(req.length)
-        self._payload = (req.length, buffer)
+        self._payload_buffer = buffer
         self.reader.receive_payload(memoryview(buffer)[:req.length])
         self._payload_seen = self.reader.payload_received
         self._timer = asyncio.get_running_loop().call_later(
             self.server.payload_timeout, self._check_payload_progress)
 
     def _payload_received(self, event):
-        buffer = self._payload[1]
+        buffer = self._payload_buffer
         self._drop_payload()
         self.dispatcher.run(event.request, event.data)
-        # the write is done: the buffer may take the next payload
+        # the write is done (writes never run in pieces): the buffer may take the next payload
         self.server.buffers.give_back([buffer])
 
     def _drop_payload(self):
         """Forget the payload being received (complete or abandoned) and its reservation."""
-        if self._payload is None:
+        if self._payload_buffer is None:
             return
-        self.server.payloads.release(self._payload[0])
-        self._payload = None
+        self.server.payloads.release(self)
+        self._payload_buffer = None
         self._cancel_timer()
 
     def _check_payload_progress(self):
         received = self.reader.payload_received
         if received == self._payload_seen:
-            self._abort(f"no byte of a WRITE payload for {self.server.payload_timeout:g}s")
+            self._abort(f"no byte of a WRITE payload for {self.server.payload_timeout:g}s",
+                        kind="stalled WRITE payload")
             return
         self._payload_seen = received
         self._timer = asyncio.get_running_loop().call_later(

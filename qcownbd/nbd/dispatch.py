@@ -10,11 +10,13 @@ sockets.  A new NBD command is one entry in ``_ALLOWED_FLAGS`` and one in
 import errno as host_errno
 import logging
 import time
+from time import perf_counter
 
 from qcownbd.errors import ImageIOError, QcownbdError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, Errno
 from qcownbd.nbd.protocol import ReplyMode
+from qcownbd.ratelimit import RateLimitedLog
 
 log = logging.getLogger("qcownbd.nbd")
 
@@ -26,6 +28,11 @@ HOLE_CHUNK_MIN = 4096
 MAX_STATUS_EXTENTS = 16384
 #: reads at least this long go out with sendfile when the backend maps them to one file run
 SENDFILE_MIN = 64 * 1024
+#: event-loop time one request may take before it yields to the other clients: a long
+#: WRITE_ZEROES, TRIM or CACHE goes on in pieces later, a BLOCK_STATUS answers what it found
+TIME_SLICE = 0.004
+#: the range one backend call of a piecewise request covers
+PIECE = 1024 * 1024
 
 # Plain ints on the per-request path: ``int & IntFlag`` runs enum code in Python
 # (half a microsecond), ``int & int`` does not.
@@ -45,6 +52,7 @@ _RANGELESS = frozenset(map(int, (Cmd.DISC, Cmd.FLUSH)))
 _DATA_CARRYING = frozenset(map(int, (Cmd.READ, Cmd.WRITE)))
 _GROWING = frozenset(map(int, (Cmd.WRITE, Cmd.WRITE_ZEROES)))
 _BLOCK_STATUS, _DISC = int(Cmd.BLOCK_STATUS), int(Cmd.DISC)
+_FAST_ZERO, _NO_HOLE, _REQ_ONE = int(CmdFlag.FAST_ZERO), int(CmdFlag.NO_HOLE), int(CmdFlag.REQ_ONE)
 _SIMPLE = ReplyMode.SIMPLE
 _COMMAND_NAMES = set(Cmd)
 _ERRNO_NAMES = set(Errno)
@@ -67,16 +75,20 @@ class Dispatcher:
     ``replies`` the connection's `ReplyWriter`.  Backend calls run in the
     caller's thread except flushes, which ``offload(fn, done)`` runs in a
     worker thread, calling ``done(future)`` back in the caller's thread;
-    ``on_async_done()`` then says a request that was in flight finished.
+    a long request yields between pieces through ``defer(callback)``
+    (``busy`` is True until it finished: nothing after it may start);
+    ``on_async_done()`` says a request that was in flight or busy finished.
     ``zero_copy``: large reads may be sent with sendfile from the image file
-    (off while faults are injected: every read must meet them).
+    (off while faults are injected: every read must meet them).  ``log`` is
+    the server's `RateLimitedLog`: one client's errors cannot flood the log.
     """
 
     #: flushes (FLUSH, FUA) in flight per connection before reading pauses
     MAX_INFLIGHT = 64
 
     def __init__(self, export, session, replies, stats: ConnectionStats, peer: str, *,
-                 offload, on_async_done, zero_copy: bool = True):
+                 offload, defer, on_async_done, log: RateLimitedLog,
+                 zero_copy: bool = True):
         self.backend = export.backend
         self.read_only = export.read_only
         self.mode = session.mode
@@ -85,7 +97,10 @@ class Dispatcher:
         self.stats = stats
         self.peer = peer
         self.inflight = 0
+        self.busy = False
+        self.log = log
         self._offload = offload
+        self._defer = defer
         self._on_async_done = on_async_done
         self._zero_copy = zero_copy
         self._scan_skip = self._scan_backoff = 0
@@ -138,7 +153,8 @@ class Dispatcher:
         except (QcownbdError, OSError) as exc:
             self._failed(req, exc)
         except Exception as exc:  # a backend bug must not take the server down
-            log.exception("%s: %s failed", self.peer, Cmd(req.type).name)
+            self.log.log(logging.ERROR, "internal error", "%s: %s failed", self.peer,
+                         Cmd(req.type).name, exc_info=True)
             self._failed(req, exc)
 
     def refuse(self, req, error: int, reason: str) -> None:
@@ -153,9 +169,11 @@ class Dispatcher:
     def _reply_error(self, req, error: int, public: str, detail: str) -> None:
         """Answer ``req`` with an NBD errno; the client reads ``public``, the log ``detail``."""
         self.stats.errors += 1
-        name = Cmd(req.type).name if req.type in _COMMAND_NAMES else f"command {req.type}"
-        log.info("%s: %s at %d+%d: %s (%s)", self.peer, name, req.offset, req.length,
-                 Errno(error).name if error in _ERRNO_NAMES else error, detail)
+        name = Cmd(req.type).name if req.type in _COMMAND_NAMES else "unknown command"
+        reason = Errno(error).name if error in _ERRNO_NAMES else str(error)
+        self.log.log(logging.INFO, f"{name} {reason}", "%s: %s at %d+%d: %s (%s)", self.peer,
+                     name if req.type in _COMMAND_NAMES else f"command {req.type}",
+                     req.offset, req.length, reason, detail)
         self.replies.send((protocol.error_reply(self.mode, req.cookie, req.offset, error,
                                                 public),))
 
@@ -181,11 +199,42 @@ class Dispatcher:
         self.inflight -= 1
         exc = None if future.cancelled() else future.exception()
         if exc is not None:
-            log.warning("%s: flush failed: %s", self.peer, exc)
+            self.log.log(logging.WARNING, "flush failed", "%s: flush failed: %s", self.peer, exc)
             self._failed(req, exc)
         else:
             self._done(req)
         self._on_async_done()
+
+    def _in_pieces(self, req, piece) -> None:
+        """Run ``piece(offset, length)`` over the request's range, a `PIECE` at a time,
+        yielding the event loop every `TIME_SLICE`; then answer the request.
+
+        Until it is answered the dispatcher is ``busy``: the connection starts
+        nothing after it, so requests still take effect in arrival order.
+        """
+        position, end = req.offset, req.offset + req.length
+
+        def run_slice() -> None:
+            nonlocal position
+            deadline = perf_counter() + TIME_SLICE
+            try:
+                while position < end:
+                    step = min(PIECE, end - position)
+                    piece(position, step)
+                    position += step
+                    if position < end and perf_counter() > deadline:
+                        self.busy = True
+                        self._defer(run_slice)
+                        return
+            except (QcownbdError, OSError) as exc:
+                self._failed(req, exc)
+            else:
+                self._done_durably(req)
+            if self.busy:
+                self.busy = False
+                self._on_async_done()
+
+        run_slice()
 
     # ------------------------------------------------------------- commands
 
@@ -248,28 +297,39 @@ class Dispatcher:
         return True
 
     def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """Split a read into (offset, length, zero) runs worth sending as holes or data."""
+        """Split a read into (offset, length, zero) runs worth sending as holes or data;
+        what the time slice left unexamined is data."""
         runs: list[list] = []
-        for extent in self._extents(offset, length, limit=None):
+        end = offset + length
+        for extent in self._extents(offset, length, MAX_STATUS_EXTENTS):
             zero = extent.zero and extent.length >= HOLE_CHUNK_MIN
             if runs and runs[-1][2] == zero:
                 runs[-1][1] += extent.length
             else:
                 runs.append([offset, extent.length, zero])
             offset += extent.length
+        if offset < end:
+            if runs[-1][2]:
+                runs.append([offset, end - offset, False])
+            else:
+                runs[-1][1] += end - offset
         return [(start, size, zero) for start, size, zero in runs]
 
-    def _extents(self, offset: int, length: int, limit: int | None):
-        """Backend extents from ``offset``: all of ``length``, or up to ``limit`` of them."""
+    def _extents(self, offset: int, length: int, limit: int):
+        """Backend extents from ``offset``: up to ``limit`` of them, covering at most
+        ``length``; fewer when the time slice is over (at least one)."""
         extents = []
         end = offset + length
-        while offset < end and (limit is None or len(extents) < limit):
+        deadline = perf_counter() + TIME_SLICE
+        while offset < end and len(extents) < limit:
             got = self.backend.block_status(offset, end - offset)
             if not got or any(extent.length <= 0 for extent in got):
                 raise ImageIOError(host_errno.EIO, "backend returned no extent")
             for extent in got:
                 extents.append(extent)
                 offset += extent.length
+            if perf_counter() > deadline:
+                break   # the spec lets a reply cover less than was asked
         return extents
 
     def _cmd_write(self, req, payload) -> None:
@@ -281,23 +341,22 @@ class Dispatcher:
         self._flush_then_reply(req)
 
     def _cmd_trim(self, req, _payload) -> None:
-        self.backend.trim(req.offset, req.length)
-        self._done_durably(req)
+        self._in_pieces(req, self.backend.trim)
 
     def _cmd_cache(self, req, _payload) -> None:
-        self.backend.cache(req.offset, req.length)
-        self._done(req)
+        # answered with _done_durably like the others: CACHE has no FUA flag to honour
+        self._in_pieces(req, self.backend.cache)
 
     def _cmd_write_zeroes(self, req, _payload) -> None:
-        fast = bool(req.flags & CmdFlag.FAST_ZERO)
+        fast = bool(req.flags & _FAST_ZERO)
         if fast and not self.backend.can_fast_zero:
             raise ImageIOError(host_errno.ENOTSUP, "fast zeroing is not possible here")
-        self.backend.write_zeroes(req.offset, req.length,
-                                  may_trim=not req.flags & CmdFlag.NO_HOLE, fast=fast)
-        self._done_durably(req)
+        may_trim = not req.flags & _NO_HOLE
+        self._in_pieces(req, lambda offset, length: self.backend.write_zeroes(
+            offset, length, may_trim=may_trim, fast=fast))
 
     def _cmd_block_status(self, req, _payload) -> None:
-        one = bool(req.flags & CmdFlag.REQ_ONE)
+        one = bool(req.flags & _REQ_ONE)
         extents = self._extents(req.offset, req.length, 1 if one else MAX_STATUS_EXTENTS)
         ids = sorted(self.contexts)
         for index, ctx_id in enumerate(ids):

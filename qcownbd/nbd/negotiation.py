@@ -17,6 +17,9 @@ from qcownbd.nbd.protocol import BadOption, ReplyMode
 
 #: option payloads above this are discarded unread and refused (ERR_TOO_BIG)
 MAX_OPTION_PAYLOAD = 2 * MAX_STRING + 1024
+#: ... and above this the connection closes: skipping gigabytes of junk would only
+#: keep a connection slot busy (qemu-nbd and nbdkit close at once too)
+MAX_SKIPPED_OPTION = 1024 * 1024
 
 
 class Action(Enum):
@@ -86,11 +89,15 @@ class Negotiation:
         self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
 
     def oversized(self, option: int, length: int) -> OptionResult:
-        """An option whose payload was too big to read (it was discarded)."""
+        """An option whose payload is too big to read: refused, and skipped (CONTINUE)
+        when it is modestly big, else the connection closes."""
         if option == Opt.EXPORT_NAME:
             return OptionResult(action=Action.CLOSE)
-        return OptionResult([protocol.option_error(
-            option, Rep.ERR_TOO_BIG, f"option payload of {length} bytes is too big")])
+        reply = protocol.option_error(option, Rep.ERR_TOO_BIG,
+                                      f"option payload of {length} bytes is too big")
+        if length > MAX_SKIPPED_OPTION:
+            return OptionResult([reply], Action.CLOSE)
+        return OptionResult([reply])
 
     def option(self, option: int, payload: bytes) -> OptionResult:
         """Answer one option."""
@@ -125,6 +132,10 @@ class Negotiation:
     # ------------------------------------------------------------ handlers
 
     def _export_name(self, option, payload) -> OptionResult:
+        if self.mode == ReplyMode.EXTENDED:
+            # the spec: a client that negotiated extended headers must use GO;
+            # EXPORT_NAME cannot be refused politely, so the connection ends
+            return OptionResult(action=Action.CLOSE)
         try:
             export = self.exports.lookup(payload.decode())
         except (LookupError, UnicodeDecodeError):
