@@ -24,6 +24,7 @@ States, and what moves between them (nothing else is legal):
     any -> BROKEN (a violation) | STOPPED (stop: bytes are dropped from then on)
 """
 
+import mmap
 from enum import Enum
 from typing import NamedTuple
 
@@ -256,7 +257,8 @@ class RequestReader:
         if len(self._buf) < RECV_BUFFER:
             # requests pipelined right behind the option stay where they were
             kept = bytes(self._view[self._start:self._end])
-            self._buf = bytearray(RECV_BUFFER)
+            # pages are only taken as far as the client's pipeline reaches
+            self._buf = mmap.mmap(-1, RECV_BUFFER)
             self._view = memoryview(self._buf)
             self._buf[:len(kept)] = kept
             self._start, self._end = 0, len(kept)

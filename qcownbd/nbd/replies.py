@@ -16,7 +16,7 @@ at once because its limits are set to zero) and the rest waits here,
 uncopied, until ``resume_writing`` says the transport drained.
 
 Large READ buffers come from `BufferPool` (one per server): reused
-bytearrays, so a 1 MiB reply costs neither a zeroed allocation nor fresh
+buffers, so a 1 MiB reply costs neither a zeroed allocation nor fresh
 pages.  Large READs whose
 bytes lie as-is in one run of the image file are not read at all: a
 `FileRange` waits in the queue like any other part and goes out with
@@ -32,6 +32,7 @@ overlapping requests that are in flight together unordered).
 
 import collections
 import errno
+import mmap
 import os
 
 from qcownbd.errors import ImageIOError
@@ -65,22 +66,33 @@ class FileReadError(ImageIOError):
     """A queued `FileRange` could not be read: its reply cannot be completed."""
 
 
+def lazy_buffer(size: int):
+    """A zeroed writable buffer whose memory is only taken as it is written: an
+    anonymous mapping (a bytearray is zero-filled, so all of it is resident at once,
+    and a client announcing a 32 MiB WRITE would cost 32 MiB before sending a byte)."""
+    return mmap.mmap(-1, size)
+
+
 class BufferPool:
-    """Free bytearrays by power-of-two size, bounded in total bytes; loop thread only."""
+    """Free buffers by power-of-two size, bounded in total bytes; loop thread only.
+
+    Buffers are `lazy_buffer`s: one lent to a payload that trickles in holds
+    only the pages the payload has reached.
+    """
 
     def __init__(self, max_bytes: int = POOL_MAX_BYTES):
         self.max_bytes = max_bytes
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list] = {}
         self._bytes = 0
 
-    def take(self, length: int) -> bytearray:
-        """A bytearray of at least ``length`` bytes with arbitrary contents."""
+    def take(self, length: int):
+        """A writable buffer of at least ``length`` bytes with arbitrary contents."""
         size = max(POOL_MIN, 1 << (length - 1).bit_length())
         free = self._free.get(size)
         if free:
             self._bytes -= size
             return free.pop()
-        return bytearray(size)
+        return lazy_buffer(size)
 
     def give_back(self, buffers) -> None:
         """Keep the buffers for reuse, as far as the byte bound allows."""
@@ -128,7 +140,7 @@ class ReplyWriter:
         self._queued = 0
         self._transport_busy = False
         self._backlog_high = False
-        self._lent: list[bytearray] = []
+        self._lent: list = []
         self._files = 0     # FileRange parts in _batch and _queue
 
     @property
