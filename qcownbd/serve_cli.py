@@ -29,6 +29,7 @@ from qcownbd.config import (
 )
 from qcownbd.errors import ConfigError, UsageError
 from qcownbd.exports import ExportRegistry
+from qcownbd.image import faults
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.nbd.server import NbdServer, raise_fd_limit
@@ -167,7 +168,8 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                        payload_timeout=config.payload_timeout,
                        max_handshakes=config.max_handshakes,
                        max_connections_per_client=config.max_connections_per_client,
-                       tls=config.tls, tls_context=tls_context)
+                       tls=config.tls, tls_context=tls_context,
+                       zero_copy=not faults.injecting())
     inherited = systemd.inherited_sockets()
     if inherited:
         await server.adopt(inherited)

@@ -207,7 +207,7 @@ def wait_until_idle(pid: int, timeout: float = 30.0) -> None:
 
 @pytest.mark.timeout(120)
 def test_pipelined_block_status_of_a_client_that_does_not_read_keeps_rss_bounded(tmp_path):
-    """Each BLOCK_STATUS of a finely fragmented image answers 16384 extents (128 KiB);
+    """Each BLOCK_STATUS of a finely fragmented image answers up to 16384 extents (128 KiB);
     of 250 pipelined ones only a backlog's worth may be answered into memory
     while the client reads nothing."""
     image = tmp_path / "d.raw"
@@ -229,8 +229,11 @@ def test_pipelined_block_status_of_a_client_that_does_not_read_keeps_rss_bounded
         for _ in range(10):
             _flags, _type, _cookie, _offset, payload = client.chunk()
             _context, *descriptors = struct.unpack(f">{len(payload) // 4}I", payload)
-            assert descriptors[0::2] == [4096] * 16384
-            assert descriptors[1::2] == [0, 3] * 8192       # data, then hole|zero
+            # up to 16384 descriptors, fewer when the server's time slice ended first
+            count = len(descriptors) // 2
+            assert 2 <= count <= 16384
+            assert descriptors[0::2] == [4096] * count
+            assert descriptors[1::2] == ([0, 3] * count)[:count]     # data, then hole|zero
         client.sock.close()
 
 

@@ -133,15 +133,29 @@ def test_status_descriptors_merge_per_context():
     assert protocol.status_descriptors(extents, "qemu:allocation-depth") == [(10, 0), (12, 1)]
 
 
-@pytest.mark.parametrize("exc, wire", [
-    (ImageIOError(errno.ENOSPC), 28), (ImageIOError(errno.EPERM), 1),
-    (ImageIOError(errno.EOPNOTSUPP), 95), (OSError(errno.EIO, "x"), 5),
-    (OSError(errno.EDQUOT, "x"), 28), (ImageIOError(errno.ENOENT), 5),
-    (ValueError("bug"), 5), (MemoryError(), 12), (ImageIOError(errno.EOVERFLOW), 75),
-    (ImageIOError(errno.EINVAL), 22), (ImageIOError(errno.ESHUTDOWN), 108),
+FAST_ZERO, DF = 1 << 4, 1 << 2
+
+
+@pytest.mark.parametrize("exc, flags, wire", [
+    (ImageIOError(errno.ENOSPC), 0, 28), (ImageIOError(errno.EPERM), 0, 1),
+    (ImageIOError(errno.EOPNOTSUPP), FAST_ZERO, 95), (OSError(errno.EIO, "x"), 0, 5),
+    (OSError(errno.EDQUOT, "x"), 0, 28), (ImageIOError(errno.ENOENT), 0, 5),
+    (ValueError("bug"), 0, 5), (MemoryError(), 0, 12), (ImageIOError(errno.EOVERFLOW), DF, 75),
+    (ImageIOError(errno.EINVAL), 0, 22), (ImageIOError(errno.ESHUTDOWN), 0, 108),
+    # nbdkit's rule: ENOTSUP only answers FAST_ZERO, EOVERFLOW only DF; else EINVAL
+    (ImageIOError(errno.ENOTSUP), 0, 22), (ImageIOError(errno.EOPNOTSUPP), DF, 22),
+    (ImageIOError(errno.EOVERFLOW), 0, 22), (OSError(errno.EOVERFLOW, "x"), FAST_ZERO, 22),
 ])
-def test_nbd_error_code(exc, wire):
-    assert protocol.nbd_error_code(exc) == wire
+def test_nbd_error_code(exc, flags, wire):
+    assert protocol.nbd_error_code(exc, flags) == wire
+
+
+def test_client_messages_name_no_host_path():
+    assert protocol.client_message(ImageIOError(errno.ENOSPC, "/srv/x.raw: write failed")) \
+        == "No space left on device"
+    assert protocol.client_message(OSError(errno.EIO, "Input/output error", "/srv/x")) \
+        == "Input/output error"
+    assert protocol.client_message(KeyError("/srv/x")) == "internal error"
 
 
 # ------------------------------------------------------------ negotiation
@@ -189,6 +203,7 @@ def test_negotiation_errors_keep_negotiating():
     assert _reply_types(neg.option(Opt.STARTTLS, b"")) == [Rep.ERR_POLICY]
     assert _reply_types(neg.option(Opt.LIST, b"x")) == [Rep.ERR_INVALID]
     assert _reply_types(neg.oversized(Opt.GO, 1 << 20)) == [Rep.ERR_TOO_BIG]
+    assert neg.oversized(Opt.GO, 1 << 20).action is Action.CONTINUE
     assert neg.oversized(Opt.EXPORT_NAME, 1 << 20).action is Action.CLOSE
     assert neg.option(Opt.EXPORT_NAME, b"zz").action is Action.CLOSE
 
@@ -223,3 +238,18 @@ def test_negotiation_extended_headers_mode():
     assert neg.mode == ReplyMode.EXTENDED
     assert _reply_types(neg.option(Opt.STRUCTURED_REPLY, b"")) == [Rep.ERR_EXT_HEADER_REQD]
     assert _reply_types(neg.option(Opt.ABORT, b"")) == [Rep.ACK]
+
+
+def test_option_payloads_beyond_a_mebibyte_are_refused_and_end_the_connection():
+    neg = Negotiation(FakeRegistry(FakeExport("a")))
+    result = neg.oversized(Opt.LIST, (1 << 20) + 1)
+    assert _reply_types(result) == [Rep.ERR_TOO_BIG] and result.action is Action.CLOSE
+    assert neg.oversized(Opt.INFO, 4 << 30).action is Action.CLOSE
+
+
+def test_export_name_after_extended_headers_closes():
+    """The spec forbids EXPORT_NAME once extended headers are agreed (QEMU closes too)."""
+    neg = Negotiation(FakeRegistry(FakeExport("a")))
+    neg.option(Opt.EXTENDED_HEADERS, b"")
+    result = neg.option(Opt.EXPORT_NAME, b"a")
+    assert result.action is Action.CLOSE and result.replies == []

@@ -21,7 +21,7 @@ from helpers import run
 from nbdclient import CMD_READ, CMD_WRITE, NbdClient
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import Qcow1Image
-from qcownbd.nbd import output
+from qcownbd.nbd import replies as output
 
 MiB = 1 << 20
 
@@ -228,7 +228,8 @@ def test_reply_writer_keeps_order_and_never_reuses_a_queued_buffer():
         loop = asyncio.get_running_loop()
         transport, sink = await loop.connect_accepted_socket(_Sink, ours)
         backlog = []
-        writer = output.ReplyWriter(transport, backlog.append, 4 * MiB, MiB, plain=True)
+        writer = output.ReplyWriter(transport, backlog.append, 4 * MiB, MiB, plain=True,
+                                    pool=output.BufferPool())
         sink.writer = writer
         assert writer.direct
         rng, sent = random.Random(5), bytearray()
@@ -250,9 +251,9 @@ def test_reply_writer_keeps_order_and_never_reuses_a_queued_buffer():
             # scribble over whatever the pool would hand out next: a buffer still
             # queued (or held by the transport) must not be among them
             for size in (70_000, MiB):
-                buf = output.POOL.take(size)
+                buf = writer.pool.take(size)
                 buf[:] = bytes(len(buf))
-                output.POOL.give_back([buf])
+                writer.pool.give_back([buf])
             await asyncio.sleep(0)
         while len(received) < total and reader.is_alive():
             await asyncio.sleep(0.01)
@@ -274,7 +275,7 @@ async def _writer_over_small_socket(**options):
     loop = asyncio.get_running_loop()
     transport, sink = await loop.connect_accepted_socket(_Sink, ours)
     writer = output.ReplyWriter(transport, lambda high: None, 4 * MiB, MiB, plain=True,
-                                **options)
+                                pool=output.BufferPool(), **options)
     sink.writer = writer
     assert writer.direct
     return writer, transport, theirs

@@ -127,6 +127,11 @@ def build_syscalls(spec: str):
     return SimpleNamespace(rules=rules, **functions)
 
 
+def injecting() -> bool:
+    """True when ``QCOWNBD_FAULTS`` configured faults for this process."""
+    return syscalls is not os
+
+
 try:
     syscalls = build_syscalls(os.environ.get(ENV, ""))
 except ValueError as _exc:

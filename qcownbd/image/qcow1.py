@@ -24,8 +24,12 @@ __all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "identify
 UNALLOCATED, DATA, PACKED, INVALID = "unallocated", "data", "compressed", "invalid"
 _ZEROS = memoryview(bytes(1 << 20))
 INFLATED_CACHE_CLUSTERS = 16
-#: block_status stops after this many extents (the client asks again for the rest)
+#: block_status stops after this many extents, L2 entries looked at or L2 tables
+#: read from the file (the client asks again for the rest): a bound on the work
+#: of one call, whatever the image's geometry
 MAX_STATUS_EXTENTS = 4096
+MAX_STATUS_ENTRIES = 16384
+MAX_STATUS_LOADS = 2
 
 
 def zero_fill(view: memoryview) -> None:
@@ -379,16 +383,24 @@ class Qcow1Image(Backend):
             self._unmap(*self._whole_clusters(offset, offset + length))
 
     def _unmap(self, start: int, end: int) -> None:
-        """Set the L2 entries of the whole clusters in [start, end) to 0 (pending commit)."""
+        """Set the L2 entries of the whole clusters in [start, end) to 0 (pending commit),
+        a table's range at a time."""
         hdr, tables = self.header, self._tables
-        for kind, run_start, length, _host in list(self._runs(start, max(0, end - start))):
-            if kind == UNALLOCATED:
+        shift, cb, l2_mask = hdr.l1_shift, hdr.cluster_bits, hdr.l2_entries - 1
+        pos = start
+        while pos < end:
+            index = pos >> shift
+            if tables.l1[index] == 0:
+                pos = min(end, tables.next_used(index) << shift)
                 continue
-            with tables.alloc_lock:
-                for pos in range(run_start, run_start + length, self.cluster_size):
-                    index = pos >> hdr.l1_shift
-                    if tables.l1[index] not in (0, BAD):
-                        tables.set_entries(index, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1), [0])
+            stop = min(end, (index + 1) << shift)
+            if tables.l1[index] != BAD:
+                first = (pos >> cb) & l2_mask
+                count = ((stop - 1) >> cb) - (pos >> cb) + 1
+                with tables.alloc_lock:
+                    if tables.table(index)[first:first + count].count(0) != count:
+                        tables.set_entries(index, first, array("Q", bytes(8 * count)))
+            pos = stop
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True,
                      fast: bool = False) -> None:
@@ -417,18 +429,72 @@ class Qcow1Image(Backend):
     # -- allocation reports -----------------------------------------------
 
     def block_status(self, offset: int, length: int) -> list[Extent]:
-        """Allocation from the in-memory tables; unallocated ranges ask the backing file."""
+        """Allocation from the in-memory tables; unallocated ranges ask the backing file.
+
+        Bounded work per call, whatever the range and the geometry (see
+        `MAX_STATUS_ENTRIES`), and one call into the backing file; the caller
+        asks again for the rest.  A table's range whose entries are all set (or
+        all unset) is one extent, found at C speed.
+        """
+        hdr, tables = self.header, self._tables
+        shift, cb, l2_mask = hdr.l1_shift, hdr.cluster_bits, hdr.l2_entries - 1
         extents: list[Extent] = []
-        for kind, start, run_length, _host in self._runs(offset, length):
-            if kind == UNALLOCATED:
-                self._lower_status(start, run_length, extents)
+        pos, end, budget = offset, offset + length, MAX_STATUS_ENTRIES
+        loads_allowed = tables.loads + MAX_STATUS_LOADS
+        while pos < end and budget > 0 and tables.loads < loads_allowed \
+                and len(extents) < MAX_STATUS_EXTENTS:
+            index = pos >> shift
+            l2_offset = tables.l1[index]
+            if l2_offset == 0:
+                stop = min(end, tables.next_used(index) << shift)
+                pos += self._lower_status(pos, stop - pos, extents)
+                if pos < stop:
+                    break       # the backing file answered part: enough for one call
+                continue
+            stop = min(end, (index + 1) << shift)
+            if l2_offset == BAD:
+                _append(extents, Extent(stop - pos, False, False, 1))
+                pos = stop
+                continue
+            first, last = (pos >> cb) & l2_mask, ((stop - 1) >> cb) & l2_mask
+            last = min(last, first + budget - 1)
+            stop = min(stop, ((pos >> cb) + last - first + 1) << cb)
+            budget -= last - first + 1
+            entries = tables.table(index)[first:last + 1]
+            unset = entries.count(0)
+            if not unset:
+                _append(extents, Extent(stop - pos, False, False, 1))
+            elif unset == len(entries):
+                covered = self._lower_status(pos, stop - pos, extents)
+                if covered < stop - pos:
+                    break
             else:
-                _append(extents, Extent(run_length, False, False, 1))
-            if len(extents) >= MAX_STATUS_EXTENTS:
-                break
+                self._mixed_table_status(pos, stop, entries, extents)
+            pos = stop
         return extents
 
-    def _lower_status(self, start: int, length: int, extents: list) -> None:
+    def _mixed_table_status(self, pos: int, stop: int, entries, extents: list) -> None:
+        """Extents of one table's range whose clusters are partly allocated, a run of
+        equally (un)allocated clusters at a time."""
+        base, size, count, index = pos & ~self._cluster_mask, self.cluster_size, len(entries), 0
+        while index < count:
+            allocated = entries[index] != 0
+            after = index + 1
+            while after < count and (entries[after] != 0) == allocated:
+                after += 1
+            run_end = min(stop, base + after * size)
+            if allocated:
+                _append(extents, Extent(run_end - pos, False, False, 1))
+            else:
+                self._lower_status(pos, run_end - pos, extents, whole=True)
+            pos, index = run_end, after
+
+    def _lower_status(self, start: int, length: int, extents: list, whole: bool = False) -> int:
+        """Append the status of an unallocated range; returns the bytes covered.
+
+        One call into the backing file covers what it covers (its own bound);
+        ``whole``: call it until the range is covered (a range of one cluster).
+        """
         below = 0
         if self.backing is not None:
             below = max(0, min(length, self.backing.size - start))
@@ -436,16 +502,20 @@ class Qcow1Image(Backend):
         while pos < end:
             found = self.backing.block_status(pos, end - pos)
             if not found:
-                break
+                raise ImageIOError(errno.EIO, f"{self.path}: backing file returned no extent")
             for ext in found:
                 ext_length = min(ext.length, end - pos)
                 _append(extents, Extent(ext_length, ext.hole, ext.zero,
                                         ext.depth + 1 if ext.depth else 0))
                 pos += ext_length
-        if pos < start + length:
+            if not whole:
+                break
+        if pos == end and pos < start + length:
             # past a shorter backing file's end QEMU still reports the backing's depth
             depth = 2 if self.backing is not None else 0
             _append(extents, Extent(start + length - pos, True, True, depth))
+            pos = start + length
+        return pos - start
 
     def map_extents(self, offset: int = 0, length: int | None = None):
         """Yield (start, length, kind, host_offset, depth); kind data/compressed/unallocated."""

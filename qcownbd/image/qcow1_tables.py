@@ -88,6 +88,8 @@ class Qcow1Tables:
         self.on_load = None
         #: next free byte of the file for allocations (set after the open scan)
         self.next_free = 0
+        #: tables read from the file so far (work bounds count them: a load costs)
+        self.loads = 0
         self.alloc_lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._pending_lock = threading.Lock()
@@ -133,6 +135,7 @@ class Qcow1Tables:
             self._cache.move_to_end(index)
             return table
         table = self._read_table(self.l1[index])
+        self.loads += 1
         if self.on_load is not None:
             self.on_load(table, index)
         self._insert(index, table)

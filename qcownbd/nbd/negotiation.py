@@ -2,7 +2,8 @@
 
 The connection reads an option, hands it to `Negotiation.option`, sends the
 replies it gets back and does what the result's action says.  Tests drive
-it with bytes alone.
+it with bytes alone.  What was agreed when transmission starts is one small
+value, the `Session`.
 """
 
 from dataclasses import dataclass, field
@@ -16,6 +17,9 @@ from qcownbd.nbd.protocol import BadOption, ReplyMode
 
 #: option payloads above this are discarded unread and refused (ERR_TOO_BIG)
 MAX_OPTION_PAYLOAD = 2 * MAX_STRING + 1024
+#: ... and above this the connection closes: skipping gigabytes of junk would only
+#: keep a connection slot busy (qemu-nbd and nbdkit close at once too)
+MAX_SKIPPED_OPTION = 1024 * 1024
 
 
 class Action(Enum):
@@ -25,6 +29,18 @@ class Action(Enum):
     TRANSMIT = "transmit"
     CLOSE = "close"
     STARTTLS = "starttls"
+
+
+@dataclass(frozen=True)
+class Session:
+    """What a client agreed before transmission: the state its requests are served in."""
+
+    export_name: str
+    mode: ReplyMode
+    #: metadata context id -> name, for BLOCK_STATUS
+    contexts: dict[int, str]
+    no_zeroes: bool
+    tls: bool
 
 
 @dataclass
@@ -58,17 +74,30 @@ class Negotiation:
         self.contexts: dict[int, str] = {}
         self.context_export: str | None = None
 
+    def restarted_over_tls(self) -> "Negotiation":
+        """The negotiation that starts after STARTTLS: nothing agreed before TLS holds."""
+        return Negotiation(self.exports, self.tls, tls_active=True, no_zeroes=self.no_zeroes)
+
+    def session(self, export) -> Session:
+        """The agreed state for transmission on ``export`` (after TRANSMIT)."""
+        return Session(export.name, self.mode, dict(self.contexts), self.no_zeroes,
+                       self.tls_active)
+
     def client_flags(self, data) -> None:
         """Take the client's flags word; unknown bits raise `ProtocolError`."""
         flags = protocol.parse_client_flags(data)
         self.no_zeroes = bool(flags & ClientFlag.C_NO_ZEROES)
 
     def oversized(self, option: int, length: int) -> OptionResult:
-        """An option whose payload was too big to read (it was discarded)."""
+        """An option whose payload is too big to read: refused, and skipped (CONTINUE)
+        when it is modestly big, else the connection closes."""
         if option == Opt.EXPORT_NAME:
             return OptionResult(action=Action.CLOSE)
-        return OptionResult([protocol.option_error(
-            option, Rep.ERR_TOO_BIG, f"option payload of {length} bytes is too big")])
+        reply = protocol.option_error(option, Rep.ERR_TOO_BIG,
+                                      f"option payload of {length} bytes is too big")
+        if length > MAX_SKIPPED_OPTION:
+            return OptionResult([reply], Action.CLOSE)
+        return OptionResult([reply])
 
     def option(self, option: int, payload: bytes) -> OptionResult:
         """Answer one option."""
@@ -103,6 +132,10 @@ class Negotiation:
     # ------------------------------------------------------------ handlers
 
     def _export_name(self, option, payload) -> OptionResult:
+        if self.mode == ReplyMode.EXTENDED:
+            # the spec: a client that negotiated extended headers must use GO;
+            # EXPORT_NAME cannot be refused politely, so the connection ends
+            return OptionResult(action=Action.CLOSE)
         try:
             export = self.exports.lookup(payload.decode())
         except (LookupError, UnicodeDecodeError):

@@ -10,11 +10,11 @@ import struct
 from enum import IntEnum
 from typing import NamedTuple
 
-from qcownbd.errors import ImageIOError, ProtocolError
+from qcownbd.errors import ImageIOError, ProtocolError, QcownbdError
 from qcownbd.nbd.constants import (
-    CONTEXT_ALLOCATION_DEPTH, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC, IHAVEOPT, NBDMAGIC, OPTION_REPLY_MAGIC,
-    REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ClientFlag, Errno,
-    HandshakeFlag, Info, Rep, ReplyFlag, ReplyType, StateFlag, TransmissionFlag,
+    CONTEXT_ALLOCATION_DEPTH, EXTENDED_REPLY_MAGIC, EXTENDED_REQUEST_MAGIC, IHAVEOPT, NBDMAGIC,
+    OPTION_REPLY_MAGIC, REQUEST_MAGIC, SIMPLE_REPLY_MAGIC, STRUCTURED_REPLY_MAGIC, ClientFlag,
+    CmdFlag, Errno, HandshakeFlag, Info, Rep, ReplyFlag, ReplyType, StateFlag, TransmissionFlag,
 )
 
 GREETING = struct.Struct(">QQH")
@@ -59,11 +59,14 @@ class Request(NamedTuple):
     length: int
 
 
-class BadOption(Exception):
-    """An option payload is malformed; answered with ``rep`` and the negotiation goes on."""
+class BadOption(QcownbdError):
+    """An option cannot be granted; answered with ``rep`` and the negotiation goes on.
+
+    Its message is sent to the client, so it names nothing of the host.
+    """
 
     def __init__(self, rep: int, message: str):
-        super().__init__(message)
+        super().__init__(message, public=message)
         self.rep = rep
 
 
@@ -350,13 +353,34 @@ _WIRE_ERRNO = {
     host_errno.ENOTSUP: Errno.ENOTSUP, host_errno.EOPNOTSUPP: Errno.ENOTSUP,
     host_errno.ESHUTDOWN: Errno.ESHUTDOWN,
 }
+#: wire errors a client may only see when its request's flags ask for them
+#: (nbdkit's nbd_errno): ENOTSUP answers FAST_ZERO, EOVERFLOW answers DF
+_ONLY_WITH_FLAG = {Errno.ENOTSUP: int(CmdFlag.FAST_ZERO), Errno.EOVERFLOW: int(CmdFlag.DF)}
 
 
-def nbd_error_code(exc: BaseException) -> int:
-    """THE mapping from an exception to the errno an NBD client receives."""
+def nbd_error_code(exc: BaseException, flags: int = 0) -> int:
+    """THE mapping from an exception to the errno an NBD client receives.
+
+    ``flags`` are the failed request's command flags: ENOTSUP is only ever
+    the answer to a FAST_ZERO request and EOVERFLOW to a DF one; anywhere
+    else either becomes EINVAL, which every client understands.
+    """
     if isinstance(exc, (ImageIOError, OSError)) and exc.errno is not None:
-        return int(_WIRE_ERRNO.get(exc.errno, Errno.EIO))
-    if isinstance(exc, MemoryError):
-        return int(Errno.ENOMEM)
-    return int(Errno.EIO)
+        code = _WIRE_ERRNO.get(exc.errno, Errno.EIO)
+    elif isinstance(exc, MemoryError):
+        code = Errno.ENOMEM
+    else:
+        code = Errno.EIO
+    needed = _ONLY_WITH_FLAG.get(code)
+    if needed is not None and not flags & needed:
+        code = Errno.EINVAL
+    return int(code)
 
+
+def client_message(exc: BaseException) -> str:
+    """The text a client may read about ``exc``: never a host path, never internals."""
+    if isinstance(exc, QcownbdError):
+        return exc.public
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror     # str(OSError) would add the file name
+    return "internal error"

@@ -1,9 +1,10 @@
 """The listening side: sockets, the set of live connections, orderly stop.
 
-`NbdServer` is the ``hub`` every `NbdConnection` talks to.  It also runs the
-metadata commit timer: a backend with allocations not yet committed gets a
-`flush` in a worker thread every couple of seconds, so a crash loses at
-most that much of what clients did not flush themselves.
+`NbdServer` is what every `NbdConnection` talks to, and holds what they
+share: the payload budget, the buffer pool, the worker threads.  It also
+runs the metadata commit timer: a backend with allocations not yet
+committed gets a `flush` in a worker thread every couple of seconds, so a
+crash loses at most that much of what clients did not flush themselves.
 """
 
 import asyncio
@@ -12,15 +13,91 @@ import os
 import resource
 import socket
 import stat
+import time
 
 from qcownbd.errors import ConfigError
 from qcownbd.nbd.connection import NbdConnection
+from qcownbd.nbd.replies import BufferPool
+from qcownbd.ratelimit import RateLimitedLog
 
 log = logging.getLogger("qcownbd.server")
 
 METADATA_COMMIT_INTERVAL = 2.0
 #: how long a stopping server waits for clients to take their last replies
 STOP_GRACE = 10.0
+#: bytes of partly received WRITE payloads all connections may hold at once
+PAYLOAD_BUDGET = 128 * 1024 * 1024
+#: while others wait for the payload budget, a payload holding some must arrive at
+#: least this fast (bytes a second, measured over RATE_GRACE seconds at least)
+MIN_UPLOAD_RATE = 256 * 1024
+RATE_GRACE = 1.0
+
+
+class PayloadBudget:
+    """Server-wide bound on the memory of WRITE payloads still being received.
+
+    A payload too large for the receive buffer needs a reservation; one
+    payload is always granted when nothing is reserved, so any single request
+    can proceed.  Refused connections wait (not reading) and are woken in
+    turn, through their ``budget_available()``, when bytes are released.
+
+    Nobody may hold budget it does not use while others wait: then a holder
+    whose payload has arrived slower than ``min_rate`` bytes a second (over at
+    least ``grace`` seconds) loses it, through its ``budget_revoked(rate)``,
+    so a few clients trickling bytes into huge WRITEs cannot stall the
+    writes of everyone else.
+    """
+
+    def __init__(self, limit: int, *, min_rate: float = MIN_UPLOAD_RATE,
+                 grace: float = RATE_GRACE, clock=time.monotonic):
+        self.limit = limit
+        self.used = 0
+        self.min_rate = min_rate
+        self.grace = grace
+        self._clock = clock
+        self._waiting: list = []
+        #: connection -> (bytes reserved, when)
+        self._holders: dict = {}
+        self._timer = None
+
+    def reserve(self, nbytes: int, conn) -> bool:
+        """Take ``nbytes`` for ``conn``, or queue it to be woken later and say no."""
+        if self.used and self.used + nbytes > self.limit:
+            if conn not in self._waiting:
+                self._waiting.append(conn)
+            self._reclaim()
+            return False
+        self.used += nbytes
+        self._holders[conn] = (nbytes, self._clock())
+        return True
+
+    def release(self, conn) -> None:
+        """Give back ``conn``'s reservation and let the waiting connections try again."""
+        nbytes, _since = self._holders.pop(conn)
+        self.used -= nbytes
+        waiting, self._waiting = self._waiting, []
+        for other in waiting:
+            other.budget_available()
+
+    def forget(self, conn) -> None:
+        """A waiting connection went away."""
+        if conn in self._waiting:
+            self._waiting.remove(conn)
+
+    def _reclaim(self) -> None:
+        """Take the budget back from holders too slow to deserve it while others wait."""
+        now = self._clock()
+        for conn, (_nbytes, since) in list(self._holders.items()):
+            elapsed = now - since
+            if elapsed >= self.grace and conn.payload_received < self.min_rate * elapsed:
+                conn.budget_revoked(conn.payload_received / elapsed)
+        if self._waiting and self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self.grace / 2, self._recheck)
+
+    def _recheck(self) -> None:
+        self._timer = None
+        if self._waiting:
+            self._reclaim()
 
 
 class NbdServer:
@@ -31,13 +108,16 @@ class NbdServer:
     flood of idle or half-open connections (which the handshake timeout ends
     anyway) can neither fill ``max_connections`` nor keep a real client out.
     ``max_connections_per_client`` (0: none) counts both phases per address.
+    ``zero_copy``: large reads may go out with sendfile straight from the
+    image file (off while faults are injected into the image I/O, which
+    every read must then meet).
     """
 
     def __init__(self, exports, *, max_connections: int = 256,
                  handshake_timeout: float = 30.0, payload_timeout: float = 30.0,
                  max_handshakes: int = 64,
                  max_connections_per_client: int = 0, tls: str = "off",
-                 tls_context=None):
+                 tls_context=None, zero_copy: bool = True):
         self.exports = exports
         self.max_connections = max_connections
         self.handshake_timeout = handshake_timeout
@@ -46,6 +126,11 @@ class NbdServer:
         self.max_connections_per_client = max_connections_per_client
         self.tls = tls
         self.tls_context = tls_context
+        self.zero_copy = zero_copy
+        self.payloads = PayloadBudget(PAYLOAD_BUDGET)
+        #: per-request and per-connection lines go through this: one client cannot flood
+        self.log = RateLimitedLog(logging.getLogger("qcownbd.nbd"))
+        self.buffers = BufferPool()
         self.connections: set[NbdConnection] = set()
         #: connections still negotiating, oldest first (a dict keeps the order)
         self._negotiating: dict[NbdConnection, None] = {}
@@ -58,6 +143,12 @@ class NbdServer:
 
     # ------------------------------------------------------- connection hub
 
+    @staticmethod
+    def offload(function, done) -> None:
+        """Run ``function()`` in a worker thread; ``done(future)`` follows in the loop."""
+        future = asyncio.get_running_loop().run_in_executor(None, function)
+        future.add_done_callback(done)
+
     def register(self, conn: NbdConnection) -> bool:
         """Admit a new connection unless a limit is reached (see the class)."""
         if len(self.connections) >= self.max_connections:
@@ -65,7 +156,8 @@ class NbdServer:
         # Unix-socket clients (address None) share no address worth limiting
         if conn.address is not None and self.max_connections_per_client \
                 and self._per_client.get(conn.address, 0) >= self.max_connections_per_client:
-            log.warning("%s: refused: too many connections from this address", conn.peer)
+            self.log.log(logging.WARNING, "per-client limit",
+                         "%s: refused: too many connections from this address", conn.peer)
             return False
         if len(self._negotiating) >= self.max_handshakes:
             oldest = next(iter(self._negotiating))
@@ -153,6 +245,7 @@ class NbdServer:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(METADATA_COMMIT_INTERVAL)
+            self.log.flush()
             for export in self.exports.open_exports():
                 backend = export.backend
                 if id(backend) in self._committing or not backend.has_pending_metadata:

@@ -1,18 +1,22 @@
 """Transmission-phase commands: checks, the dispatch table, and the replies.
 
-A mixin of `NbdConnection`, which provides ``send``, ``reply_error``,
-``request_done``, ``mode``, ``stats`` and ``peer``.  A new NBD command is one
-entry in ``_ALLOWED_FLAGS`` and one in ``_COMMANDS``.
+A `Dispatcher` runs one connection's requests against its export and
+answers them through a narrow replies port (`ReplyWriter`: ``send``,
+``lend``, ``send_file``, ``materialize_files``); it knows nothing of
+sockets.  A new NBD command is one entry in ``_ALLOWED_FLAGS`` and one in
+``_COMMANDS``.
 """
 
-import asyncio
 import errno as host_errno
 import logging
+import time
+from time import perf_counter
 
-from qcownbd.errors import ImageIOError
+from qcownbd.errors import ImageIOError, QcownbdError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import MAX_REQUEST_SIZE, Cmd, CmdFlag, Errno
 from qcownbd.nbd.protocol import ReplyMode
+from qcownbd.ratelimit import RateLimitedLog
 
 log = logging.getLogger("qcownbd.nbd")
 
@@ -24,6 +28,11 @@ HOLE_CHUNK_MIN = 4096
 MAX_STATUS_EXTENTS = 16384
 #: reads at least this long go out with sendfile when the backend maps them to one file run
 SENDFILE_MIN = 64 * 1024
+#: event-loop time one request may take before it yields to the other clients: a long
+#: WRITE_ZEROES, TRIM or CACHE goes on in pieces later, a BLOCK_STATUS answers what it found
+TIME_SLICE = 0.004
+#: the range one backend call of a piecewise request covers
+PIECE = 1024 * 1024
 
 # Plain ints on the per-request path: ``int & IntFlag`` runs enum code in Python
 # (half a microsecond), ``int & int`` does not.
@@ -42,29 +51,59 @@ _WRITING = frozenset(map(int, (Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES)))
 _RANGELESS = frozenset(map(int, (Cmd.DISC, Cmd.FLUSH)))
 _DATA_CARRYING = frozenset(map(int, (Cmd.READ, Cmd.WRITE)))
 _GROWING = frozenset(map(int, (Cmd.WRITE, Cmd.WRITE_ZEROES)))
-_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_BLOCK_STATUS, _DISC = int(Cmd.BLOCK_STATUS), int(Cmd.DISC)
+_FAST_ZERO, _NO_HOLE, _REQ_ONE = int(CmdFlag.FAST_ZERO), int(CmdFlag.NO_HOLE), int(CmdFlag.REQ_ONE)
 _SIMPLE = ReplyMode.SIMPLE
+_COMMAND_NAMES = set(Cmd)
+_ERRNO_NAMES = set(Errno)
 
 
-class CommandRunner:
-    """Runs checked requests against the export's backend and answers them."""
+class ConnectionStats:
+    """Counters for the one log line written when a connection ends."""
+
+    __slots__ = ("started", "requests", "bytes_read", "bytes_written", "errors")
+
+    def __init__(self):
+        self.started = time.monotonic()
+        self.requests = self.bytes_read = self.bytes_written = self.errors = 0
+
+
+class Dispatcher:
+    """Runs the requests of one connection against its export, in arrival order.
+
+    ``session`` is what negotiation agreed (reply mode, metadata contexts);
+    ``replies`` the connection's `ReplyWriter`.  Backend calls run in the
+    caller's thread except flushes, which ``offload(fn, done)`` runs in a
+    worker thread, calling ``done(future)`` back in the caller's thread;
+    a long request yields between pieces through ``defer(callback)``
+    (``busy`` is True until it finished: nothing after it may start);
+    ``on_async_done()`` says a request that was in flight or busy finished.
+    ``zero_copy``: large reads may be sent with sendfile from the image file
+    (off while faults are injected: every read must meet them).  ``log`` is
+    the server's `RateLimitedLog`: one client's errors cannot flood the log.
+    """
 
     #: flushes (FLUSH, FUA) in flight per connection before reading pauses
     MAX_INFLIGHT = 64
 
-    def __init__(self):
-        self.inflight = 0
-        self.disconnecting = False
-        self.backend = None
-        self.read_only = True
-        self.contexts: dict[int, str] = {}
-        self._scan_skip = self._scan_backoff = 0
-
-    def start_commands(self, export, contexts: dict[int, str]) -> None:
-        """Bind to the export chosen at negotiation and its metadata contexts."""
+    def __init__(self, export, session, replies, stats: ConnectionStats, peer: str, *,
+                 offload, defer, on_async_done, log: RateLimitedLog,
+                 zero_copy: bool = True):
         self.backend = export.backend
         self.read_only = export.read_only
-        self.contexts = dict(contexts)
+        self.mode = session.mode
+        self.contexts = dict(session.contexts)
+        self.replies = replies
+        self.stats = stats
+        self.peer = peer
+        self.inflight = 0
+        self.busy = False
+        self.log = log
+        self._offload = offload
+        self._defer = defer
+        self._on_async_done = on_async_done
+        self._zero_copy = zero_copy
+        self._scan_skip = self._scan_backoff = 0
 
     def check(self, req) -> tuple[int, str]:
         """(errno, reason) refusing ``req`` before it runs, or (0, "")."""
@@ -88,26 +127,59 @@ class CommandRunner:
             return past_end, "beyond the end of the export"
         return 0, ""
 
-    def execute_checked(self, req, payload) -> None:
-        """Check a request without payload, then run it or refuse it."""
+    def run_checked(self, req) -> bool:
+        """Check a request without payload, then run it or refuse it.
+
+        False when the client said goodbye (DISC): nothing more is to be read.
+        """
         error, reason = self.check(req)
         if error:
-            self.reply_error(req, error, reason)
-        else:
-            self.execute(req, payload)
+            self.refuse(req, error, reason)
+            return True
+        if req.type == _DISC:
+            self.stats.requests += 1
+            return False
+        self.run(req, None)
+        return True
 
-    def execute(self, req, payload) -> None:
+    def run(self, req, payload) -> None:
         """Run a checked request; a failure becomes an error reply, never a close."""
+        self.stats.requests += 1
         if req.type in _WRITING:
             # READ replies still waiting in the file must not see this write
             self.replies.materialize_files()
         try:
             self._COMMANDS[req.type](self, req, payload)
-        except (ImageIOError, OSError) as exc:
-            self.reply_error(req, protocol.nbd_error_code(exc), str(exc))
+        except (QcownbdError, OSError) as exc:
+            self._failed(req, exc)
         except Exception as exc:  # a backend bug must not take the server down
-            log.exception("%s: %s failed", self.peer, Cmd(req.type).name)
-            self.reply_error(req, protocol.nbd_error_code(exc), "internal error")
+            self.log.log(logging.ERROR, "internal error", "%s: %s failed", self.peer,
+                         Cmd(req.type).name, exc_info=True)
+            self._failed(req, exc)
+
+    def refuse(self, req, error: int, reason: str) -> None:
+        """Answer a request that will not run (its checks failed) with ``error``."""
+        self.stats.requests += 1
+        self._reply_error(req, error, reason, reason)
+
+    def _failed(self, req, exc: BaseException) -> None:
+        self._reply_error(req, protocol.nbd_error_code(exc, req.flags),
+                          protocol.client_message(exc), str(exc))
+
+    def _reply_error(self, req, error: int, public: str, detail: str) -> None:
+        """Answer ``req`` with an NBD errno; the client reads ``public``, the log ``detail``."""
+        self.stats.errors += 1
+        name = Cmd(req.type).name if req.type in _COMMAND_NAMES else "unknown command"
+        reason = Errno(error).name if error in _ERRNO_NAMES else str(error)
+        self.log.log(logging.INFO, f"{name} {reason}", "%s: %s at %d+%d: %s (%s)", self.peer,
+                     name if req.type in _COMMAND_NAMES else f"command {req.type}",
+                     req.offset, req.length, reason, detail)
+        self.replies.send((protocol.error_reply(self.mode, req.cookie, req.offset, error,
+                                                public),))
+
+    def send(self, *parts) -> None:
+        """Queue reply bytes; big data buffers go out without being joined."""
+        self.replies.send(parts)
 
     def _done(self, req) -> None:
         self.send(protocol.done_reply(self.mode, req.cookie, req.offset))
@@ -121,19 +193,48 @@ class CommandRunner:
     def _flush_then_reply(self, req) -> None:
         # the flush blocks on fdatasync: a worker thread keeps the loop serving
         self.inflight += 1
-        self._update_reading()
-        future = asyncio.get_running_loop().run_in_executor(None, self.backend.flush)
-        future.add_done_callback(lambda fut: self._flushed(req, fut))
+        self._offload(self.backend.flush, lambda fut: self._flushed(req, fut))
 
     def _flushed(self, req, future) -> None:
         self.inflight -= 1
         exc = None if future.cancelled() else future.exception()
         if exc is not None:
-            log.warning("%s: flush failed: %s", self.peer, exc)
-            self.reply_error(req, protocol.nbd_error_code(exc), str(exc))
+            self.log.log(logging.WARNING, "flush failed", "%s: flush failed: %s", self.peer, exc)
+            self._failed(req, exc)
         else:
             self._done(req)
-        self.request_done()
+        self._on_async_done()
+
+    def _in_pieces(self, req, piece) -> None:
+        """Run ``piece(offset, length)`` over the request's range, a `PIECE` at a time,
+        yielding the event loop every `TIME_SLICE`; then answer the request.
+
+        Until it is answered the dispatcher is ``busy``: the connection starts
+        nothing after it, so requests still take effect in arrival order.
+        """
+        position, end = req.offset, req.offset + req.length
+
+        def run_slice() -> None:
+            nonlocal position
+            deadline = perf_counter() + TIME_SLICE
+            try:
+                while position < end:
+                    step = min(PIECE, end - position)
+                    piece(position, step)
+                    position += step
+                    if position < end and perf_counter() > deadline:
+                        self.busy = True
+                        self._defer(run_slice)
+                        return
+            except (QcownbdError, OSError) as exc:
+                self._failed(req, exc)
+            else:
+                self._done_durably(req)
+            if self.busy:
+                self.busy = False
+                self._on_async_done()
+
+        run_slice()
 
     # ------------------------------------------------------------- commands
 
@@ -186,7 +287,7 @@ class CommandRunner:
     def _send_file_range(self, header, offset: int, length: int) -> bool:
         """Answer a one-run READ with ``header`` and the image file's own bytes, sent by
         sendfile in their turn; False when that cannot be done (a copy is then sent)."""
-        if length < SENDFILE_MIN or not self.replies.direct:
+        if length < SENDFILE_MIN or not self._zero_copy or not self.replies.direct:
             return False
         where = self.backend.host_range(offset, length)
         if where is None:
@@ -196,60 +297,66 @@ class CommandRunner:
         return True
 
     def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
-        """Split a read into (offset, length, zero) runs worth sending as holes or data."""
+        """Split a read into (offset, length, zero) runs worth sending as holes or data;
+        what the time slice left unexamined is data."""
         runs: list[list] = []
-        for extent in self._extents(offset, length, limit=None):
+        end = offset + length
+        for extent in self._extents(offset, length, MAX_STATUS_EXTENTS):
             zero = extent.zero and extent.length >= HOLE_CHUNK_MIN
             if runs and runs[-1][2] == zero:
                 runs[-1][1] += extent.length
             else:
                 runs.append([offset, extent.length, zero])
             offset += extent.length
+        if offset < end:
+            if runs[-1][2]:
+                runs.append([offset, end - offset, False])
+            else:
+                runs[-1][1] += end - offset
         return [(start, size, zero) for start, size, zero in runs]
 
-    def _extents(self, offset: int, length: int, limit: int | None):
-        """Backend extents from ``offset``: all of ``length``, or up to ``limit`` of them."""
+    def _extents(self, offset: int, length: int, limit: int):
+        """Backend extents from ``offset``: up to ``limit`` of them, covering at most
+        ``length``; fewer when the time slice is over (at least one)."""
         extents = []
         end = offset + length
-        while offset < end and (limit is None or len(extents) < limit):
+        deadline = perf_counter() + TIME_SLICE
+        while offset < end and len(extents) < limit:
             got = self.backend.block_status(offset, end - offset)
             if not got or any(extent.length <= 0 for extent in got):
                 raise ImageIOError(host_errno.EIO, "backend returned no extent")
             for extent in got:
                 extents.append(extent)
                 offset += extent.length
+            if perf_counter() > deadline:
+                break   # the spec lets a reply cover less than was asked
         return extents
 
     def _cmd_write(self, req, payload) -> None:
         self.backend.write(req.offset, payload)
         self.stats.bytes_written += req.length
-        self.recycle_payload(payload)
         self._done_durably(req)
-
-    def _cmd_disc(self, req, _payload) -> None:
-        self.disconnecting = True
 
     def _cmd_flush(self, req, _payload) -> None:
         self._flush_then_reply(req)
 
     def _cmd_trim(self, req, _payload) -> None:
-        self.backend.trim(req.offset, req.length)
-        self._done_durably(req)
+        self._in_pieces(req, self.backend.trim)
 
     def _cmd_cache(self, req, _payload) -> None:
-        self.backend.cache(req.offset, req.length)
-        self._done(req)
+        # answered with _done_durably like the others: CACHE has no FUA flag to honour
+        self._in_pieces(req, self.backend.cache)
 
     def _cmd_write_zeroes(self, req, _payload) -> None:
-        fast = bool(req.flags & CmdFlag.FAST_ZERO)
+        fast = bool(req.flags & _FAST_ZERO)
         if fast and not self.backend.can_fast_zero:
             raise ImageIOError(host_errno.ENOTSUP, "fast zeroing is not possible here")
-        self.backend.write_zeroes(req.offset, req.length,
-                                  may_trim=not req.flags & CmdFlag.NO_HOLE, fast=fast)
-        self._done_durably(req)
+        may_trim = not req.flags & _NO_HOLE
+        self._in_pieces(req, lambda offset, length: self.backend.write_zeroes(
+            offset, length, may_trim=may_trim, fast=fast))
 
     def _cmd_block_status(self, req, _payload) -> None:
-        one = bool(req.flags & CmdFlag.REQ_ONE)
+        one = bool(req.flags & _REQ_ONE)
         extents = self._extents(req.offset, req.length, 1 if one else MAX_STATUS_EXTENTS)
         ids = sorted(self.contexts)
         for index, ctx_id in enumerate(ids):
@@ -262,7 +369,6 @@ class CommandRunner:
     _COMMANDS = {
         Cmd.READ: _cmd_read,
         Cmd.WRITE: _cmd_write,
-        Cmd.DISC: _cmd_disc,
         Cmd.FLUSH: _cmd_flush,
         Cmd.TRIM: _cmd_trim,
         Cmd.CACHE: _cmd_cache,

@@ -15,8 +15,9 @@ transport (which copies it, watches the socket and calls ``pause_writing``
 at once because its limits are set to zero) and the rest waits here,
 uncopied, until ``resume_writing`` says the transport drained.
 
-Large READ buffers come from `BufferPool`: reused bytearrays, so a 1 MiB
-reply costs neither a zeroed allocation nor fresh pages.  Large READs whose
+Large READ buffers come from `BufferPool` (one per server): reused
+buffers, so a 1 MiB reply costs neither a zeroed allocation nor fresh
+pages.  Large READs whose
 bytes lie as-is in one run of the image file are not read at all: a
 `FileRange` waits in the queue like any other part and goes out with
 sendfile when its turn comes, however full the socket was when it was
@@ -30,8 +31,11 @@ overlapping requests that are in flight together unordered).
 """
 
 import collections
+import errno
+import mmap
 import os
 
+from qcownbd.errors import ImageIOError
 from qcownbd.image.backend import pread_filling
 
 #: most iovecs one writev takes (Linux IOV_MAX)
@@ -58,26 +62,37 @@ class FileRange:
         return self.length
 
 
-class FileReadError(Exception):
+class FileReadError(ImageIOError):
     """A queued `FileRange` could not be read: its reply cannot be completed."""
 
 
+def lazy_buffer(size: int):
+    """A zeroed writable buffer whose memory is only taken as it is written: an
+    anonymous mapping (a bytearray is zero-filled, so all of it is resident at once,
+    and a client announcing a 32 MiB WRITE would cost 32 MiB before sending a byte)."""
+    return mmap.mmap(-1, size)
+
+
 class BufferPool:
-    """Free bytearrays by power-of-two size, bounded in total bytes; loop thread only."""
+    """Free buffers by power-of-two size, bounded in total bytes; loop thread only.
+
+    Buffers are `lazy_buffer`s: one lent to a payload that trickles in holds
+    only the pages the payload has reached.
+    """
 
     def __init__(self, max_bytes: int = POOL_MAX_BYTES):
         self.max_bytes = max_bytes
-        self._free: dict[int, list[bytearray]] = {}
+        self._free: dict[int, list] = {}
         self._bytes = 0
 
-    def take(self, length: int) -> bytearray:
-        """A bytearray of at least ``length`` bytes with arbitrary contents."""
+    def take(self, length: int):
+        """A writable buffer of at least ``length`` bytes with arbitrary contents."""
         size = max(POOL_MIN, 1 << (length - 1).bit_length())
         free = self._free.get(size)
         if free:
             self._bytes -= size
             return free.pop()
-        return bytearray(size)
+        return lazy_buffer(size)
 
     def give_back(self, buffers) -> None:
         """Keep the buffers for reuse, as far as the byte bound allows."""
@@ -86,8 +101,6 @@ class BufferPool:
                 self._free.setdefault(len(buf), []).append(buf)
                 self._bytes += len(buf)
 
-
-POOL = BufferPool()
 
 
 class ReplyWriter:
@@ -99,12 +112,19 @@ class ReplyWriter:
     ``high_water`` (stop reading requests) or fall to ``low_water`` again.
     ``on_broken(reason)`` is called when a queued `FileRange` cannot be read:
     its header is on the wire already, so only closing the connection is left.
+    ``pool``: the server's `BufferPool`.  While ``corked`` (a batch of
+    requests is being run) replies gather, and go out once the batch holds
+    ``batch_limit`` bytes, so that the backlog sees them and a long pipeline
+    cannot pile replies up in memory.
     """
 
     def __init__(self, transport, on_backlog, high_water: int, low_water: int, *,
-                 plain: bool, on_broken=None):
+                 plain: bool, pool: BufferPool, on_broken=None, batch_limit: int = 1 << 20):
         self.transport = transport
+        self.pool = pool
         self.corked = False
+        self._batch_limit = batch_limit
+        self._batch_bytes = 0
         self._on_backlog = on_backlog
         self._on_broken = on_broken
         self._high, self._low = high_water, low_water
@@ -120,7 +140,7 @@ class ReplyWriter:
         self._queued = 0
         self._transport_busy = False
         self._backlog_high = False
-        self._lent: list[bytearray] = []
+        self._lent: list = []
         self._files = 0     # FileRange parts in _batch and _queue
 
     @property
@@ -132,7 +152,7 @@ class ReplyWriter:
         """A writable view of ``length`` bytes for reply data, recycled once sent."""
         if length < POOL_MIN:
             return memoryview(bytearray(length))
-        buf = POOL.take(length)
+        buf = self.pool.take(length)
         if self._direct and len(self._lent) < MAX_LENT:
             self._lent.append(buf)
         return memoryview(buf)[:length]
@@ -142,10 +162,15 @@ class ReplyWriter:
         self._batch.extend(parts)
         if not self.corked:
             self.flush()
+            return
+        self._batch_bytes += sum(map(len, parts))
+        if self._batch_bytes >= self._batch_limit:
+            self.flush()
 
     def flush(self) -> None:
         """Send what the batch gathered."""
         parts, self._batch = self._batch, []
+        self._batch_bytes = 0
         if not parts:
             return
         if not self._direct:
@@ -197,6 +222,7 @@ class ReplyWriter:
     def discard(self) -> None:
         """The connection is gone: drop what is queued."""
         self._batch, self._lent = [], []
+        self._batch_bytes = 0
         self._queue.clear()
         self._queued = self._files = 0
 
@@ -213,7 +239,8 @@ class ReplyWriter:
         try:
             pread_filling(part.fd, view, part.offset)
         except OSError as exc:
-            raise FileReadError(f"reading reply data failed after its header was sent: "
+            raise FileReadError(exc.errno or errno.EIO,
+                                f"reading reply data failed after its header was sent: "
                                 f"{exc.strerror or exc}") from None
         return view
 
@@ -248,7 +275,7 @@ class ReplyWriter:
             self._broken(str(exc))
             return
         if not queue and not self._transport_busy and self._lent:
-            POOL.give_back(self._lent)
+            self.pool.give_back(self._lent)
             self._lent = []
         self._note_backlog()
 
