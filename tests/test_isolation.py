@@ -10,20 +10,19 @@ import threading
 import time
 
 import pytest
-from conftest import run
-from nbdraw import CMD_FLUSH, CMD_READ, CMD_WRITE, NbdClient
-from robustness import LoggedServer
-from test_server_hostile import BLOCK_STATUS, OPT_EXTENDED, OPT_EXPORT_NAME, REP_ACK, RawClient
+from helpers import LoggedServer, run
+from nbdclient import (
+    CMD_BLOCK_STATUS, CMD_FLUSH, CMD_WRITE, ERR_TOO_BIG, OPT_EXPORT_NAME, OPT_EXTENDED, OPT_LIST,
+    REP_ACK, NbdClient,
+)
 
 MiB = 1 << 20
-OPT_LIST = 3
-ERR_TOO_BIG = 0x80000009
-WRITE_ZEROES = 6
+CMD_WRITE_ZEROES = 6
 
 
 def victim_latencies(port: int, export: str, seconds: float, stop=None) -> list[float]:
     """512-byte READs one at a time for ``seconds`` (or until ``stop`` is set): their latencies."""
-    client = NbdClient(port, export, timeout=60)
+    client = NbdClient.connect(port, export, timeout=60)
     latencies, deadline = [], time.monotonic() + seconds
     try:
         while time.monotonic() < deadline and not (stop and stop.is_set()):
@@ -64,13 +63,13 @@ def test_whole_disk_block_status_does_not_stall_other_clients(tmp_path):
     image = tmp_path / "big.qcow"
     allocated_qcow1(image, 1024 * MiB)
     with LoggedServer("--read-only", f"d={image}") as server:
-        attacker = RawClient(server.port, timeout=60)
+        attacker = NbdClient(server.port, timeout=60)
         attacker.go(structured=True, contexts=(b"base:allocation",))
         stop = threading.Event()
 
         def attack():
             while not stop.is_set():
-                attacker.send(*(attacker.request(BLOCK_STATUS, 0, 1024 * MiB, c)
+                attacker.send(*(attacker.request(CMD_BLOCK_STATUS, 0, 1024 * MiB, c)
                                 for c in range(8)))
                 for _ in range(8):
                     attacker.chunk()
@@ -94,12 +93,12 @@ def test_a_huge_write_zeroes_on_an_overlay_does_not_stall_other_clients(tmp_path
          tmp_path / "top.qcow"])
     (tmp_path / "other.raw").write_bytes(bytes(MiB))
     with LoggedServer(f"top={tmp_path / 'top.qcow'}", f"other={tmp_path / 'other.raw'}") as server:
-        attacker = NbdClient(server.port, "top", timeout=120)
+        attacker = NbdClient.connect(server.port, "top", timeout=120)
         done = {}
 
         def attack():
             start = time.monotonic()
-            done["errno"] = attacker.call(WRITE_ZEROES, 0, 512 * MiB)[0]
+            done["errno"] = attacker.call(CMD_WRITE_ZEROES, 0, 512 * MiB)[0]
             done["seconds"] = time.monotonic() - start
         thread = threading.Thread(target=attack, daemon=True)
         thread.start()
@@ -121,7 +120,7 @@ def test_slow_uploads_cannot_hold_the_write_budget(tmp_path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(64 * MiB))
     with LoggedServer(f"d={image}") as server:
-        slow = [NbdClient(server.port, "d", timeout=60) for _ in range(4)]
+        slow = [NbdClient.connect(server.port, "d", timeout=60) for _ in range(4)]
         for client in slow:
             client.sock.sendall(client.encode(CMD_WRITE, 0, 32 * MiB)[1] + b"x")
         stop = threading.Event()
@@ -136,7 +135,7 @@ def test_slow_uploads_cannot_hold_the_write_budget(tmp_path):
         thread = threading.Thread(target=trickle, daemon=True)
         thread.start()
         time.sleep(1.5)
-        fast = NbdClient(server.port, "d", timeout=60)
+        fast = NbdClient.connect(server.port, "d", timeout=60)
         start = time.monotonic()
         try:
             fast.sock.settimeout(15)
@@ -166,7 +165,7 @@ def test_pipelined_options_of_a_client_that_does_not_read_keep_rss_bounded(tmp_p
         before = server.rss_bytes()
         clients = []
         for _ in range(4):
-            client = RawClient(server.port, timeout=60)
+            client = NbdClient(server.port, timeout=60)
             client.greet()
             client.sock.setblocking(False)
             clients.append(client)
@@ -192,7 +191,7 @@ def test_a_4_gib_option_is_refused_and_the_connection_closed_at_once(tmp_path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(MiB))
     with LoggedServer(f"d={image}") as server:
-        client = RawClient(server.port, timeout=10)
+        client = NbdClient(server.port, timeout=10)
         client.greet()
         client.sock.sendall(b"IHAVEOPT" + struct.pack(">II", OPT_LIST, 0xFFFFFFFF) + bytes(4096))
         start = time.monotonic()
@@ -207,7 +206,7 @@ def test_export_name_after_extended_headers_closes(tmp_path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(MiB))
     with LoggedServer(f"d={image}") as server:
-        client = RawClient(server.port)
+        client = NbdClient(server.port)
         client.greet()
         client.option(OPT_EXTENDED)
         assert client.option_reply()[1] == REP_ACK
@@ -222,11 +221,11 @@ def test_flush_replies_are_sent_before_a_half_closed_connection_closes(tmp_path)
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(4 * MiB))
     with LoggedServer(f"d={image}") as server:
-        client = NbdClient(server.port, "d")
+        client = NbdClient.connect(server.port, "d")
         cookies = set()
         for index in range(160):
-            cookies.add(client.send(CMD_WRITE, index * 4096, 4096, payload=b"w" * 4096))
-            cookies.add(client.send(CMD_FLUSH))
+            cookies.add(client.submit(CMD_WRITE, index * 4096, 4096, payload=b"w" * 4096))
+            cookies.add(client.submit(CMD_FLUSH))
         client.sock.shutdown(socket.SHUT_WR)
         replies = [client.reply() for _ in range(320)]
         assert {cookie for cookie, _error, _data in replies} == cookies
@@ -241,7 +240,7 @@ def test_error_messages_to_clients_name_no_host_path(tmp_path):
     image = tmp_path / "customer-42.raw"
     image.write_bytes(bytes(MiB))
     with LoggedServer(f"d={image}", env={"QCOWNBD_FAULTS": "write:EIO"}) as server:
-        client = RawClient(server.port)
+        client = NbdClient(server.port)
         client.go(structured=True)
         client.send(client.request(CMD_WRITE, 0, 512, 1, payload=bytes(512)))
         flags, rtype, cookie, _offset, payload = client.chunk()
@@ -262,7 +261,7 @@ def test_a_flood_of_invalid_requests_does_not_flood_the_log(tmp_path):
     image = tmp_path / "d.raw"
     image.write_bytes(bytes(MiB))
     with LoggedServer(f"d={image}") as server:
-        client = NbdClient(server.port, "d")
+        client = NbdClient.connect(server.port, "d")
         for batch in range(20):
             client.sock.sendall(b"".join(client.encode(99, 0, 512)[1] for _ in range(1000)))
             for _ in range(1000):
