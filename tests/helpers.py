@@ -328,3 +328,24 @@ def assert_sectors_old_or_new(got: bytes, old: bytes, *new: bytes) -> None:
         sector = got[pos:pos + SECTOR]
         choices = [old[pos:pos + SECTOR]] + [data[pos:pos + SECTOR] for data in new]
         assert sector in choices, f"sector at +{pos} is neither old nor newly written data"
+
+
+def allocated_qcow1(path, size: int) -> None:
+    """A QCOW1 image of ``size`` bytes with 512-byte clusters (the geometry qemu-img gives
+    overlays), every cluster allocated: its data lies in the file's sparse tail."""
+    cluster_bits, l2_bits = 9, 12
+    l2_entries, cluster = 1 << l2_bits, 1 << cluster_bits
+    tables = size // (l2_entries * cluster)
+    l1_at = 48
+    tables_at = -(-(l1_at + 8 * tables) // cluster) * cluster
+    data_at = tables_at + tables * 8 * l2_entries
+    with open(path, "wb") as f:
+        f.write(hdr(size=size, cb=cluster_bits, l2b=l2_bits, l1o=l1_at))
+        f.write(struct.pack(f">{tables}Q", *(tables_at + 8 * l2_entries * t
+                                             for t in range(tables))))
+        f.seek(tables_at)
+        for table in range(tables):
+            first = data_at + table * l2_entries * cluster
+            f.write(struct.pack(f">{l2_entries}Q", *range(first, first + l2_entries * cluster,
+                                                          cluster)))
+        f.truncate(data_at + size)

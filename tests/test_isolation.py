@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from helpers import LoggedServer, run
+from helpers import LoggedServer, allocated_qcow1, run
 from nbdclient import (
     CMD_BLOCK_STATUS, CMD_FLUSH, CMD_WRITE, ERR_TOO_BIG, OPT_EXPORT_NAME, OPT_EXTENDED, OPT_LIST,
     REP_ACK, NbdClient,
@@ -32,28 +32,6 @@ def victim_latencies(port: int, export: str, seconds: float, stop=None) -> list[
     finally:
         client.close()
     return latencies
-
-
-def allocated_qcow1(path, size: int) -> None:
-    """A QCOW1 image of ``size`` bytes with 512-byte clusters (the geometry qemu-img gives
-    overlays), every cluster allocated: its data lies in the file's sparse tail."""
-    cluster_bits, l2_bits = 9, 12
-    l2_entries, cluster = 1 << l2_bits, 1 << cluster_bits
-    tables = size // (l2_entries * cluster)
-    l1_at = 48
-    tables_at = -(-(l1_at + 8 * tables) // cluster) * cluster
-    data_at = tables_at + tables * 8 * l2_entries
-    with open(path, "wb") as f:
-        f.write(struct.pack(">IIQIIQBBHIQ", 0x514649FB, 1, 0, 0, 0, size, cluster_bits,
-                            l2_bits, 0, 0, l1_at))
-        f.write(struct.pack(f">{tables}Q", *(tables_at + 8 * l2_entries * t
-                                             for t in range(tables))))
-        f.seek(tables_at)
-        for table in range(tables):
-            first = data_at + table * l2_entries * cluster
-            f.write(struct.pack(f">{l2_entries}Q", *range(first, first + l2_entries * cluster,
-                                                          cluster)))
-        f.truncate(data_at + size)
 
 
 @pytest.mark.timeout(120)

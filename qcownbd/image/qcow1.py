@@ -29,7 +29,7 @@ INFLATED_CACHE_CLUSTERS = 16
 #: of one call, whatever the image's geometry
 MAX_STATUS_EXTENTS = 4096
 MAX_STATUS_ENTRIES = 16384
-MAX_STATUS_LOADS = 2
+MAX_STATUS_LOADS = 1
 
 
 def zero_fill(view: memoryview) -> None:

@@ -93,7 +93,9 @@ class Qcow1Tables:
         self.alloc_lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        self._pending_l2: dict[int, dict[int, int]] = {}
+        #: table index -> [first, stop) span of its entries changed since the last commit
+        #: (their values are the cached table's: a span, not a copy, keeps this small)
+        self._pending_l2: dict[int, list[int]] = {}
         self._pending_l1: dict[int, int] = {}
         self._committing: set[int] = set()
         self.reload()
@@ -175,8 +177,11 @@ class Qcow1Tables:
         stop = first + len(values)
         with self._pending_lock:
             table[first:stop] = values
-            # a zip of C iterators: no Python step per entry
-            self._pending_l2.setdefault(index, {}).update(zip(range(first, stop), values))
+            span = self._pending_l2.get(index)
+            if span is None:
+                self._pending_l2[index] = [first, stop]
+            else:
+                span[0], span[1] = min(span[0], first), max(span[1], stop)
 
     def link_new_table(self, index: int, offset: int, table: array) -> None:
         """Enter a freshly written L2 table at L1 slot ``index`` (pending until commit)."""
@@ -197,19 +202,28 @@ class Qcow1Tables:
         return bool(self._pending_l2 or self._pending_l1)
 
     def commit(self) -> None:
-        """Make everything written so far durable, then the pending pointers (§5.3)."""
+        """Make everything written so far durable, then the pending pointers (§5.3).
+
+        The pending spans' values are copied from the cached tables before the
+        first fdatasync: every pointer in a table at that moment points at bytes
+        already written (data is written before its pointer is set), so that
+        barrier makes them durable before the pointers are written.  A dirty
+        table never leaves the cache uncommitted (`_insert`).
+        """
         with self._commit_lock:
             with self._pending_lock:
-                l2, l1 = self._pending_l2, self._pending_l1
+                spans, l1 = self._pending_l2, self._pending_l1
                 self._pending_l2, self._pending_l1 = {}, {}
-                self._committing = set(l2)
+                self._committing = set(spans)
+                l2 = {index: (first, self._cache[index][first:stop])
+                      for index, (first, stop) in spans.items()}
             try:
                 syscalls.fdatasync(self.fd)
                 if l2 or l1:
                     self._write_pointers(l2, l1)
                     syscalls.fdatasync(self.fd)
             except OSError as exc:
-                self._restore_pending(l2, l1)
+                self._restore_pending(spans, l1)
                 raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None
             finally:
                 with self._pending_lock:
@@ -218,18 +232,17 @@ class Qcow1Tables:
     def _write_pointers(self, l2: dict, l1: dict) -> None:
         for index in sorted(l2):
             table_offset = l1.get(index) or self.l1[index]
-            for first, values in _runs(l2[index]):
-                pwrite_all(self.fd, [to_big_endian(values)], table_offset + 8 * first)
+            first, values = l2[index]
+            pwrite_all(self.fd, [to_big_endian(values)], table_offset + 8 * first)
         for first, values in _runs(l1):
             pwrite_all(self.fd, [to_big_endian(values)], self.header.l1_table_offset + 8 * first)
 
-    def _restore_pending(self, l2: dict, l1: dict) -> None:
-        """Put back what a failed commit took, unless newer updates replaced it."""
+    def _restore_pending(self, spans: dict, l1: dict) -> None:
+        """Put back what a failed commit took (the tables hold the newest values)."""
         with self._pending_lock:
-            for index, entries in l2.items():
-                current = self._pending_l2.setdefault(index, {})
-                for pos, value in entries.items():
-                    current.setdefault(pos, value)
+            for index, (first, stop) in spans.items():
+                span = self._pending_l2.setdefault(index, [first, stop])
+                span[0], span[1] = min(span[0], first), max(span[1], stop)
             for index, value in l1.items():
                 self._pending_l1.setdefault(index, value)
 

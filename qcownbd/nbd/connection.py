@@ -101,6 +101,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._reading = True            # whether the transport reads
         self._processing = False        # guards against re-entering _process
         self._eof = False               # the client sent everything it will send
+        self._continue_pending = False  # a later turn of _process is scheduled
         self._timer = None              # handshake deadline, or a stalled payload's check
         self._tls_task = None
         self._payload_buffer = None     # pooled buffer of a payload being received
@@ -161,7 +162,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def eof_received(self):
         """The client stopped sending: answer what it sent, then close."""
         self._eof = True
-        if self.phase is not Phase.TRANSMITTING:
+        if self.phase is not Phase.TRANSMITTING and self.phase is not Phase.CLOSING:
             return False
         # keep the transport open: requests still buffered, and flushes in
         # flight, are answered before the connection closes
@@ -247,20 +248,25 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _pause(self, reason: int):
         self.paused |= reason
-        if self._reading and self.phase is not Phase.CLOSED:
-            self._reading = False
-            self.transport.pause_reading()
+        self._update_reading()
 
     def _unpause(self, reason: int):
         if not self.paused & reason:
             return
         self.paused &= ~reason
-        if self.paused or self.phase is Phase.CLOSED:
-            return
-        self._process()
-        if not self.paused and not self._reading and self.phase is not Phase.CLOSED:
-            self._reading = True
-            self.transport.resume_reading()
+        if not self.paused:
+            self._process()     # what waited in the buffer (it updates reading)
+
+    def _update_reading(self):
+        """Read while nothing pauses us and the reader has room."""
+        reading = not (self.paused or self._eof or self.reader.full) \
+            and self.phase is not Phase.CLOSED
+        if reading != self._reading and self.phase is not Phase.CLOSED:
+            self._reading = reading
+            if reading:
+                self.transport.resume_reading()
+            else:
+                self.transport.pause_reading()
 
     def request_done(self):
         """A request that was in flight (a flush) or running in pieces finished."""
@@ -310,13 +316,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes):
-        """Account for received bytes and act on them."""
+        """Account for received bytes and act on them (unless a turn is pending anyway)."""
         self.reader.received(nbytes)
-        self._process()
-        if self.reader.full and self._reading:
-            # a client racing ahead of events we are not taking now
-            self._reading = False
-            self.transport.pause_reading()
+        if self._continue_pending:
+            self._update_reading()
+        else:
+            self._process()
 
     def _process(self):
         """Act on every event the reader has, as far as nothing pauses us."""
@@ -332,6 +337,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._abort(str(exc), kind="protocol violation")
         finally:
             self._processing = False
+        self._update_reading()
 
     # ------------------------------------------------------------ handshake
 
@@ -434,7 +440,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         try:
             while not self.paused and self.phase is transmitting:
                 if perf_counter() > deadline:
-                    asyncio.get_running_loop().call_soon(self._process)
+                    self._continue_later()
                     break
                 event = reader.next_event()
                 if event is None:
@@ -459,6 +465,17 @@ class NbdConnection(asyncio.BufferedProtocol):
             replies.corked = False
             replies.flush()
         self._maybe_close()
+
+    def _continue_later(self):
+        """Take the rest of the pipeline in a later turn of the loop (one turn pending
+        at most: every received byte calls `_process` too)."""
+        if not self._continue_pending:
+            self._continue_pending = True
+            asyncio.get_running_loop().call_soon(self._continue)
+
+    def _continue(self):
+        self._continue_pending = False
+        self._process()
 
     def _payload_needed(self, req):
         """A request with a payload: refuse and skip it, run it, or receive it first."""

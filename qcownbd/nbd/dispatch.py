@@ -30,9 +30,10 @@ MAX_STATUS_EXTENTS = 16384
 SENDFILE_MIN = 64 * 1024
 #: event-loop time one request may take before it yields to the other clients: a long
 #: WRITE_ZEROES, TRIM or CACHE goes on in pieces later, a BLOCK_STATUS answers what it found
-TIME_SLICE = 0.004
-#: the range one backend call of a piecewise request covers
-PIECE = 1024 * 1024
+TIME_SLICE = 0.001
+#: the clusters (preferred blocks) one backend call of a piecewise request covers:
+#: its cost follows the clusters it touches, whatever their size
+PIECE_BLOCKS = 256
 
 # Plain ints on the per-request path: ``int & IntFlag`` runs enum code in Python
 # (half a microsecond), ``int & int`` does not.
@@ -206,20 +207,21 @@ class Dispatcher:
         self._on_async_done()
 
     def _in_pieces(self, req, piece) -> None:
-        """Run ``piece(offset, length)`` over the request's range, a `PIECE` at a time,
-        yielding the event loop every `TIME_SLICE`; then answer the request.
+        """Run ``piece(offset, length)`` over the request's range, `PIECE_BLOCKS` blocks
+        at a time, yielding the event loop every `TIME_SLICE`; then answer the request.
 
         Until it is answered the dispatcher is ``busy``: the connection starts
         nothing after it, so requests still take effect in arrival order.
         """
         position, end = req.offset, req.offset + req.length
+        piece_length = PIECE_BLOCKS * self.backend.preferred_block_size
 
         def run_slice() -> None:
             nonlocal position
             deadline = perf_counter() + TIME_SLICE
             try:
                 while position < end:
-                    step = min(PIECE, end - position)
+                    step = min(piece_length, end - position)
                     piece(position, step)
                     position += step
                     if position < end and perf_counter() > deadline:
