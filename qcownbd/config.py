@@ -37,10 +37,12 @@ import tomllib
 from dataclasses import dataclass, field
 
 from qcownbd.errors import ConfigError
+from qcownbd.image import formats
 from qcownbd.nbd.constants import DEFAULT_PORT, MAX_STRING
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
-FORMATS = ("auto", "raw", "qcow1", "qcow")
+#: what an export's `format` may say
+FORMATS = tuple(formats.choices(auto=True))
 TLS_MODES = ("off", "on", "require")
 
 

@@ -35,6 +35,7 @@ from qcownbd.config import (
 )
 from qcownbd.errors import ConfigError, ImageFormatError, ProtocolError
 from qcownbd.exports import Export
+from qcownbd.image import formats
 from qcownbd.image.locking import lock_image
 from qcownbd.image.probe import lock_or_explain, open_fd
 from qcownbd.image.qcow1 import Qcow1Image, create_qcow1
@@ -46,8 +47,6 @@ ID_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digi
 OVERLAY_SUFFIX = ".qcow"
 EPHEMERAL_SUBDIR = "ephemeral"
 MODES = ("persistent", "ephemeral")
-#: accepted golden_format values ("qcow" is QEMU's name for QCOW1)
-GOLDEN_FORMATS = {"raw": "raw", "qcow1": "qcow1", "qcow": "qcow1"}
 DEFAULT_MAX_OVERLAYS = 1000
 
 _KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlays": str,
@@ -144,10 +143,12 @@ def fleet_config(name: str, table: dict, base_dir: str, server_dirs: list[str]) 
 
 
 def _golden_format(fmt, where: str) -> str:
-    """golden_format as "raw" or "qcow1" ("auto" is refused: the pin is the point)."""
-    if fmt not in GOLDEN_FORMATS:
-        raise ConfigError(f"{where}: golden_format must be \"raw\" or \"qcow1\"")
-    return GOLDEN_FORMATS[fmt]
+    """golden_format as a format's name ("auto" is refused: the pin is the point)."""
+    found = formats.lookup(fmt)
+    if found is None:
+        names = " or ".join(f'"{name}"' for name in formats.FORMATS)
+        raise ConfigError(f"{where}: golden_format must be {names}")
+    return found.name
 
 
 class OverlayDir:

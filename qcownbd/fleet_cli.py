@@ -22,8 +22,10 @@ from qcownbd.config import load_config
 from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.fleet import FleetConfig, OverlayDir, is_overlay_id, remove_unless_in_use
 from qcownbd.image.locking import lock_image
-from qcownbd.image.probe import normalise_format, open_image
-from qcownbd.image_cli import describe, human_size
+from qcownbd.image import formats
+from qcownbd.image.formats import describe, normalise_format
+from qcownbd.image.probe import open_image
+from qcownbd.image_cli import human_size
 from qcownbd.image_convert import convert_to_new
 
 SOURCE_HELP = "the server's TOML config, or an overlay directory"
@@ -75,7 +77,7 @@ def register(sub, common) -> None:
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("overlay", metavar="OVERLAY", help=OVERLAY_HELP)
     p.add_argument("new_golden", metavar="NEW_GOLDEN", help="the image to create")
-    p.add_argument("-O", "--output-format", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-O", "--output-format", choices=formats.choices(),
                    help="format of NEW_GOLDEN (default: the golden image's)")
     p.set_defaults(func=cmd_commit)
 

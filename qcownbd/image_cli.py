@@ -13,8 +13,10 @@ import sys
 
 from qcownbd.cli import setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
-from qcownbd.image.image_map import chain_map, merge_map
-from qcownbd.image.probe import BackingPolicy, normalise_format, open_image
+from qcownbd.image import formats
+from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
+from qcownbd.image.layout import merge_map
+from qcownbd.image.probe import BackingPolicy, open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image_convert import Progress, register_convert
 
@@ -64,7 +66,7 @@ def _register_create(sub, common) -> None:
                        help="create a QCOW1 image (byte-identical to qemu-img create -f qcow)")
     p.add_argument("-b", "--backing", metavar="BACKING",
                    help="backing file name, stored as given (relative to IMAGE's directory)")
-    p.add_argument("-F", "--backing-format", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-F", "--backing-format", choices=formats.choices(),
                    help="format of BACKING (default: probe QCOW1, else raw)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("size", metavar="SIZE", nargs="?",
@@ -79,7 +81,7 @@ def _register_readers(sub, common) -> None:
     funcs = {"info": cmd_info, "map": cmd_map, "check": cmd_check}
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("-f", "--format", default="auto", choices=["auto", "raw", "qcow1", "qcow"],
+        p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
                        help="image format (default: probe)")
         if name == "check":
             p.add_argument("-r", "--repair", action="store_true",
@@ -125,39 +127,6 @@ def _backing_size(image: str, name: str, backing_format: str | None) -> int:
 def _open_for_reading(args):
     return open_image(args.image, fmt=args.format, read_only=True,
                       lock=not getattr(args, "force_share", False))
-
-
-def describe(img) -> dict:
-    """The info of one image, with qemu-img's JSON keys where they exist."""
-    st = os.stat(img.path)
-    info = {"filename": img.path, "format": img.format_name, "virtual-size": img.size,
-            "actual-size": st.st_blocks * 512}
-    if img.format_name == "qcow1":
-        info["cluster-size"] = img.cluster_size
-        info["allocated-bytes"] = img.allocated_bytes()
-        if img.backing is not None:
-            info["backing-filename"] = img.backing_name
-            info["full-backing-filename"] = img.backing.path
-            info["backing-format"] = img.backing.format_name
-    else:
-        info["allocated-bytes"] = sum(e.length for e in _raw_extents(img) if not e.hole)
-    return info
-
-
-def _raw_extents(img):
-    pos = 0
-    while pos < img.size:
-        for extent in img.block_status(pos, img.size - pos):
-            yield extent
-            pos += extent.length
-
-
-def chain_of(img) -> list:
-    """The image and every backing file under it, top first."""
-    chain = [img]
-    while getattr(chain[-1], "backing", None) is not None:
-        chain.append(chain[-1].backing)
-    return chain
 
 
 def cmd_info(args) -> int:
@@ -227,18 +196,19 @@ def cmd_check(args) -> int:
     img = open_image(args.image, fmt=args.format, read_only=not args.repair,
                      allow_corrupt=args.repair)
     try:
-        if img.format_name != "qcow1":
+        check = formats.of(img).check
+        if check is None:
             print(f"qcownbd: {args.image}: {img.format_name} images have no metadata to check",
                   file=sys.stderr)
             return CHECK_UNSUPPORTED
         bar = Progress(100, sys.stderr.isatty() and not args.quiet)
-        report = img.check(repair=args.repair,
-                           progress=lambda done, total: bar.update(100 * done / total))
+        report = check(img, repair=args.repair,
+                       progress=lambda done, total: bar.update(100 * done / total))
         bar.finish()
         _print_bounded("ERROR", report.corruptions, report.corruption_count)
         _print_bounded("Repaired", report.repaired, report.repaired_count)
         if args.repair and report.repaired_count:
-            report = img.check(repair=False)
+            report = check(img, repair=False)
     finally:
         img.close()
     return _check_summary(report)

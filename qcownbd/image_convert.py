@@ -11,8 +11,9 @@ import sys
 
 from qcownbd.cli import setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
-from qcownbd.image.probe import normalise_format, open_image
-from qcownbd.image.qcow1 import create_qcow1
+from qcownbd.image import formats
+from qcownbd.image.formats import normalise_format
+from qcownbd.image.probe import open_image
 
 #: bytes read and compared per step
 CHUNK = 1 << 20
@@ -22,14 +23,14 @@ def register_convert(sub, common) -> None:
     """Add `convert` to the `qcownbd` parser."""
     p = sub.add_parser("convert", parents=[common],
                        help="copy an image to a new raw or QCOW1 image, skipping zeros")
-    p.add_argument("-f", "--format", default="auto", choices=["auto", "raw", "qcow1", "qcow"],
+    p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
                    help="format of SRC (default: probe)")
-    p.add_argument("-O", "--output-format", default="raw", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-O", "--output-format", default="raw", choices=formats.choices(),
                    help="format of DST (default: raw)")
     p.add_argument("-B", "--backing", metavar="BACKING",
                    help="make DST a QCOW1 overlay of BACKING (name stored as given, "
                         "relative to DST's directory); only differences are copied")
-    p.add_argument("-F", "--backing-format", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-F", "--backing-format", choices=formats.choices(),
                    help="format of BACKING (default: probe QCOW1, else raw)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
@@ -40,8 +41,10 @@ def cmd_convert(args) -> int:
     """Copy SRC into a new DST; a failed copy leaves no DST behind."""
     setup_logging(args)
     out_format = normalise_format(args.output_format, "output format")
-    if args.backing is not None and out_format != "qcow1":
-        raise UsageError("convert: -B needs -O qcow1 (a raw image has no backing file)")
+    if args.backing is not None and not formats.FORMATS[out_format].supports_backing:
+        needed = " or -O ".join(formats.with_backing())
+        raise UsageError(f"convert: -B needs -O {needed} (a {out_format} image has no "
+                         "backing file)")
     if os.path.lexists(args.dst):
         raise ImageFormatError(f"{args.dst}: already exists")
     src = open_image(args.src, fmt=args.format, read_only=True)
@@ -76,17 +79,7 @@ def convert_to_new(src, dst_path: str, out_format: str, *, backing=None, backing
 
 def _create(path: str, out_format: str, size: int, backing, backing_format):
     """Create the image empty and open it read-write."""
-    if out_format == "qcow1":
-        create_qcow1(path, size, backing)
-    else:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except OSError as exc:
-            raise ImageFormatError(f"{path}: cannot create: {exc.strerror}") from None
-        try:
-            os.ftruncate(fd, size)
-        finally:
-            os.close(fd)
+    formats.FORMATS[out_format].create(path, size, backing)
     try:
         return open_image(path, fmt=out_format, backing_format=backing_format)
     except BaseException:

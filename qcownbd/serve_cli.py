@@ -29,6 +29,7 @@ from qcownbd.config import (
 )
 from qcownbd.errors import ConfigError, UsageError
 from qcownbd.exports import ExportRegistry
+from qcownbd.image import formats
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.nbd.server import NbdServer, raise_fd_limit
@@ -51,7 +52,7 @@ def register(sub, common) -> None:
     parser.add_argument("--unix", metavar="PATH", help="also listen on this Unix socket")
     parser.add_argument("--read-only", action="store_true",
                         help="refuse writes to the command-line exports")
-    parser.add_argument("--format", choices=["auto", "raw", "qcow1"], default="auto",
+    parser.add_argument("--format", choices=formats.choices(auto=True), default="auto",
                         help="format of the command-line images (default: probe)")
     parser.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
     parser.add_argument("--demo", action="store_true",

@@ -1,9 +1,10 @@
 """Open an image as the right backend, and the policy for its backing chain.
 
-Probing is deliberately narrow: QCOW1 (magic and version 1) or raw.  Other
-formats that share a recognisable signature are named and refused instead
-of being exported as raw bytes, and a configured format pin always wins
-(probing a guest-writable raw image is the classic attack of qcow1.md §6).
+Probing is deliberately narrow: the formats of the table in `formats`
+(QCOW1 by its magic and version 1, raw as the fallback).  Other formats
+that share a recognisable signature are named and refused instead of being
+exported as raw bytes, and a configured format pin always wins (probing a
+guest-writable raw image is the classic attack of qcow1.md §6).
 
 Backing names come from inside an image, so they are hostile input: they
 are resolved against the overlay's directory only, protocol syntax
@@ -17,15 +18,12 @@ import struct
 from dataclasses import dataclass, field
 
 from qcownbd.errors import ImageFormatError
-from qcownbd.image import locking
+from qcownbd.image import formats, locking
 from qcownbd.image.backend import Backend
-from qcownbd.image.qcow1 import Qcow1Image
-from qcownbd.image.raw import RawImage
+from qcownbd.image.formats import AUTO, FALLBACK_SCORE, OpenOptions, normalise_format
+from qcownbd.image.qcow1_header import qcow_version
 
-QCOW_MAGIC = b"QFI\xfb"
 PROBE_BYTES = 512
-FORMATS = ("auto", "raw", "qcow1")
-FORMAT_ALIASES = {"qcow": "qcow1"}
 
 #: (offset, signature, format name) of formats we recognise only to refuse
 FOREIGN_SIGNATURES = (
@@ -40,28 +38,25 @@ FOREIGN_SIGNATURES = (
 
 
 def identify(first_bytes: bytes) -> str:
-    """Name the format of a file from its first sector: "qcow1", "raw" or a foreign name."""
-    if first_bytes[:4] == QCOW_MAGIC and len(first_bytes) >= 8:
-        version = struct.unpack(">I", first_bytes[4:8])[0]
-        if version == 1:
-            return "qcow1"
-        if version in (2, 3):
-            return f"qcow2 (version {version})"
+    """Name the format of a file from its first sector: a format of the table
+    ("qcow1", "raw") or the name of a foreign one."""
+    score, fmt = formats.best_match(first_bytes)
+    if score > FALLBACK_SCORE:
+        return fmt.name
+    return _foreign(first_bytes) or fmt.name
+
+
+def _foreign(first_bytes: bytes) -> str | None:
+    """The name of a format we recognise only to refuse, or None."""
+    version = qcow_version(first_bytes)
+    if version in (2, 3):
+        return f"qcow2 (version {version})"
+    if version is not None:
         return f"QCOW of unknown version {version}"
     for offset, signature, name in FOREIGN_SIGNATURES:
         if first_bytes[offset:offset + len(signature)] == signature:
             return name
-    return "raw"
-
-
-def normalise_format(fmt: str | None, what: str) -> str | None:
-    """Check a format name given by the operator ("qcow" is QEMU's name for qcow1)."""
-    if fmt is None:
-        return None
-    fmt = FORMAT_ALIASES.get(fmt, fmt)
-    if fmt not in FORMATS:
-        raise ImageFormatError(f"unknown {what} {fmt!r} (use one of: {', '.join(FORMATS)})")
-    return fmt
+    return None
 
 
 def open_image(path, *, fmt: str = "auto", read_only: bool = False,
@@ -107,7 +102,7 @@ class BackingPolicy:
             self.chain.add((st.st_dev, st.st_ino))
             if self.lock:
                 lock_or_explain(fd, path, not read_only)
-            if fmt == "auto":
+            if fmt == AUTO:
                 fmt = probe_format(fd, path)
             return self._backend(fd, path, fmt, read_only, depth, allow_corrupt)
         except BaseException:
@@ -117,16 +112,12 @@ class BackingPolicy:
     def _backend(self, fd: int, path: str, fmt: str, read_only: bool, depth: int,
                  allow_corrupt: bool) -> Backend:
         """Build the backend object, which owns ``fd`` from then on."""
-        if fmt == "raw":
-            return RawImage(fd, path, read_only=read_only)
         def backing_opener(name: bytes) -> Backend:
             return self.open_backing(path, name, depth + 1)
 
-        kwargs = {}
-        if self.l2_cache_tables is not None:
-            kwargs["l2_cache_tables"] = self.l2_cache_tables
-        return Qcow1Image(fd, path, read_only=read_only, backing_opener=backing_opener,
-                          allow_corrupt=allow_corrupt, **kwargs)
+        return formats.FORMATS[fmt].open(fd, path, OpenOptions(
+            read_only=read_only, backing_opener=backing_opener,
+            l2_cache_tables=self.l2_cache_tables, allow_corrupt=allow_corrupt))
 
     def open_backing(self, overlay: str, name: bytes, depth: int) -> Backend:
         """Open the backing file ``name`` stored in ``overlay``, read-only, per policy."""
@@ -134,7 +125,7 @@ class BackingPolicy:
             resolved = self.resolve(overlay, name, depth)
         except ImageFormatError as exc:
             raise ImageFormatError(f"{overlay}: {exc}") from None
-        fmt = self.backing_format if depth == 1 and self.backing_format else "auto"
+        fmt = self.backing_format if depth == 1 and self.backing_format else AUTO
         try:
             return self.open(resolved, fmt, True, depth)
         except ImageFormatError as exc:
@@ -199,13 +190,13 @@ def lock_or_explain(fd: int, path: str, writable: bool) -> None:
 
 
 def probe_format(fd: int, path: str) -> str:
-    """ "qcow1" or "raw" for a file's contents; other known formats are refused."""
+    """The table's name for a file's format; other known formats are refused."""
     try:
         first = os.pread(fd, PROBE_BYTES, 0)
     except OSError as exc:
         raise ImageFormatError(f"{path}: cannot read: {exc.strerror}") from None
     name = identify(first)
-    if name in ("qcow1", "raw"):
+    if name in formats.FORMATS:
         return name
     raise ImageFormatError(
         f"{path}: is a {name} image; qcownbd serves only QCOW1 and raw "
