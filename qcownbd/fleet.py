@@ -37,7 +37,7 @@ from qcownbd.errors import ConfigError, ImageFormatError, ProtocolError
 from qcownbd.exports import Export
 from qcownbd.image import formats
 from qcownbd.image.locking import lock_image
-from qcownbd.image.probe import lock_or_explain, open_fd
+from qcownbd.image.probe import lock_or_explain, open_fd, open_image
 from qcownbd.image.qcow1 import Qcow1Image, create_qcow1
 
 log = logging.getLogger("qcownbd.fleet")
@@ -241,6 +241,30 @@ def remove_unless_in_use(path: str) -> bool:
         return False
     finally:
         os.close(fd)
+
+
+def overlay_in_use(path: str) -> bool:
+    """Whether a writer (a server with a client on it) holds the overlay."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        lock_image(fd, writable=False)
+        return False
+    except ImageFormatError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def describe_overlay(path: str, golden_format: str | None) -> dict:
+    """`info` of an overlay (read without locks, so a live one too), whether it is in use
+    and when it was last written."""
+    img = open_image(path, fmt="qcow1", read_only=True, backing_format=golden_format,
+                     lock=False)
+    try:
+        info = formats.describe(img)
+    finally:
+        img.close()
+    return {"in-use": overlay_in_use(path), "modified": int(os.stat(path).st_mtime), **info}
 
 
 class SharedGolden:

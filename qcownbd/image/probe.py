@@ -24,6 +24,8 @@ from qcownbd.image.formats import AUTO, FALLBACK_SCORE, OpenOptions, normalise_f
 from qcownbd.image.qcow1_header import qcow_version
 
 PROBE_BYTES = 512
+#: backing files below an exported image, at most
+MAX_BACKING_DEPTH = 16
 
 #: (offset, signature, format name) of formats we recognise only to refuse
 FOREIGN_SIGNATURES = (
@@ -61,7 +63,7 @@ def _foreign(first_bytes: bytes) -> str | None:
 
 def open_image(path, *, fmt: str = "auto", read_only: bool = False,
                backing_format: str | None = None, allowed_backing_dirs=None,
-               max_backing_depth: int = 16, l2_cache_tables: int | None = None,
+               max_backing_depth: int = MAX_BACKING_DEPTH, l2_cache_tables: int | None = None,
                lock: bool = True, allow_corrupt: bool = False) -> Backend:
     """Open ``path`` as a Backend: raw or QCOW1 (with its backing chain).
 
@@ -77,6 +79,15 @@ def open_image(path, *, fmt: str = "auto", read_only: bool = False,
     fmt = normalise_format(fmt, "format")
     return policy.open(os.path.abspath(os.fsdecode(path)), fmt, read_only, depth=0,
                        allow_corrupt=allow_corrupt)
+
+
+def open_backing_file(image_path, name: str, backing_format: str | None = None) -> Backend:
+    """The backing file ``name`` of a future image at ``image_path``, opened read-only
+    under `open_image`'s policy (`qcownbd create -b` checks it before writing)."""
+    policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
+                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, l2_cache_tables=None,
+                           lock=True)
+    return policy.open_backing(os.path.abspath(image_path), os.fsencode(name), 1)
 
 
 @dataclass

@@ -11,14 +11,14 @@ import os
 import re
 import sys
 
-from qcownbd.cli import setup_logging
+from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.image import formats
+from qcownbd.image.convert import convert_to_new
 from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
 from qcownbd.image.layout import merge_map
-from qcownbd.image.probe import BackingPolicy, open_image
+from qcownbd.image.probe import open_backing_file, open_image
 from qcownbd.image.qcow1 import create_qcow1
-from qcownbd.image_convert import Progress, register_convert
 
 #: qemu-img's exit statuses for `check`
 CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
@@ -44,21 +44,11 @@ def parse_size(text: str) -> int:
     return size
 
 
-def human_size(size: int) -> str:
-    """qemu-img's size style: "64 MiB", "9.54 MiB", "0.977 MiB", "560 B"."""
-    value, unit = float(size), 0
-    # like QEMU's size_to_str: three significant digits, so move up at 1000
-    while value >= 1000 and unit < 6:
-        value /= 1024
-        unit += 1
-    return f"{value:.3g} {['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'][unit]}"
-
-
 def register(sub, common) -> None:
     """Add the image subcommands to the `qcownbd` parser."""
     _register_create(sub, common)
     _register_readers(sub, common)
-    register_convert(sub, common)
+    _register_convert(sub, common)
 
 
 def _register_create(sub, common) -> None:
@@ -94,6 +84,23 @@ def _register_readers(sub, common) -> None:
         p.set_defaults(func=funcs[name])
 
 
+def _register_convert(sub, common) -> None:
+    p = sub.add_parser("convert", parents=[common],
+                       help="copy an image to a new raw or QCOW1 image, skipping zeros")
+    p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
+                   help="format of SRC (default: probe)")
+    p.add_argument("-O", "--output-format", default="raw", choices=formats.choices(),
+                   help="format of DST (default: raw)")
+    p.add_argument("-B", "--backing", metavar="BACKING",
+                   help="make DST a QCOW1 overlay of BACKING (name stored as given, "
+                        "relative to DST's directory); only differences are copied")
+    p.add_argument("-F", "--backing-format", choices=formats.choices(),
+                   help="format of BACKING (default: probe QCOW1, else raw)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.set_defaults(func=cmd_convert)
+
+
 # -- create --------------------------------------------------------------------
 
 def cmd_create(args) -> int:
@@ -113,9 +120,7 @@ def cmd_create(args) -> int:
 
 def _backing_size(image: str, name: str, backing_format: str | None) -> int:
     """Open BACKING as the server later would (same policy), and return its size."""
-    policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
-                           allowed_dirs=[], max_depth=16, l2_cache_tables=None, lock=True)
-    backing = policy.open_backing(os.path.abspath(image), os.fsencode(name), 1)
+    backing = open_backing_file(image, name, backing_format)
     try:
         return backing.size
     finally:
@@ -232,3 +237,26 @@ def _check_summary(report) -> int:
         return CHECK_LEAKS
     print("No errors were found on the image.")
     return CHECK_CLEAN
+
+
+# -- convert -------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    """`qcownbd convert`: copy SRC into a new DST; a failed copy leaves no DST behind."""
+    setup_logging(args)
+    out_format = normalise_format(args.output_format, "output format")
+    if args.backing is not None and not formats.FORMATS[out_format].supports_backing:
+        needed = " or -O ".join(formats.with_backing())
+        raise UsageError(f"convert: -B needs -O {needed} (a {out_format} image has no "
+                         "backing file)")
+    if os.path.lexists(args.dst):
+        raise ImageFormatError(f"{args.dst}: already exists")
+    src = open_image(args.src, fmt=args.format, read_only=True)
+    try:
+        bar = Progress(src.size, sys.stderr.isatty() and not args.quiet)
+        convert_to_new(src, args.dst, out_format, backing=args.backing,
+                       backing_format=args.backing_format, progress=bar.update)
+        bar.finish()
+    finally:
+        src.close()
+    return 0

@@ -15,18 +15,19 @@ refuse them, list and info show them as in use.
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 
-from qcownbd.cli import setup_logging
 from qcownbd.config import load_config
+from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
-from qcownbd.fleet import FleetConfig, OverlayDir, is_overlay_id, remove_unless_in_use
-from qcownbd.image.locking import lock_image
+from qcownbd.fleet import (
+    FleetConfig, OverlayDir, describe_overlay, is_overlay_id, remove_unless_in_use,
+)
 from qcownbd.image import formats
-from qcownbd.image.formats import describe, normalise_format
+from qcownbd.image.convert import convert_to_new
+from qcownbd.image.formats import normalise_format
 from qcownbd.image.probe import open_image
-from qcownbd.image_cli import human_size
-from qcownbd.image_convert import convert_to_new
 
 SOURCE_HELP = "the server's TOML config, or an overlay directory"
 OVERLAY_HELP = "ID, or EXPORT/ID as clients name it"
@@ -122,28 +123,10 @@ def find_overlay(source: str, overlay: str) -> tuple[FleetFiles, str, str]:
     raise UsageError(f"fleet: no overlay {fleet.label(ident)} in {fleet.dir.directory}")
 
 
-def in_use(path: str) -> bool:
-    """Whether a writer (a server with a client on it) holds the overlay."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        lock_image(fd, writable=False)
-        return False
-    except ImageFormatError:
-        return True
-    finally:
-        os.close(fd)
-
-
 def overlay_info(fleet: FleetFiles, ident: str, mode: str, path: str) -> dict:
-    """describe() of the overlay (read without locks) plus fleet facts."""
-    img = open_image(path, fmt="qcow1", read_only=True, backing_format=fleet.golden_format,
-                     lock=False)
-    try:
-        info = describe(img)
-    finally:
-        img.close()
-    return {"overlay": fleet.label(ident), "mode": mode, "in-use": in_use(path),
-            "modified": int(os.stat(path).st_mtime), **info}
+    """describe_overlay() plus how clients name the overlay."""
+    return {"overlay": fleet.label(ident), "mode": mode,
+            **describe_overlay(path, fleet.golden_format)}
 
 
 # -- commands ------------------------------------------------------------------------
@@ -210,7 +193,9 @@ def cmd_commit(args) -> int:
     try:
         out_format = normalise_format(args.output_format or src.backing.format_name,
                                       "output format")
-        convert_to_new(src, args.new_golden, out_format, progress=not args.quiet)
+        bar = Progress(src.size, sys.stderr.isatty() and not args.quiet)
+        convert_to_new(src, args.new_golden, out_format, progress=bar.update)
+        bar.finish()
     finally:
         src.close()
     return 0

@@ -1,80 +1,44 @@
-"""`qcownbd convert`: copy a disk into a new raw or QCOW1 image, keeping it sparse.
+"""The copy engine of `convert` and `fleet commit`: a disk into a new image, kept sparse.
 
 Runs the source reports as zero are never read, zero blocks of what is read
 are never written (so a raw output keeps its holes and a QCOW1 output
-allocates no cluster for them), and with -B only the blocks that differ
-from the new image's backing file are written.
+allocates no cluster for them), and with a backing file only the blocks
+that differ from what the new image already reads through it are written.
 """
 
 import os
-import sys
+from collections.abc import Callable
 
-from qcownbd.cli import setup_logging
-from qcownbd.errors import ImageFormatError, UsageError
+from qcownbd.errors import ImageFormatError
 from qcownbd.image import formats
-from qcownbd.image.formats import normalise_format
 from qcownbd.image.probe import open_image
 
 #: bytes read and compared per step
 CHUNK = 1 << 20
 
 
-def register_convert(sub, common) -> None:
-    """Add `convert` to the `qcownbd` parser."""
-    p = sub.add_parser("convert", parents=[common],
-                       help="copy an image to a new raw or QCOW1 image, skipping zeros")
-    p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
-                   help="format of SRC (default: probe)")
-    p.add_argument("-O", "--output-format", default="raw", choices=formats.choices(),
-                   help="format of DST (default: raw)")
-    p.add_argument("-B", "--backing", metavar="BACKING",
-                   help="make DST a QCOW1 overlay of BACKING (name stored as given, "
-                        "relative to DST's directory); only differences are copied")
-    p.add_argument("-F", "--backing-format", choices=formats.choices(),
-                   help="format of BACKING (default: probe QCOW1, else raw)")
-    p.add_argument("src", metavar="SRC")
-    p.add_argument("dst", metavar="DST")
-    p.set_defaults(func=cmd_convert)
-
-
-def cmd_convert(args) -> int:
-    """Copy SRC into a new DST; a failed copy leaves no DST behind."""
-    setup_logging(args)
-    out_format = normalise_format(args.output_format, "output format")
-    if args.backing is not None and not formats.FORMATS[out_format].supports_backing:
-        needed = " or -O ".join(formats.with_backing())
-        raise UsageError(f"convert: -B needs -O {needed} (a {out_format} image has no "
-                         "backing file)")
-    if os.path.lexists(args.dst):
-        raise ImageFormatError(f"{args.dst}: already exists")
-    src = open_image(args.src, fmt=args.format, read_only=True)
-    try:
-        convert_to_new(src, args.dst, out_format, backing=args.backing,
-                       backing_format=args.backing_format, progress=not args.quiet)
-    finally:
-        src.close()
-    return 0
-
-
 def convert_to_new(src, dst_path: str, out_format: str, *, backing=None, backing_format=None,
-                   progress: bool = True) -> None:
+                   progress: Callable[[int], None] | None = None) -> None:
     """Copy the open backend ``src`` into the new image ``dst_path`` (removed on failure).
 
-    Also used by `qcownbd fleet commit`, which opens its source itself.
+    ``backing`` names the new image's backing file (stored as given);
+    ``progress(bytes_done)`` is called as the copy goes.
     """
     if os.path.lexists(dst_path):
         raise ImageFormatError(f"{dst_path}: already exists")
     dst = _create(dst_path, out_format, src.size, backing, backing_format)
     try:
-        bar = Progress(src.size, sys.stderr.isatty() and progress)
-        copy_image(src, dst, backing is not None, bar)
+        copy_image(src, dst, backing is not None, progress or _no_progress)
         dst.flush()
-        bar.finish()
     except BaseException:
         dst.close()
         os.unlink(dst_path)
         raise
     dst.close()
+
+
+def _no_progress(done: int) -> None:
+    """Nobody is watching."""
 
 
 def _create(path: str, out_format: str, size: int, backing, backing_format):
@@ -87,7 +51,7 @@ def _create(path: str, out_format: str, size: int, backing, backing_format):
         raise
 
 
-def copy_image(src, dst, backed: bool, progress) -> None:
+def copy_image(src, dst, backed: bool, progress: Callable[[int], None]) -> None:
     """Copy every byte of ``src`` that ``dst`` does not already read the same."""
     buf = memoryview(bytearray(CHUNK))
     old = memoryview(bytearray(CHUNK)) if backed else None
@@ -97,7 +61,7 @@ def copy_image(src, dst, backed: bool, progress) -> None:
             if not (extent.zero and not backed):
                 _copy_run(src, dst, pos, extent.length, extent.zero, buf, old)
             pos += extent.length
-            progress.update(pos)
+            progress(pos)
 
 
 def _copy_run(src, dst, offset: int, length: int, zero: bool, buf, old) -> None:
@@ -143,24 +107,3 @@ def _write_run(dst, offset: int, data) -> None:
         dst.write_zeroes(offset, len(data), may_trim=True)
     else:
         dst.write(offset, data)
-
-
-class Progress:
-    """qemu-img's "    (45.00/100%)" line on stderr, when it is a terminal."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total = max(total, 1)
-        self.enabled = enabled
-        self.shown = -1
-
-    def update(self, done: int) -> None:
-        percent = int(10000 * done / self.total)
-        if self.enabled and percent != self.shown:
-            self.shown = percent
-            sys.stderr.write(f"\r    ({percent / 100:.2f}/100%)")
-            sys.stderr.flush()
-
-    def finish(self) -> None:
-        if self.enabled:
-            self.update(self.total)
-            sys.stderr.write("\n")
