@@ -15,6 +15,7 @@ are resolved against the overlay's directory only, protocol syntax
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qcownbd.errors import ImageFormatError
@@ -64,18 +65,22 @@ def _foreign(first_bytes: bytes) -> str | None:
 def open_image(path, *, fmt: str = "auto", read_only: bool = False,
                backing_format: str | None = None, allowed_backing_dirs=None,
                max_backing_depth: int = MAX_BACKING_DEPTH, l2_cache_tables: int | None = None,
-               lock: bool = True, allow_corrupt: bool = False) -> Backend:
+               lock: bool = True, allow_corrupt: bool = False,
+               lend_backing: Callable[[bytes], Backend] | None = None) -> Backend:
     """Open ``path`` as a Backend: raw or QCOW1 (with its backing chain).
 
     ``fmt`` pins the format ("raw" never probes).  ``backing_format`` pins the
     format of the image's direct backing file.  ``allow_corrupt`` opens a
-    corrupt QCOW1 image read-write for `check(repair=True)` only.  Every
+    corrupt QCOW1 image read-write for `check(repair=True)` only.
+    ``lend_backing(name)`` supplies the direct backing file instead of opening
+    it (a fleet lends its golden image, open once, to every overlay).  Every
     failure is an ImageFormatError with a one-line message naming the file.
     """
     policy = BackingPolicy(
         backing_format=normalise_format(backing_format, "backing format"),
         allowed_dirs=[os.path.realpath(d) for d in allowed_backing_dirs or ()],
-        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock)
+        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock,
+        lend_backing=lend_backing)
     fmt = normalise_format(fmt, "format")
     return policy.open(os.path.abspath(os.fsdecode(path)), fmt, read_only, depth=0,
                        allow_corrupt=allow_corrupt)
@@ -99,6 +104,8 @@ class BackingPolicy:
     max_depth: int
     l2_cache_tables: int | None
     lock: bool
+    #: supplies the exported image's own backing file, instead of `open_backing`
+    lend_backing: Callable[[bytes], Backend] | None = None
     #: (st_dev, st_ino) of every file already in the chain
     chain: set = field(default_factory=set)
 
@@ -124,6 +131,8 @@ class BackingPolicy:
                  allow_corrupt: bool) -> Backend:
         """Build the backend object, which owns ``fd`` from then on."""
         def backing_opener(name: bytes) -> Backend:
+            if depth == 0 and self.lend_backing is not None:
+                return self.lend_backing(name)
             return self.open_backing(path, name, depth + 1)
 
         return formats.FORMATS[fmt].open(fd, path, OpenOptions(
