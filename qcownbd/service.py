@@ -17,7 +17,8 @@ import time
 from qcownbd import systemd
 from qcownbd.config import DEFAULT_LISTEN, ExportConfig, ServerConfig, load_config, parse_listen
 from qcownbd.errors import ConfigError
-from qcownbd.exports import ExportRegistry
+from qcownbd.exports import ExportRegistry, ImageProvider
+from qcownbd.fleet import FleetProvider
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.nbd.server import NbdServer, raise_fd_limit
@@ -38,7 +39,8 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig], config_path: str | N
     """
     tls_context = tls_context_for(config)
     raise_fd_limit()
-    registry = ExportRegistry()
+    images = ImageProvider()
+    registry = ExportRegistry([images, FleetProvider(images)])
     for export_config in cli.values():
         registry.add(registry.open_export(export_config))
     try:

@@ -20,7 +20,7 @@ from conftest import REPO, qcownbd_cmd, run
 from nbdraw import NbdClient
 from qcownbd.config import load_config, parse_config
 from qcownbd.errors import ConfigError
-from qcownbd.fleet import FleetConfig
+from qcownbd.config import FleetConfig
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -18,11 +18,11 @@ import os
 import sys
 from dataclasses import dataclass
 
-from qcownbd.config import load_config
+from qcownbd.config import OVERLAY_MODES, FleetConfig, load_config
 from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.fleet import (
-    FleetConfig, OverlayDir, describe_overlay, is_overlay_id, remove_unless_in_use,
+    OverlayDir, describe_overlay, is_overlay_id, remove_unless_in_use,
 )
 from qcownbd.image import formats
 from qcownbd.image.convert import convert_to_new
@@ -116,16 +116,16 @@ def find_overlay(source: str, overlay: str) -> tuple[FleetFiles, str, str]:
     if not is_overlay_id(ident):
         raise UsageError(f"fleet: bad overlay name {overlay!r}")
     fleet = fleets[0]
-    for mode in ("persistent", "ephemeral"):
-        path = fleet.dir.path(ident, mode == "ephemeral")
+    for ephemeral in (False, True):
+        path = fleet.dir.path(ident, ephemeral)
         if os.path.exists(path):
             return fleet, ident, path
     raise UsageError(f"fleet: no overlay {fleet.label(ident)} in {fleet.dir.directory}")
 
 
-def overlay_info(fleet: FleetFiles, ident: str, mode: str, path: str) -> dict:
-    """describe_overlay() plus how clients name the overlay."""
-    return {"overlay": fleet.label(ident), "mode": mode,
+def overlay_info(fleet: FleetFiles, ident: str, ephemeral: bool, path: str) -> dict:
+    """describe_overlay() plus how clients name the overlay and its mode."""
+    return {"overlay": fleet.label(ident), "mode": OVERLAY_MODES[ephemeral],
             **describe_overlay(path, fleet.golden_format)}
 
 
@@ -136,12 +136,12 @@ def cmd_list(args) -> int:
     setup_logging(args)
     rows = []
     for fleet in fleets_of(args.source):
-        for ident, mode, path in fleet.dir.overlays():
+        for ident, ephemeral, path in fleet.dir.overlays():
             try:
-                rows.append(overlay_info(fleet, ident, mode, path))
+                rows.append(overlay_info(fleet, ident, ephemeral, path))
             except ImageFormatError as exc:
-                rows.append({"overlay": fleet.label(ident), "mode": mode, "filename": path,
-                             "error": str(exc)})
+                rows.append({"overlay": fleet.label(ident), "mode": OVERLAY_MODES[ephemeral],
+                             "filename": path, "error": str(exc)})
     if args.json:
         print(json.dumps(rows, indent=4))
         return 0
@@ -158,13 +158,12 @@ def cmd_info(args) -> int:
     """`qcownbd fleet info`: the overlay, its golden image and allocation."""
     setup_logging(args)
     fleet, ident, path = find_overlay(args.source, args.overlay)
-    mode = "ephemeral" if path == fleet.dir.path(ident, True) else "persistent"
-    info = overlay_info(fleet, ident, mode, path)
+    info = overlay_info(fleet, ident, path == fleet.dir.path(ident, True), path)
     if args.json:
         print(json.dumps(info, indent=4))
         return 0
     print("\n".join([
-        f"overlay: {info['overlay']} ({mode}{', in use' if info['in-use'] else ''})",
+        f"overlay: {info['overlay']} ({info['mode']}{', in use' if info['in-use'] else ''})",
         f"file: {path}",
         f"golden image: {info.get('full-backing-filename', '-')} "
         f"({info.get('backing-format', '-')})",
