@@ -12,6 +12,8 @@ import functools
 import ipaddress
 import logging
 
+from qcownbd.errors import NoSuchExport
+
 log = logging.getLogger("qcownbd.access")
 
 
@@ -49,7 +51,7 @@ class PeerExports:
         self.peer = peer
 
     def lookup(self, name: str):
-        """The export named ``name``, or LookupError when missing or not for this client."""
+        """The export named ``name``; NoSuchExport when missing or not for this client."""
         parent, slash, _member = name.partition("/")
         if slash and parent in self._names():
             # "fleet/ID": fence with the fleet's list before a member is looked up
@@ -65,7 +67,7 @@ class PeerExports:
     def _check(self, export, name: str) -> None:
         if not allowed(export.config, self.address):
             log.warning("%s: export %r refused by its allow list", self.peer, export.name)
-            raise LookupError(f"no export named {name!r}")
+            raise NoSuchExport(f"no export named {name!r}")
 
     def listing(self) -> list[tuple[str, str]]:
         """(name, description) of the exports this client may use."""

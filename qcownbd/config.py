@@ -26,27 +26,48 @@ allow = ["127.0.0.0/8", "::1/128"]   # client networks; absent = everyone
 allow_unix = true                    # Unix-socket clients (default true)
 backing_dirs = ["/srv/base"]         # replaces [server] backing_dirs
 ```
-Unknown keys are errors that name them: a typo must not silently change
-what is served.  An export table with `golden` instead of `path` is a
-fleet of per-client overlays (keys in qcownbd.fleet).
+An export table with `golden` instead of `path` is a fleet of per-client
+copy-on-write overlays of one read-only golden image (`qcownbd.fleet`):
+```toml
+[exports.fleet]
+golden = "/var/lib/qcownbd/golden.qcow"   # never written; opened read-only once
+golden_format = "qcow1"                   # raw | qcow1 (pinned: QCOW1 cannot record it)
+overlay_dir = "/var/lib/qcownbd/fleet"    # created if missing
+overlays = "persistent"                   # persistent | ephemeral
+description = "Debian 12 fleet"
+max_overlays = 1000                       # overlay files at once; more first connects fail
+l2_cache_tables = 64
+```
+(and allow, allow_unix, backing_dirs as for any export).  Unknown keys are
+errors that name them: a typo must not silently change what is served.
 """
 
 import ipaddress
 import os
 import tomllib
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from qcownbd.errors import ConfigError
+from qcownbd.image import formats
 from qcownbd.nbd.constants import DEFAULT_PORT, MAX_STRING
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
-FORMATS = ("auto", "raw", "qcow1", "qcow")
+#: what an export's `format` may say
+FORMATS = tuple(formats.choices(auto=True))
 TLS_MODES = ("off", "on", "require")
+#: a fleet's `overlays`: kept for good, or deleted when their last client leaves
+#: (indexed by FleetConfig.ephemeral)
+OVERLAY_MODES = ("persistent", "ephemeral")
+DEFAULT_MAX_OVERLAYS = 1000
 
 
 @dataclass(frozen=True)
 class ExportConfig:
     """How one export is opened and presented."""
+
+    #: which provider of the export registry opens it
+    kind: ClassVar[str] = "image"
 
     name: str
     path: str
@@ -60,6 +81,55 @@ class ExportConfig:
     allow_unix: bool = True
     #: directories backing files must resolve into (realpath); () = anywhere
     backing_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class FleetConfig:
+    """A fleet export: the golden image and where and how overlays are kept."""
+
+    kind: ClassVar[str] = "fleet"
+
+    name: str
+    golden: str
+    golden_format: str
+    overlay_dir: str
+    overlays: str = "persistent"
+    description: str = ""
+    max_overlays: int = DEFAULT_MAX_OVERLAYS
+    l2_cache_tables: int | None = None
+    #: as for any export (qcownbd.access): client networks, Unix clients
+    allow: tuple[str, ...] | None = None
+    allow_unix: bool = True
+    #: where the golden image's own backing files may lie
+    backing_dirs: tuple[str, ...] = ()
+
+    @property
+    def path(self) -> str:
+        """The image the fleet export itself serves (read-only): the golden one."""
+        return self.golden
+
+    @property
+    def read_only(self) -> bool:
+        """The golden image is never written."""
+        return True
+
+    @property
+    def ephemeral(self) -> bool:
+        """Whether overlays are deleted when their last client leaves."""
+        return self.overlays == "ephemeral"
+
+    def golden_export(self) -> ExportConfig:
+        """The golden image as a plain read-only export of the fleet's name."""
+        return ExportConfig(name=self.name, path=self.golden, format=self.golden_format,
+                            read_only=True, l2_cache_tables=self.l2_cache_tables,
+                            backing_dirs=self.backing_dirs)
+
+    def overlay_export(self, ident: str, path: str) -> ExportConfig:
+        """The export of overlay ``ident`` (the QCOW1 file ``path``), as `NAME/ID`."""
+        return ExportConfig(name=f"{self.name}/{ident}", path=path, format=formats.QCOW1.name,
+                            description=f"overlay {ident} of {self.name}",
+                            l2_cache_tables=self.l2_cache_tables, allow=self.allow,
+                            allow_unix=self.allow_unix)
 
 
 @dataclass
@@ -79,7 +149,7 @@ class ServerConfig:
     tls_ca: str | None = None
     tls_verify_client: bool | None = None
     backing_dirs: list[str] = field(default_factory=list)
-    exports: dict[str, ExportConfig] = field(default_factory=dict)
+    exports: dict[str, ExportConfig | FleetConfig] = field(default_factory=dict)
 
 
 _SERVER_KEYS = {"listen": list, "unix": str, "max_connections": int,
@@ -91,6 +161,9 @@ _SERVER_KEYS = {"listen": list, "unix": str, "max_connections": int,
 _EXPORT_KEYS = {"path": str, "format": str, "read_only": bool, "description": str,
                 "backing_format": str, "l2_cache_tables": int, "allow": list,
                 "allow_unix": bool, "backing_dirs": list}
+_FLEET_KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlays": str,
+               "description": str, "max_overlays": int, "l2_cache_tables": int, "allow": list,
+               "allow_unix": bool, "backing_dirs": list}
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -148,11 +221,11 @@ def _check_table(table, allowed: dict, where: str) -> None:
             raise ConfigError(f"{where}: {key} has the wrong type ({type(value).__name__})")
 
 
-def _export(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> ExportConfig:
+def _export(name: str, table: dict, base_dir: str,
+            server_dirs: list[str]) -> ExportConfig | FleetConfig:
     where = f"[exports.{name}]"
     if isinstance(table, dict) and "golden" in table:
-        from qcownbd.fleet import fleet_config  # imported here: fleet builds on this module
-        return fleet_config(name, table, base_dir, server_dirs)
+        return _fleet(name, table, base_dir, server_dirs)
     _check_table(table, _EXPORT_KEYS, where)
     if "path" not in table:
         raise ConfigError(f"{where}: path is missing")
@@ -173,6 +246,51 @@ def _export(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> Ex
         allow=None if allow is None else parse_networks(allow, where),
         allow_unix=table.get("allow_unix", True),
         backing_dirs=tuple(server_dirs if dirs is None else _dir_list(dirs, where, base_dir)))
+
+
+def _fleet(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> FleetConfig:
+    """A FleetConfig from an `[exports.NAME]` table that has a `golden` key."""
+    where = f"[exports.{name}]"
+    _check_table(table, _FLEET_KEYS, where)
+    missing = [key for key in ("golden", "golden_format", "overlay_dir") if key not in table]
+    if missing:
+        raise ConfigError(f"{where}: {', '.join(missing)} missing (a fleet needs golden, "
+                          "golden_format and overlay_dir)")
+    if "/" in check_export_name(name):
+        raise ConfigError(f"{where}: a fleet's name cannot contain '/' "
+                          "(clients ask for NAME/ID)")
+    golden_format = _golden_format(table["golden_format"], where)
+    overlays = table.get("overlays", "persistent")
+    if overlays not in OVERLAY_MODES:
+        raise ConfigError(f"{where}: overlays must be {_either(OVERLAY_MODES)}")
+    limits = {key: table[key] for key in ("max_overlays", "l2_cache_tables") if key in table}
+    if any(value < 1 for value in limits.values()):
+        raise ConfigError(f"{where}: {', '.join(limits)} must be at least 1")
+
+    def absolute(key: str) -> str:
+        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(table[key])))
+
+    return FleetConfig(
+        name=name, golden=absolute("golden"), golden_format=golden_format,
+        overlay_dir=absolute("overlay_dir"),
+        overlays=overlays, description=table.get("description", ""),
+        allow=None if "allow" not in table else parse_networks(table["allow"], where),
+        allow_unix=table.get("allow_unix", True),
+        backing_dirs=tuple(_dir_list(table["backing_dirs"], where, base_dir)
+                           if "backing_dirs" in table else server_dirs), **limits)
+
+
+def _golden_format(fmt, where: str) -> str:
+    """golden_format as a format's name ("auto" is refused: the pin is the point)."""
+    found = formats.lookup(fmt)
+    if found is None:
+        raise ConfigError(f"{where}: golden_format must be {_either(formats.FORMATS)}")
+    return found.name
+
+
+def _either(names) -> str:
+    """'"a" or "b"': the values a key may take, for its error message."""
+    return " or ".join(f'"{name}"' for name in names)
 
 
 def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:

@@ -5,43 +5,63 @@ is what makes CAN_MULTI_CONN true (a flush on any connection covers writes
 made on all of them).  A reload retires exports that disappeared or
 changed: they refuse new clients and close their backend when their last
 connection ends.
+
+Each kind of export config (its ``kind``: "image", "fleet") has a provider
+that opens it and finds its members: the export a client names
+``PARENT/ID`` (a fleet's overlays).  The registry knows no kind itself.
 """
 
 import logging
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
-from qcownbd.config import ExportConfig
-from qcownbd.errors import ImageFormatError, QcownbdError
+from qcownbd.errors import ImageFormatError, NoSuchExport, QcownbdError
+from qcownbd.image.backend import Backend
 from qcownbd.image.probe import open_image
-from qcownbd.nbd.protocol import transmission_flags
 
 log = logging.getLogger("qcownbd.exports")
 
 
 class Export:
-    """One named export: its config, its open backend and who is using it."""
+    """One named export: its config, its open backend and who is using it.
 
-    def __init__(self, config: ExportConfig, backend):
+    ``on_claim(export)`` runs when a client takes the export (GO,
+    EXPORT_NAME) and may still refuse it with NoSuchExport; ``on_close(export)``
+    runs once its backend is closed.  A ``transient`` export closes when its
+    last connection ends, the others only once retired.
+    """
+
+    def __init__(self, config, backend: Backend, *, description: str | None = None,
+                 transient: bool = False, on_claim: Callable | None = None,
+                 on_close: Callable | None = None):
         self.config = config
         self.name = config.name
-        self.description = config.description
+        self.description = config.description if description is None else description
         self.backend = backend
         self.read_only = config.read_only or backend.read_only
         self.size = backend.size
         self.preferred_block_size = backend.preferred_block_size
-        self.flags = transmission_flags(self.read_only, backend.can_trim,
-                                        backend.can_fast_zero)
+        self.transient = transient
+        self._on_claim = on_claim
+        self._on_close = on_close
         self.connections = 0
         self.retired = False
         self.closed = False
+
+    def claim(self) -> None:
+        """A client takes the export for transmission, before it is told so: the last
+        moment to refuse (NoSuchExport), e.g. when a new overlay cannot be named."""
+        if self._on_claim is not None:
+            self._on_claim(self)
 
     def attach(self) -> None:
         """A connection entered transmission on this export."""
         self.connections += 1
 
     def detach(self) -> None:
-        """A connection ended; a retired export closes with its last one."""
+        """A connection ended; a retired or transient export closes with its last one."""
         self.connections -= 1
-        if self.retired and not self.connections:
+        if (self.retired or self.transient) and not self.connections:
             self.close()
 
     def retire(self) -> None:
@@ -59,31 +79,35 @@ class Export:
             self.backend.close()
         except (QcownbdError, OSError) as exc:
             log.error("export %s: closing %s failed: %s", self.name, self.config.path, exc)
-
-    def member(self, name: str) -> "Export":
-        """The export clients call THIS/name: only fleets (qcownbd.fleet) have members."""
-        raise LookupError(f"no export named {self.name + '/' + name!r}")
-
-    def members(self) -> list["Export"]:
-        """Open exports living inside this one (a fleet's overlays)."""
-        return []
+        if self._on_close is not None:
+            self._on_close(self)
 
 
-class ExportRegistry:
-    """The exports being served, looked up by name during negotiation."""
+class ExportProvider(Protocol):
+    """Opens the export configs of one ``kind`` and finds their members."""
 
-    def __init__(self, opener=open_image):
-        self._open = opener
-        self._exports: dict[str, Export] = {}
-        self._broken: dict[str, tuple[ExportConfig, str]] = {}
-        self._retired: list[Export] = []
+    kind: str
 
-    def open_export(self, config: ExportConfig) -> Export:
-        """Open one export's image; ImageFormatError (one line, naming it) on failure."""
-        if not isinstance(config, ExportConfig):
-            return config.open(self)  # other export kinds (FleetConfig) open themselves
+    def open(self, config) -> Export:
+        """Open the export; ImageFormatError (one line, naming it) on failure."""
+
+    def member(self, parent: Export, name: str) -> Export:
+        """The export clients call ``PARENT/name``; NoSuchExport if there is none."""
+
+
+class ImageProvider:
+    """Plain exports: one image each, opened with its backing chain; no members."""
+
+    kind = "image"
+
+    def open(self, config) -> Export:
+        """The export of one image file."""
+        return Export(config, self.open_backend(config))
+
+    def open_backend(self, config) -> Backend:
+        """Open the image of an export config; ImageFormatError naming the export."""
         try:
-            backend = self._open(config.path, fmt=config.format, read_only=config.read_only,
+            backend = open_image(config.path, fmt=config.format, read_only=config.read_only,
                                  backing_format=config.backing_format,
                                  allowed_backing_dirs=config.backing_dirs,
                                  l2_cache_tables=config.l2_cache_tables)
@@ -94,13 +118,33 @@ class ExportRegistry:
             raise ImageFormatError(f"export {config.name}: {exc}") from None
         log.info("export %s: %s (%s%s)", config.name, config.path, backend.format_name,
                  ", read-only" if config.read_only or backend.read_only else "")
-        return Export(config, backend)
+        return backend
+
+    def member(self, parent: Export, name: str) -> Export:
+        """Plain exports have no members."""
+        raise NoSuchExport(f"no export named {parent.name + '/' + name!r}")
+
+
+class ExportRegistry:
+    """The exports being served, looked up by name during negotiation."""
+
+    def __init__(self, providers: Iterable[ExportProvider] = ()):
+        self._providers = {p.kind: p for p in providers} or {"image": ImageProvider()}
+        self._exports: dict[str, Export] = {}
+        self._broken: dict[str, tuple[object, str]] = {}
+        self._retired: list[Export] = []
+        #: members handed out by lookups (a fleet's overlays), until they close
+        self._members: list[Export] = []
+
+    def open_export(self, config) -> Export:
+        """Open one export with the provider of its kind."""
+        return self._providers[config.kind].open(config)
 
     def add(self, export: Export) -> None:
         """Serve an already opened export."""
         self._exports[export.name] = export
 
-    def apply(self, configs: dict[str, ExportConfig]) -> None:
+    def apply(self, configs: dict) -> None:
         """Make the served exports match ``configs`` (startup; SIGHUP uses the three steps).
 
         Unchanged exports keep their backend and connections; a broken one is
@@ -108,7 +152,7 @@ class ExportRegistry:
         """
         self.install(self.open_all(self.retire_changed(configs)))
 
-    def retire_changed(self, configs: dict[str, ExportConfig]) -> dict[str, ExportConfig]:
+    def retire_changed(self, configs: dict) -> dict:
         """Retire the exports ``configs`` drops or changes; return the configs to open
         (new, changed, and broken ones: an image may have become readable since).
 
@@ -121,7 +165,7 @@ class ExportRegistry:
         self._broken = {n: b for n, b in self._broken.items() if configs.get(n) == b[0]}
         return {name: config for name, config in configs.items() if name not in self._exports}
 
-    def open_all(self, configs: dict[str, ExportConfig]) -> dict[str, tuple]:
+    def open_all(self, configs: dict) -> dict[str, tuple]:
         """{name: (config, Export or the ImageFormatError)}; touches no registry state,
         so it may run in a worker thread (a large read-write QCOW1 scan takes seconds)."""
         opened = {}
@@ -153,15 +197,22 @@ class ExportRegistry:
         export = self._exports.get(name)
         parent, slash, member = name.partition("/")
         if export is None and slash and parent in self._exports:
-            return self._exports[parent].member(member)  # "fleet/vm42"
+            return self._member(self._exports[parent], member)   # "fleet/vm42"
         if export is None and name == "" and len(self._exports) + len(self._broken) == 1:
             export = next(iter(self._exports.values()), None)
             name = next(iter(self._broken), name)
         if export is not None:
             return export
         if name in self._broken:
-            raise LookupError(f"export {name!r} is unavailable")
-        raise LookupError(f"no export named {name!r}")
+            raise NoSuchExport(f"export {name!r} is unavailable")
+        raise NoSuchExport(f"no export named {name!r}")
+
+    def _member(self, parent: Export, name: str) -> Export:
+        """Ask the parent's provider; keep what it hands out until it closes."""
+        member = self._providers[parent.config.kind].member(parent, name)
+        if member not in self._members:
+            self._members.append(member)
+        return member
 
     def listing(self) -> list[tuple[str, str]]:
         """(name, description) of every export that can be used."""
@@ -172,10 +223,10 @@ class ExportRegistry:
         return len(self._exports), len(self._broken)
 
     def open_exports(self) -> list[Export]:
-        """Every export whose backend is still open, retired ones included."""
+        """Every export whose backend is still open, retired ones and members included."""
         self._retired = [e for e in self._retired if not e.closed]
-        exports = list(self._exports.values()) + self._retired
-        return exports + [member for export in exports for member in export.members()]
+        self._members = [e for e in self._members if not e.closed]
+        return list(self._exports.values()) + self._retired + self._members
 
     def close_all(self) -> None:
         """Commit and close every backend (server shutdown)."""

@@ -1,43 +1,36 @@
 """Fleets: one read-only golden image, one copy-on-write QCOW1 overlay per client.
 
-```toml
-[exports.fleet]
-golden = "/var/lib/qcownbd/golden.qcow"   # never written; opened read-only once
-golden_format = "qcow1"                   # raw | qcow1 (pinned: QCOW1 cannot record it)
-overlay_dir = "/var/lib/qcownbd/fleet"    # created if missing
-overlays = "persistent"                   # persistent | ephemeral
-description = "Debian 12 fleet"
-max_overlays = 1000                       # overlay files at once; more first connects fail
-l2_cache_tables = 64
-```
-A client asks for `fleet/ID` and gets its own overlay `overlay_dir/ID.qcow`
-(ephemeral ones: `overlay_dir/ephemeral/ID.qcow`), created on first connect
-with the golden image's absolute path as backing file, as `qemu-img create
--f qcow -b GOLDEN` would.  The export `fleet` itself serves the golden image
-read-only.  Overlays are not listed (clients would learn each other's IDs).
+A fleet export (`FleetConfig`, a table with a `golden` key in the config)
+serves the golden image read-only under its own name.  A client asking for
+`NAME/ID` gets its own overlay `overlay_dir/ID.qcow` (ephemeral ones:
+`overlay_dir/ephemeral/ID.qcow`), created on first connect with the golden
+image's absolute path as backing file, as `qemu-img create -f qcow -b
+GOLDEN` would.  Overlays are not listed (clients would learn each other's IDs).
 
-One backend reads the golden image for every overlay; all connections to
-one overlay share its backend (multi-conn).  An overlay is closed when its
-last client leaves (so `qcownbd fleet delete/commit` can work on it while
-the server runs); an ephemeral one is deleted then, and ephemeral ones left
-by a crash are deleted when the fleet opens again.
+The golden image is opened once and lent to every overlay as its backing
+file (`image.shared`); all connections to one overlay share its backend
+(multi-conn).  An overlay is closed when its last client leaves (so `qcownbd
+fleet delete/commit` can work on it while the server runs); an ephemeral one
+is deleted then, and ephemeral ones left by a crash are deleted when the
+fleet opens again.
 """
 
+import contextlib
 import errno
+import functools
 import logging
 import os
 import re
 import secrets
-from dataclasses import dataclass
 
-from qcownbd.config import (
-    ExportConfig, _check_table, _dir_list, check_export_name, parse_networks,
-)
-from qcownbd.errors import ConfigError, ImageFormatError, ProtocolError
-from qcownbd.exports import Export
+from qcownbd.errors import ImageFormatError, NoSuchExport
+from qcownbd.exports import Export, ImageProvider
+from qcownbd.image import formats
+from qcownbd.image.backend import Backend
 from qcownbd.image.locking import lock_image
-from qcownbd.image.probe import lock_or_explain, open_fd
-from qcownbd.image.qcow1 import Qcow1Image, create_qcow1
+from qcownbd.image.probe import open_image
+from qcownbd.image.qcow1 import create_qcow1
+from qcownbd.image.shared import SharedImage
 
 log = logging.getLogger("qcownbd.fleet")
 
@@ -45,109 +38,11 @@ OVERLAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ID_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
 OVERLAY_SUFFIX = ".qcow"
 EPHEMERAL_SUBDIR = "ephemeral"
-MODES = ("persistent", "ephemeral")
-#: accepted golden_format values ("qcow" is QEMU's name for QCOW1)
-GOLDEN_FORMATS = {"raw": "raw", "qcow1": "qcow1", "qcow": "qcow1"}
-DEFAULT_MAX_OVERLAYS = 1000
-
-_KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlays": str,
-         "description": str, "max_overlays": int, "l2_cache_tables": int, "allow": list,
-         "allow_unix": bool, "backing_dirs": list}
 
 
 def is_overlay_id(ident: str) -> bool:
     """Whether ``ident`` may name an overlay (a plain file name, never a path)."""
     return bool(OVERLAY_ID.fullmatch(ident)) and ".." not in ident
-
-
-@dataclass(frozen=True)
-class FleetConfig:
-    """A fleet export: the golden image and where and how overlays are kept."""
-
-    name: str
-    golden: str
-    golden_format: str
-    overlay_dir: str
-    overlays: str = "persistent"
-    description: str = ""
-    max_overlays: int = DEFAULT_MAX_OVERLAYS
-    l2_cache_tables: int | None = None
-    #: as for any export (qcownbd.access): client networks, Unix clients
-    allow: tuple[str, ...] | None = None
-    allow_unix: bool = True
-    #: where the golden image's own backing files may lie
-    backing_dirs: tuple[str, ...] = ()
-
-    @property
-    def path(self) -> str:
-        """The image the fleet export itself serves (read-only): the golden one."""
-        return self.golden
-
-    @property
-    def read_only(self) -> bool:
-        """The golden image is never written."""
-        return True
-
-    @property
-    def ephemeral(self) -> bool:
-        """Whether overlays are deleted when their last client leaves."""
-        return self.overlays == "ephemeral"
-
-    def open(self, registry) -> "Fleet":
-        """Open the golden image read-only, as ``registry`` opens exports; drop stale overlays."""
-        golden = registry.open_export(ExportConfig(
-            name=self.name, path=self.golden, format=self.golden_format, read_only=True,
-            l2_cache_tables=self.l2_cache_tables, backing_dirs=self.backing_dirs)).backend
-        try:
-            removed = OverlayDir(self.overlay_dir).remove_stale()
-        except OSError as exc:
-            golden.close()
-            raise ImageFormatError(f"export {self.name}: overlay_dir {self.overlay_dir}: "
-                                   f"{exc.strerror or exc}") from None
-        for path in removed:
-            log.info("export %s: removed stale %s", self.name, path)
-        log.info("export %s: fleet of %s (%s, %s overlays in %s)", self.name, self.golden,
-                 golden.format_name, self.overlays, self.overlay_dir)
-        return Fleet(self, golden)
-
-
-def fleet_config(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> FleetConfig:
-    """A FleetConfig from an `[exports.NAME]` table that has a `golden` key."""
-    where = f"[exports.{name}]"
-    _check_table(table, _KEYS, where)
-    missing = [key for key in ("golden", "golden_format", "overlay_dir") if key not in table]
-    if missing:
-        raise ConfigError(f"{where}: {', '.join(missing)} missing (a fleet needs golden, "
-                          "golden_format and overlay_dir)")
-    if "/" in check_export_name(name):
-        raise ConfigError(f"{where}: a fleet's name cannot contain '/' "
-                          "(clients ask for NAME/ID)")
-    golden_format = _golden_format(table["golden_format"], where)
-    overlays = table.get("overlays", "persistent")
-    if overlays not in MODES:
-        raise ConfigError(f"{where}: overlays must be \"persistent\" or \"ephemeral\"")
-    limits = {key: table[key] for key in ("max_overlays", "l2_cache_tables") if key in table}
-    if any(value < 1 for value in limits.values()):
-        raise ConfigError(f"{where}: {', '.join(limits)} must be at least 1")
-
-    def absolute(key: str) -> str:
-        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(table[key])))
-
-    return FleetConfig(
-        name=name, golden=absolute("golden"), golden_format=golden_format,
-        overlay_dir=absolute("overlay_dir"),
-        overlays=overlays, description=table.get("description", ""),
-        allow=None if "allow" not in table else parse_networks(table["allow"], where),
-        allow_unix=table.get("allow_unix", True),
-        backing_dirs=tuple(_dir_list(table["backing_dirs"], where, base_dir)
-                           if "backing_dirs" in table else server_dirs), **limits)
-
-
-def _golden_format(fmt, where: str) -> str:
-    """golden_format as "raw" or "qcow1" ("auto" is refused: the pin is the point)."""
-    if fmt not in GOLDEN_FORMATS:
-        raise ConfigError(f"{where}: golden_format must be \"raw\" or \"qcow1\"")
-    return GOLDEN_FORMATS[fmt]
 
 
 class OverlayDir:
@@ -163,11 +58,11 @@ class OverlayDir:
         """Where overlay ``ident`` lives (``ident`` already checked)."""
         return os.path.join(self._folder(ephemeral), ident + OVERLAY_SUFFIX)
 
-    def overlays(self) -> list[tuple[str, str, str]]:
-        """(ID, "persistent"|"ephemeral", path) of every overlay file, sorted."""
+    def overlays(self) -> list[tuple[str, bool, str]]:
+        """(ID, ephemeral, path) of every overlay file, sorted."""
         found = []
-        for mode in MODES:
-            folder = self._folder(mode == "ephemeral")
+        for ephemeral in (False, True):
+            folder = self._folder(ephemeral)
             try:
                 names = os.listdir(folder)
             except FileNotFoundError:
@@ -175,7 +70,7 @@ class OverlayDir:
             for name in names:
                 ident = name[:-len(OVERLAY_SUFFIX)]
                 if name.endswith(OVERLAY_SUFFIX) and is_overlay_id(ident):
-                    found.append((ident, mode, os.path.join(folder, name)))
+                    found.append((ident, ephemeral, os.path.join(folder, name)))
         return sorted(found)
 
     def create_unpublished(self, ident: str, ephemeral: bool, size: int, backing: str) -> str:
@@ -218,7 +113,7 @@ class OverlayDir:
         reload keeps for its clients) is left alone.
         """
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        stale = [path for _, mode, path in self.overlays() if mode == "ephemeral"]
+        stale = [path for _, ephemeral, path in self.overlays() if ephemeral]
         for folder in (self._folder(False), self._folder(True)):
             if os.path.isdir(folder):
                 stale += [os.path.join(folder, name) for name in os.listdir(folder)
@@ -226,103 +121,116 @@ class OverlayDir:
         return [path for path in stale if remove_unless_in_use(path)]
 
 
-def remove_unless_in_use(path: str) -> bool:
-    """Delete an image file while holding QEMU's write lock on it; False if in use."""
+@contextlib.contextmanager
+def _locked(path: str, writable: bool):
+    """Hold QEMU's locks on an image file: yields True, or False when another process
+    (a server with a client on it) holds a conflicting lock."""
+    fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        lock_image(fd, writable=True)
-        os.unlink(path)
-        return True
-    except ImageFormatError:
-        return False
+        try:
+            lock_image(fd, writable)
+        except ImageFormatError:
+            yield False
+            return
+        yield True
     finally:
         os.close(fd)
 
 
-class SharedGolden:
-    """The fleet's golden backend as seen by one overlay: closing the overlay leaves it open."""
-
-    def __init__(self, golden):
-        self._golden = golden
-        # the two calls on every read of an unallocated cluster: bound once
-        self.read_into = golden.read_into
-        self.block_status = golden.block_status
-
-    def __getattr__(self, name):
-        return getattr(self._golden, name)
-
-    def close(self) -> None:
-        """The fleet closes the golden image, once, after its last overlay."""
+def remove_unless_in_use(path: str) -> bool:
+    """Delete an image file while holding QEMU's write lock on it; False if in use."""
+    try:
+        with _locked(path, writable=True) as free:
+            if free:
+                os.unlink(path)
+            return free
+    except FileNotFoundError:
+        return False
 
 
-class Overlay(Export):
-    """One client's overlay, shared by all its connections; closed with the last one.
+def overlay_in_use(path: str) -> bool:
+    """Whether a writer (a server with a client on it) holds the overlay."""
+    with _locked(path, writable=False) as free:
+        return not free
 
-    A new overlay starts under a temporary file name (``unpublished``) and
-    takes its real name when its first connection attaches.
+
+def describe_overlay(path: str, golden_format: str | None) -> dict:
+    """`info` of an overlay (read without locks, so a live one too), whether it is in use
+    and when it was last written."""
+    img = open_image(path, fmt="qcow1", read_only=True, backing_format=golden_format,
+                     lock=False)
+    try:
+        info = formats.describe(img)
+    finally:
+        img.close()
+    return {"in-use": overlay_in_use(path), "modified": int(os.stat(path).st_mtime), **info}
+
+
+class FleetProvider:
+    """The export registry's provider for fleets (config kind "fleet").
+
+    The fleet export itself serves the golden image read-only; its members
+    are the overlays, looked up as `NAME/ID`.
     """
 
-    def __init__(self, config: ExportConfig, backend, fleet: "Fleet", ident: str,
-                 unpublished: str | None = None):
-        super().__init__(config, backend)
-        self.fleet = fleet
-        self.ident = ident
-        self.unpublished = unpublished
+    kind = "fleet"
 
-    def attach(self) -> None:
-        """A connection entered transmission: the overlay now exists for good."""
-        if self.unpublished is not None:
-            try:
-                self.fleet.dir.publish(self.unpublished, self.ident, self.fleet.config.ephemeral)
-            except OSError as exc:
-                raise ProtocolError(f"overlay {self.name}: cannot create {self.config.path}: "
-                                    f"{exc.strerror}") from None
-            self.unpublished = None
-            log.info("export %s: created overlay %s", self.fleet.name, self.config.path)
-        super().attach()
+    def __init__(self, images: ImageProvider):
+        self._images = images
+        self._fleets: dict[Export, Fleet] = {}
 
-    def detach(self) -> None:
-        """A connection ended; the last one closes (and maybe deletes) the overlay."""
-        self.connections -= 1
-        if not self.connections:
-            self.close()
-
-    def close(self) -> None:
-        """Commit and close; an ephemeral or never used overlay's file is deleted."""
-        if self.closed:
-            return
-        super().close()
-        if self.unpublished is not None or self.fleet.config.ephemeral:
-            path = self.unpublished or self.config.path
-            try:
-                os.unlink(path)
-            except OSError as exc:
-                log.error("export %s: cannot delete %s: %s", self.name, path, exc.strerror)
-        self.fleet.forget(self)
-
-
-class Fleet(Export):
-    """The fleet export: serves the golden image read-only and hands out overlays."""
-
-    def __init__(self, config: FleetConfig, golden):
-        super().__init__(config, golden)
-        hint = (f"copy-on-write overlays of this image: connect to {self.name}/ID "
+    def open(self, config) -> Export:
+        """Open the golden image read-only, as a plain export; drop stale overlays."""
+        golden = self._images.open_backend(config.golden_export())
+        try:
+            removed = OverlayDir(config.overlay_dir).remove_stale()
+        except OSError as exc:
+            golden.close()
+            raise ImageFormatError(f"export {config.name}: overlay_dir {config.overlay_dir}: "
+                                   f"{exc.strerror or exc}") from None
+        for path in removed:
+            log.info("export %s: removed stale %s", config.name, path)
+        log.info("export %s: fleet of %s (%s, %s overlays in %s)", config.name, config.golden,
+                 golden.format_name, config.overlays, config.overlay_dir)
+        fleet = Fleet(config, SharedImage(golden))
+        hint = (f"copy-on-write overlays of this image: connect to {config.name}/ID "
                 f"for your own disk ({config.overlays}; ID: {ID_RULE})")
-        self.description = f"{config.description} ({hint})" if config.description else hint
-        self.dir = OverlayDir(config.overlay_dir)
-        self._overlays: dict[str, Overlay] = {}
+        export = Export(config, fleet.golden.view(), on_close=self._closed,
+                        description=f"{config.description} ({hint})" if config.description
+                        else hint)
+        self._fleets[export] = fleet
+        return export
 
-    def member(self, ident: str) -> Export:
-        """The overlay a client named ``fleet/ident``, opened (or created) if needed."""
+    def member(self, parent: Export, ident: str) -> Export:
+        """The overlay a client named ``NAME/ident``."""
+        return self._fleets[parent].overlay(ident)
+
+    def _closed(self, export: Export) -> None:
+        # the golden image stays open while overlays still read it (image.shared)
+        del self._fleets[export]
+
+
+class Fleet:
+    """The overlays of one fleet: opened (or created) on lookup, one export each."""
+
+    def __init__(self, config, golden: SharedImage):
+        self.config = config
+        self.name = config.name
+        self.golden = golden
+        self.size = golden.backend.size
+        self.dir = OverlayDir(config.overlay_dir)
+        self._overlays: dict[str, Export] = {}
+        #: temporary files of new overlays no client has taken yet
+        self._unpublished: dict[str, str] = {}
+
+    def overlay(self, ident: str) -> Export:
+        """The overlay ``ident``, opened (or created) if needed."""
         if not is_overlay_id(ident):
-            raise LookupError(f"bad overlay name {ident[:80]!r} in {self.name}/ (use {ID_RULE})")
-        # Overlays looked up but never attached (NBD_OPT_INFO, clients an allow
+            raise NoSuchExport(f"bad overlay name {ident[:80]!r} in {self.name}/ (use {ID_RULE})")
+        # Overlays looked up but never claimed (NBD_OPT_INFO, clients an allow
         # list refuses) close here, so they cannot pile up. Safe for every other
         # one: GO attaches in the same event-loop step as its lookup.
-        for idle in [o for o in self._overlays.values() if not o.connections and o.ident != ident]:
+        for idle in [o for i, o in self._overlays.items() if not o.connections and i != ident]:
             idle.close()
         overlay = self._overlays.get(ident)
         if overlay is not None:
@@ -333,15 +241,12 @@ class Fleet(Export):
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.warning("export %s: overlay %s: %s", self.name, ident, text)
             # the details (paths) are for the operator's log, not for clients
-            raise LookupError(f"overlay {self.name}/{ident} is unavailable") from None
+            raise NoSuchExport(f"overlay {self.name}/{ident}: {text}",
+                               public=f"overlay {self.name}/{ident} is unavailable") from None
         self._overlays[ident] = overlay
         return overlay
 
-    def members(self) -> list[Export]:
-        """The open overlays."""
-        return list(self._overlays.values())
-
-    def _open_overlay(self, ident: str) -> Overlay:
+    def _open_overlay(self, ident: str) -> Export:
         config = self.config
         path = self.dir.path(ident, config.ephemeral)
         unpublished = None
@@ -349,7 +254,7 @@ class Fleet(Export):
             if len(self.dir.overlays()) >= config.max_overlays:
                 log.warning("export %s: max_overlays=%d reached, refusing overlay %s",
                             self.name, config.max_overlays, ident)
-                raise LookupError(f"fleet {self.name} is full: no new overlays")
+                raise NoSuchExport(f"fleet {self.name} is full: no new overlays")
             unpublished = self.dir.create_unpublished(ident, config.ephemeral, self.size,
                                                       config.golden)
         try:
@@ -358,60 +263,54 @@ class Fleet(Export):
             if unpublished:
                 os.unlink(unpublished)
             raise
-        export_config = ExportConfig(
-            name=f"{self.name}/{ident}", path=path, format="qcow1",
-            description=f"overlay {ident} of {self.name}", l2_cache_tables=config.l2_cache_tables,
-            allow=config.allow, allow_unix=config.allow_unix)
-        return Overlay(export_config, backend, self, ident, unpublished)
+        if unpublished:
+            self._unpublished[ident] = unpublished
+        return Export(config.overlay_export(ident, path), backend, transient=True,
+                      on_claim=functools.partial(self._publish, ident),
+                      on_close=functools.partial(self._closed, ident))
 
-    def _open_overlay_image(self, path: str) -> Qcow1Image:
-        """Open an overlay read-write over the shared golden backend, checking it belongs here."""
-        fd = open_fd(path, read_only=False)
-        try:
-            lock_or_explain(fd, path, True)
-            image = Qcow1Image(fd, path, read_only=False, backing_opener=self._backing_for(path),
-                               l2_cache_tables=self.config.l2_cache_tables)
-        except BaseException:
-            os.close(fd)
-            raise
+    def _open_overlay_image(self, path: str) -> Backend:
+        """Open an overlay read-write over the shared golden image, checking it belongs here."""
+        image = open_image(path, fmt=formats.QCOW1.name, read_only=False,
+                           l2_cache_tables=self.config.l2_cache_tables,
+                           lend_backing=self._lend_golden(path))
         if image.backing is None or image.size != -(-self.size // 512) * 512:
             image.close()
             raise ImageFormatError(f"{path}: not an overlay of {self.config.golden} "
                                    f"(size or backing file differ)")
         return image
 
-    def _backing_for(self, path: str):
-        def open_golden(name: bytes) -> SharedGolden:
+    def _lend_golden(self, path: str):
+        def lend(name: bytes) -> Backend:
             if os.fsdecode(name) != self.config.golden:
                 raise ImageFormatError(
                     f"{path}: its backing file is {os.fsdecode(name)!r}, not the golden image "
                     f"{self.config.golden} (delete it with `qcownbd fleet delete`)")
-            return SharedGolden(self.backend)
-        return open_golden
+            return self.golden.view()
+        return lend
 
-    def forget(self, overlay: Overlay) -> None:
-        """A closed overlay leaves the fleet; a retired fleet closes after its last one."""
-        if self._overlays.get(overlay.ident) is overlay:
-            del self._overlays[overlay.ident]
-            self._close_when_idle()
+    def _publish(self, ident: str, export: Export) -> None:
+        """A client takes a new overlay: it now exists for good, under its real name."""
+        temp = self._unpublished.get(ident)
+        if temp is None:
+            return
+        try:
+            self.dir.publish(temp, ident, self.config.ephemeral)
+        except OSError as exc:
+            detail = f"overlay {export.name}: cannot create {export.config.path}: {exc.strerror}"
+            log.error("%s", detail)
+            raise NoSuchExport(detail, public=f"overlay {export.name} is unavailable") from None
+        del self._unpublished[ident]
+        log.info("export %s: created overlay %s", self.name, export.config.path)
 
-    def detach(self) -> None:
-        """A client of the golden image itself left."""
-        self.connections -= 1
-        self._close_when_idle()
-
-    def retire(self) -> None:
-        """Refuse new clients; the golden image closes after the last overlay client."""
-        self.retired = True
-        self._close_when_idle()
-
-    def _close_when_idle(self) -> None:
-        if self.retired and not self.connections and not self._overlays:
-            self.close()
-
-    def close(self) -> None:
-        """Close every overlay, then the golden image (server shutdown)."""
-        overlays, self._overlays = list(self._overlays.values()), {}
-        for overlay in overlays:
-            overlay.close()
-        super().close()
+    def _closed(self, ident: str, export: Export) -> None:
+        """An overlay closed: an ephemeral or never used one's file goes too."""
+        temp = self._unpublished.pop(ident, None)
+        if temp is not None or self.config.ephemeral:
+            path = temp or export.config.path
+            try:
+                os.unlink(path)
+            except OSError as exc:
+                log.error("export %s: cannot delete %s: %s", export.name, path, exc.strerror)
+        if self._overlays.get(ident) is export:
+            del self._overlays[ident]

@@ -20,7 +20,7 @@ from helpers import REPO, qcownbd_cmd, qcownbd_env, qemu_io, run, wait_for
 from nbdclient import ERR_UNKNOWN, NbdClient
 from qcownbd.config import load_config, parse_config
 from qcownbd.errors import ConfigError
-from qcownbd.fleet import FleetConfig
+from qcownbd.config import FleetConfig
 
 pytestmark = pytest.mark.timeout(90)
 

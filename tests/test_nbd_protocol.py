@@ -2,11 +2,12 @@
 
 import errno
 import struct
+from types import SimpleNamespace
 
 import pytest
 
 from nbdclient import OPTION_REPLY_MAGIC, go_payload, meta_payload
-from qcownbd.errors import ImageIOError, ProtocolError
+from qcownbd.errors import ImageIOError, NoSuchExport, ProtocolError
 from qcownbd.image.backend import Extent
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import Opt, Rep, TransmissionFlag
@@ -165,7 +166,11 @@ class FakeExport:
 
     def __init__(self, name, description=""):
         self.name, self.description = name, description
-        self.size, self.flags, self.preferred_block_size = 1 << 20, 1, 4096
+        self.size, self.read_only, self.preferred_block_size = 1 << 20, True, 4096
+        self.backend = SimpleNamespace(can_trim=False, can_fast_zero=False)
+
+    def claim(self):
+        pass
 
 
 class FakeRegistry:
@@ -175,7 +180,7 @@ class FakeRegistry:
     def lookup(self, name):
         if name in self.exports:
             return self.exports[name]
-        raise LookupError(f"no export named {name!r}")
+        raise NoSuchExport(f"no export named {name!r}")
 
     def listing(self):
         return [(e.name, e.description) for e in self.exports.values()]
@@ -229,7 +234,8 @@ def test_negotiation_list_and_export_name():
     neg.client_flags(struct.pack(">I", 3))
     result = neg.option(Opt.EXPORT_NAME, b"b")
     assert result.action is Action.TRANSMIT
-    assert result.replies == [struct.pack(">QH", 1 << 20, 1)]
+    assert result.replies == [struct.pack(">QH", 1 << 20,
+                                          protocol.transmission_flags(True, False, False))]
 
 
 def test_negotiation_extended_headers_mode():

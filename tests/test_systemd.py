@@ -21,7 +21,7 @@ import pytest
 
 from helpers import REPO, free_port, qcownbd_cmd, raw_file, run, stop_process, wait_listening
 from qcownbd.config import ExportConfig, ServerConfig, load_config
-from qcownbd.fleet import FleetConfig
+from qcownbd.config import FleetConfig
 
 UNITS = ("qcownbd.service", "qcownbd.socket", "qcownbd@.service", "qcownbd@.socket")
 INSTALLED_BINARY = "/usr/local/bin/qcownbd"

@@ -13,7 +13,7 @@ from helpers import REPO
 # process rather than inside pytest's own logging capture.
 CHILD = r"""
 import argparse, logging, sys
-from qcownbd.cli import setup_logging
+from qcownbd.console import setup_logging
 flags = dict(log_level=None, verbose=False, quiet=False)
 for arg in sys.argv[1:]:
     key, _, value = arg.partition("=")

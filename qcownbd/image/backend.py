@@ -62,6 +62,8 @@ class Backend(ABC):
     can_trim: bool = False
     #: whether write_zeroes(fast=True) can ever succeed
     can_fast_zero: bool = False
+    #: the open backing file whose bytes show where this image stores none
+    backing: "Backend | None" = None
 
     @abstractmethod
     def read_into(self, offset: int, buf: memoryview) -> None:

@@ -1,9 +1,10 @@
 """Open an image as the right backend, and the policy for its backing chain.
 
-Probing is deliberately narrow: QCOW1 (magic and version 1) or raw.  Other
-formats that share a recognisable signature are named and refused instead
-of being exported as raw bytes, and a configured format pin always wins
-(probing a guest-writable raw image is the classic attack of qcow1.md §6).
+Probing is deliberately narrow: the formats of the table in `formats`
+(QCOW1 by its magic and version 1, raw as the fallback).  Other formats
+that share a recognisable signature are named and refused instead of being
+exported as raw bytes, and a configured format pin always wins (probing a
+guest-writable raw image is the classic attack of qcow1.md §6).
 
 Backing names come from inside an image, so they are hostile input: they
 are resolved against the overlay's directory only, protocol syntax
@@ -14,18 +15,18 @@ are resolved against the overlay's directory only, protocol syntax
 import os
 import stat
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qcownbd.errors import ImageFormatError
-from qcownbd.image import locking
+from qcownbd.image import formats, locking
 from qcownbd.image.backend import Backend
-from qcownbd.image.qcow1 import Qcow1Image
-from qcownbd.image.raw import RawImage
+from qcownbd.image.formats import AUTO, FALLBACK_SCORE, OpenOptions, normalise_format
+from qcownbd.image.qcow1_header import qcow_version
 
-QCOW_MAGIC = b"QFI\xfb"
 PROBE_BYTES = 512
-FORMATS = ("auto", "raw", "qcow1")
-FORMAT_ALIASES = {"qcow": "qcow1"}
+#: backing files below an exported image, at most
+MAX_BACKING_DEPTH = 16
 
 #: (offset, signature, format name) of formats we recognise only to refuse
 FOREIGN_SIGNATURES = (
@@ -40,48 +41,58 @@ FOREIGN_SIGNATURES = (
 
 
 def identify(first_bytes: bytes) -> str:
-    """Name the format of a file from its first sector: "qcow1", "raw" or a foreign name."""
-    if first_bytes[:4] == QCOW_MAGIC and len(first_bytes) >= 8:
-        version = struct.unpack(">I", first_bytes[4:8])[0]
-        if version == 1:
-            return "qcow1"
-        if version in (2, 3):
-            return f"qcow2 (version {version})"
+    """Name the format of a file from its first sector: a format of the table
+    ("qcow1", "raw") or the name of a foreign one."""
+    score, fmt = formats.best_match(first_bytes)
+    if score > FALLBACK_SCORE:
+        return fmt.name
+    return _foreign(first_bytes) or fmt.name
+
+
+def _foreign(first_bytes: bytes) -> str | None:
+    """The name of a format we recognise only to refuse, or None."""
+    version = qcow_version(first_bytes)
+    if version in (2, 3):
+        return f"qcow2 (version {version})"
+    if version is not None:
         return f"QCOW of unknown version {version}"
     for offset, signature, name in FOREIGN_SIGNATURES:
         if first_bytes[offset:offset + len(signature)] == signature:
             return name
-    return "raw"
-
-
-def normalise_format(fmt: str | None, what: str) -> str | None:
-    """Check a format name given by the operator ("qcow" is QEMU's name for qcow1)."""
-    if fmt is None:
-        return None
-    fmt = FORMAT_ALIASES.get(fmt, fmt)
-    if fmt not in FORMATS:
-        raise ImageFormatError(f"unknown {what} {fmt!r} (use one of: {', '.join(FORMATS)})")
-    return fmt
+    return None
 
 
 def open_image(path, *, fmt: str = "auto", read_only: bool = False,
                backing_format: str | None = None, allowed_backing_dirs=None,
-               max_backing_depth: int = 16, l2_cache_tables: int | None = None,
-               lock: bool = True, allow_corrupt: bool = False) -> Backend:
+               max_backing_depth: int = MAX_BACKING_DEPTH, l2_cache_tables: int | None = None,
+               lock: bool = True, allow_corrupt: bool = False,
+               lend_backing: Callable[[bytes], Backend] | None = None) -> Backend:
     """Open ``path`` as a Backend: raw or QCOW1 (with its backing chain).
 
     ``fmt`` pins the format ("raw" never probes).  ``backing_format`` pins the
     format of the image's direct backing file.  ``allow_corrupt`` opens a
-    corrupt QCOW1 image read-write for `check(repair=True)` only.  Every
+    corrupt QCOW1 image read-write for `check(repair=True)` only.
+    ``lend_backing(name)`` supplies the direct backing file instead of opening
+    it (a fleet lends its golden image, open once, to every overlay).  Every
     failure is an ImageFormatError with a one-line message naming the file.
     """
     policy = BackingPolicy(
         backing_format=normalise_format(backing_format, "backing format"),
         allowed_dirs=[os.path.realpath(d) for d in allowed_backing_dirs or ()],
-        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock)
+        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock,
+        lend_backing=lend_backing)
     fmt = normalise_format(fmt, "format")
     return policy.open(os.path.abspath(os.fsdecode(path)), fmt, read_only, depth=0,
                        allow_corrupt=allow_corrupt)
+
+
+def open_backing_file(image_path, name: str, backing_format: str | None = None) -> Backend:
+    """The backing file ``name`` of a future image at ``image_path``, opened read-only
+    under `open_image`'s policy (`qcownbd create -b` checks it before writing)."""
+    policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
+                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, l2_cache_tables=None,
+                           lock=True)
+    return policy.open_backing(os.path.abspath(image_path), os.fsencode(name), 1)
 
 
 @dataclass
@@ -93,6 +104,8 @@ class BackingPolicy:
     max_depth: int
     l2_cache_tables: int | None
     lock: bool
+    #: supplies the exported image's own backing file, instead of `open_backing`
+    lend_backing: Callable[[bytes], Backend] | None = None
     #: (st_dev, st_ino) of every file already in the chain
     chain: set = field(default_factory=set)
 
@@ -107,7 +120,7 @@ class BackingPolicy:
             self.chain.add((st.st_dev, st.st_ino))
             if self.lock:
                 lock_or_explain(fd, path, not read_only)
-            if fmt == "auto":
+            if fmt == AUTO:
                 fmt = probe_format(fd, path)
             return self._backend(fd, path, fmt, read_only, depth, allow_corrupt)
         except BaseException:
@@ -117,16 +130,14 @@ class BackingPolicy:
     def _backend(self, fd: int, path: str, fmt: str, read_only: bool, depth: int,
                  allow_corrupt: bool) -> Backend:
         """Build the backend object, which owns ``fd`` from then on."""
-        if fmt == "raw":
-            return RawImage(fd, path, read_only=read_only)
         def backing_opener(name: bytes) -> Backend:
+            if depth == 0 and self.lend_backing is not None:
+                return self.lend_backing(name)
             return self.open_backing(path, name, depth + 1)
 
-        kwargs = {}
-        if self.l2_cache_tables is not None:
-            kwargs["l2_cache_tables"] = self.l2_cache_tables
-        return Qcow1Image(fd, path, read_only=read_only, backing_opener=backing_opener,
-                          allow_corrupt=allow_corrupt, **kwargs)
+        return formats.FORMATS[fmt].open(fd, path, OpenOptions(
+            read_only=read_only, backing_opener=backing_opener,
+            l2_cache_tables=self.l2_cache_tables, allow_corrupt=allow_corrupt))
 
     def open_backing(self, overlay: str, name: bytes, depth: int) -> Backend:
         """Open the backing file ``name`` stored in ``overlay``, read-only, per policy."""
@@ -134,7 +145,7 @@ class BackingPolicy:
             resolved = self.resolve(overlay, name, depth)
         except ImageFormatError as exc:
             raise ImageFormatError(f"{overlay}: {exc}") from None
-        fmt = self.backing_format if depth == 1 and self.backing_format else "auto"
+        fmt = self.backing_format if depth == 1 and self.backing_format else AUTO
         try:
             return self.open(resolved, fmt, True, depth)
         except ImageFormatError as exc:
@@ -199,13 +210,13 @@ def lock_or_explain(fd: int, path: str, writable: bool) -> None:
 
 
 def probe_format(fd: int, path: str) -> str:
-    """ "qcow1" or "raw" for a file's contents; other known formats are refused."""
+    """The table's name for a file's format; other known formats are refused."""
     try:
         first = os.pread(fd, PROBE_BYTES, 0)
     except OSError as exc:
         raise ImageFormatError(f"{path}: cannot read: {exc.strerror}") from None
     name = identify(first)
-    if name in ("qcow1", "raw"):
+    if name in formats.FORMATS:
         return name
     raise ImageFormatError(
         f"{path}: is a {name} image; qcownbd serves only QCOW1 and raw "

@@ -15,11 +15,11 @@ from ..errors import ImageFormatError, ImageIOError
 from .backend import Backend, Extent, pread_filling
 from .faults import syscalls
 from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
-from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, identify,
-                           is_qcow1, read_exact_at, read_header)
+from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, is_qcow1,
+                           read_exact_at, read_header)
 from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables, pwrite_all, to_big_endian
 
-__all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "identify", "is_qcow1"]
+__all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "is_qcow1"]
 
 UNALLOCATED, DATA, PACKED, INVALID = "unallocated", "data", "compressed", "invalid"
 _ZEROS = memoryview(bytes(1 << 20))
@@ -518,7 +518,9 @@ class Qcow1Image(Backend):
         return pos - start
 
     def map_extents(self, offset: int = 0, length: int | None = None):
-        """Yield (start, length, kind, host_offset, depth); kind data/compressed/unallocated."""
+        """Yield (start, length, kind, host_offset, depth) of this image's own clusters:
+        depth 1 where it stores them, 0 ("unallocated") where its backing file or zeros
+        show through (`qcownbd.image.formats.chain_map` walks the chain)."""
         length = self.size - offset if length is None else length
         offset_mask = (1 << (63 - self.header.cluster_bits)) - 1
         for kind, start, run_length, host in self._runs(offset, length):
@@ -529,24 +531,7 @@ class Qcow1Image(Backend):
             elif kind == INVALID:
                 yield start, run_length, "data", None, 1
             else:
-                yield from self._lower_map(start, run_length)
-
-    def _lower_map(self, start: int, length: int):
-        below = 0 if self.backing is None else max(0, min(length, self.backing.size - start))
-        if below and hasattr(self.backing, "map_extents"):
-            for ext_start, ext_length, kind, host, depth in self.backing.map_extents(start, below):
-                yield ext_start, ext_length, kind, host, depth + 1 if depth else 0
-        elif below:
-            pos = start
-            for ext in self.backing.block_status(start, below):
-                if ext.hole:
-                    yield pos, ext.length, "unallocated", None, 0
-                else:
-                    yield pos, ext.length, "data", pos, ext.depth + 1
-                pos += ext.length
-            below = pos - start
-        if below < length:
-            yield start + below, length - below, "unallocated", None, 0
+                yield start, run_length, "unallocated", None, 0
 
     def allocated_bytes(self) -> int:
         """Guest bytes this image (not its backing files) maps: clusters with an entry."""

@@ -24,19 +24,17 @@ QEMU_MAX_L1_ENTRIES = 268_435_392
 DEFAULT_MAX_L1_ENTRIES = 32 * 1024 * 1024
 
 
-def identify(first_bytes: bytes) -> str | None:
-    """Name the QCOW flavour of a file from its first bytes: "qcow1", "qcow2", "qcow3" or None."""
+def qcow_version(first_bytes: bytes) -> int | None:
+    """The version field of a file that starts with the QCOW magic; None for any other file."""
     if len(first_bytes) < 8:
         return None
     magic, version = struct.unpack_from(">II", first_bytes)
-    if magic != MAGIC:
-        return None
-    return {1: "qcow1", 2: "qcow2", 3: "qcow3"}.get(version, f"qcow version {version}")
+    return version if magic == MAGIC else None
 
 
 def is_qcow1(first_bytes: bytes) -> bool:
     """True when the bytes start with a QCOW version 1 header."""
-    return identify(first_bytes) == "qcow1"
+    return qcow_version(first_bytes) == 1
 
 
 @dataclass(frozen=True)
@@ -97,13 +95,13 @@ def _fail(path, message: str):
 def _check_identity(path, data: bytes, file_size: int) -> None:
     if file_size < HEADER_SIZE:
         _fail(path, f"file too short for a QCOW header ({file_size} bytes)")
-    flavour = identify(data)
-    if flavour is None:
+    version = qcow_version(data)
+    if version is None:
         _fail(path, "not a QCOW image (bad magic)")
-    if flavour in ("qcow2", "qcow3"):
-        _fail(path, f"{flavour} image: qcow2/qcow3 not supported, only QCOW version 1")
-    if flavour != "qcow1":
-        _fail(path, f"unsupported {flavour}")
+    if version in (2, 3):
+        _fail(path, f"qcow{version} image: qcow2/qcow3 not supported, only QCOW version 1")
+    if version != 1:
+        _fail(path, f"unsupported qcow version {version}")
 
 
 def _check_geometry(path, hdr: Qcow1Header, max_l1_entries: int) -> None:

@@ -14,7 +14,7 @@ import os
 import stat
 import struct
 
-from qcownbd.errors import ImageIOError
+from qcownbd.errors import ImageFormatError, ImageIOError
 from qcownbd.image.backend import Backend, Extent, pread_filling
 from qcownbd.image.faults import syscalls
 
@@ -268,3 +268,15 @@ class RawImage(Backend):
             return
         self._closed = True
         os.close(self.fd)
+
+
+def create_raw(path: str, size: int) -> None:
+    """Create an empty raw image: a sparse file of ``size`` bytes (refuses an existing file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except OSError as exc:
+        raise ImageFormatError(f"{path}: cannot create: {exc.strerror}") from None
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)

@@ -9,6 +9,7 @@ value, the `Session`.
 from dataclasses import dataclass, field
 from enum import Enum
 
+from qcownbd.errors import NoSuchExport
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import (
     MAX_REQUEST_SIZE, MAX_STRING, META_CONTEXT_IDS, ClientFlag, Info, Opt, Rep,
@@ -52,12 +53,19 @@ class OptionResult:
     export: object = None
 
 
+def transmission_flags(export) -> int:
+    """The NBD_FLAG_* of ``export``, from what it and its backend say they can do."""
+    return protocol.transmission_flags(export.read_only, export.backend.can_trim,
+                                       export.backend.can_fast_zero)
+
+
 class Negotiation:
     """The negotiation state of one client: reply mode, contexts, chosen export.
 
-    ``exports`` has ``lookup(name)`` (raising LookupError with a message) and
-    ``listing()`` -> [(name, description)]; an export has ``name``, ``size``,
-    ``flags``, ``description`` and ``preferred_block_size``.
+    ``exports`` has ``lookup(name)`` (raising NoSuchExport) and ``listing()``
+    -> [(name, description)]; an export has ``name``, ``size``, ``read_only``,
+    ``backend`` (for its capabilities), ``description``, ``preferred_block_size``
+    and ``claim()`` (raising NoSuchExport when GO/EXPORT_NAME cannot have it).
 
     ``tls`` is the server's policy ("off", "on" or "require"); ``tls_active``
     says this negotiation runs over TLS already (it restarts after STARTTLS).
@@ -123,11 +131,15 @@ class Negotiation:
         if payload:
             raise BadOption(Rep.ERR_INVALID, "this option takes no data")
 
-    def _lookup(self, name: str):
+    def _lookup(self, name: str, claim: bool = False):
+        """The export ``name`` (claimed for transmission when ``claim``), or ERR_UNKNOWN."""
         try:
-            return self.exports.lookup(name)
-        except LookupError as exc:
-            raise BadOption(Rep.ERR_UNKNOWN, str(exc.args[0] if exc.args else exc)) from None
+            export = self.exports.lookup(name)
+            if claim:
+                export.claim()
+            return export
+        except NoSuchExport as exc:
+            raise BadOption(Rep.ERR_UNKNOWN, exc.public) from None
 
     # ------------------------------------------------------------ handlers
 
@@ -138,11 +150,13 @@ class Negotiation:
             return OptionResult(action=Action.CLOSE)
         try:
             export = self.exports.lookup(payload.decode())
-        except (LookupError, UnicodeDecodeError):
+            export.claim()
+        except (NoSuchExport, UnicodeDecodeError):
             # EXPORT_NAME cannot be refused politely: the spec says close
             return OptionResult(action=Action.CLOSE)
         self._drop_contexts_unless(export.name)
-        reply = protocol.export_name_reply(export.size, export.flags, self.no_zeroes)
+        reply = protocol.export_name_reply(export.size, transmission_flags(export),
+                                           self.no_zeroes)
         return OptionResult([reply], Action.TRANSMIT, export)
 
     def _abort(self, option, payload) -> OptionResult:
@@ -165,9 +179,10 @@ class Negotiation:
 
     def _info_or_go(self, option, payload) -> OptionResult:
         name, infos = protocol.parse_info_request(payload)
-        export = self._lookup(name)
-        replies = [protocol.option_reply(option, Rep.INFO,
-                                         protocol.info_export(export.size, export.flags))]
+        # GO claims the export before its replies go out, so claiming can still refuse
+        export = self._lookup(name, claim=option == Opt.GO)
+        replies = [protocol.option_reply(
+            option, Rep.INFO, protocol.info_export(export.size, transmission_flags(export)))]
         if Info.NAME in infos:
             replies.append(protocol.option_reply(option, Rep.INFO,
                                                  protocol.info_text(Info.NAME, export.name)))

@@ -1,9 +1,4 @@
-"""`qcownbd serve`: run the NBD server for exports named on the command line or in a config.
-
-    qcownbd serve [--listen HOST:PORT]... [--unix PATH] [--read-only]
-                  [--format auto|raw|qcow1] [--config FILE] [--demo]
-                  [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
-                  [NAME=PATH | PATH]...
+"""The server's life cycle: open the exports, listen, serve, reload, stop.
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish, images are
 committed and closed, exit 0); SIGHUP reloads the config file's exports
@@ -14,21 +9,16 @@ are reported.
 """
 
 import asyncio
-import dataclasses
 import logging
 import os
 import signal
 import time
-from pathlib import Path
 
 from qcownbd import systemd
-from qcownbd.cli import setup_logging
-from qcownbd.config import (
-    DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name, check_tls,
-    load_config, parse_listen,
-)
-from qcownbd.errors import ConfigError, UsageError
-from qcownbd.exports import ExportRegistry
+from qcownbd.config import DEFAULT_LISTEN, ExportConfig, ServerConfig, load_config, parse_listen
+from qcownbd.errors import ConfigError
+from qcownbd.exports import ExportRegistry, ImageProvider
+from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
@@ -42,49 +32,23 @@ DEMO_BANNER = (b"qcownbd demo disk\n"
                b"This QCOW1 image is served by qcownbd; write to it freely.\n")
 
 
-def register(sub, common) -> None:
-    """Add the `serve` subcommand to the qcownbd parser."""
-    parser = sub.add_parser("serve", parents=[common], help="serve images over NBD",
-                            description="Serve QCOW1 and raw images over NBD.")
-    parser.add_argument("--listen", action="append", metavar="HOST:PORT",
-                        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 "
-                             f"(default {DEFAULT_LISTEN})")
-    parser.add_argument("--unix", metavar="PATH", help="also listen on this Unix socket")
-    parser.add_argument("--read-only", action="store_true",
-                        help="refuse writes to the command-line exports")
-    parser.add_argument("--format", choices=["auto", "raw", "qcow1"], default="auto",
-                        help="format of the command-line images (default: probe)")
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
-    parser.add_argument("--demo", action="store_true",
-                        help="serve a small demo QCOW1 image as export 'demo'")
-    parser.add_argument("--tls", choices=TLS_MODES,
-                        help="NBD_OPT_STARTTLS: off, on (offered) or require (default: config, off)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
-    parser.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="CA (PEM) that must have signed every client's certificate")
-    parser.add_argument("exports", nargs="*", metavar="NAME=PATH | PATH",
-                        help="images to serve; a bare PATH is named after its file")
-    parser.set_defaults(func=run)
+def run(config: ServerConfig, cli: dict[str, ExportConfig], config_path: str | None) -> int:
+    """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop.
 
-
-def cli_exports(args) -> dict[str, ExportConfig]:
-    """ExportConfigs for the NAME=PATH / PATH arguments (and --demo)."""
-    exports = {}
-    specs = list(args.exports)
-    if args.demo:
-        specs.append(f"demo={demo_image()}")
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or "/" in name:
-            name, path = Path(spec).stem, spec
-        if not path:
-            raise UsageError(f"export {spec!r} has no path")
-        if name in exports:
-            raise UsageError(f"export name {name!r} is given twice")
-        exports[name] = ExportConfig(name=check_export_name(name), path=os.path.abspath(path),
-                                     format=args.format, read_only=args.read_only)
-    return exports
+    A command-line export that cannot open is the operator's typo: it fails
+    the start; a config file's broken export is logged and refused instead.
+    """
+    tls_context = tls_context_for(config)
+    raise_fd_limit()
+    images = ImageProvider()
+    registry = ExportRegistry([images, FleetProvider(images)])
+    for export_config in cli.values():
+        registry.add(registry.open_export(export_config))
+    try:
+        registry.apply({**cli, **config.exports})
+        return asyncio.run(serve(config, cli, registry, config_path, tls_context))
+    finally:
+        registry.close_all()
 
 
 def demo_image() -> str:
@@ -103,61 +67,12 @@ def demo_image() -> str:
     return path
 
 
-def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig]]:
-    """The file's config (if any) and the command-line exports, checked."""
-    config = load_config(args.config) if args.config else ServerConfig()
-    cli = cli_exports(args)
-    clash = sorted(set(cli) & set(config.exports))
-    if clash:
-        raise ConfigError(f"export(s) {', '.join(clash)} given both in the config and as arguments")
-    if args.listen:
-        config.listen = list(args.listen)
-    for address in config.listen:
-        parse_listen(address)
-    if args.unix:
-        config.unix = args.unix
-    tls_from_args(config, args)
-    if not cli and not config.exports:
-        raise UsageError("nothing to serve: give NAME=PATH, --config FILE or --demo")
-    cli = {name: dataclasses.replace(export, backing_dirs=tuple(config.backing_dirs))
-           for name, export in cli.items()}
-    return config, cli
-
-
-def tls_from_args(config: ServerConfig, args) -> None:
-    """--tls* flags override the config file's TLS settings."""
-    for key in ("tls_cert", "tls_key", "tls_ca"):
-        value = getattr(args, key)
-        if value:
-            setattr(config, key, os.path.abspath(value))
-    if args.tls:
-        config.tls = args.tls
-    check_tls(config, "command line")
-
-
 def tls_context_for(config: ServerConfig):
     """The server's ssl context from the configured files, or None with TLS off."""
     if config.tls == "off":
         return None
     return server_context(config.tls_cert, config.tls_key, config.tls_ca,
                           config.tls_verify_client)
-
-
-def run(args) -> int:
-    """Entry point of `qcownbd serve`."""
-    setup_logging(args, "info")
-    config, cli = build_config(args)
-    tls_context = tls_context_for(config)
-    raise_fd_limit()
-    registry = ExportRegistry()
-    # a command-line export that cannot open is the operator's typo: fail at once
-    for export_config in cli.values():
-        registry.add(registry.open_export(export_config))
-    try:
-        registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, args.config, tls_context))
-    finally:
-        registry.close_all()
 
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,

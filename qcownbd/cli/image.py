@@ -11,12 +11,14 @@ import os
 import re
 import sys
 
-from qcownbd.cli import setup_logging
+from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
-from qcownbd.image.image_map import chain_map, merge_map
-from qcownbd.image.probe import BackingPolicy, normalise_format, open_image
+from qcownbd.image import formats
+from qcownbd.image.convert import convert_to_new
+from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
+from qcownbd.image.layout import merge_map
+from qcownbd.image.probe import open_backing_file, open_image
 from qcownbd.image.qcow1 import create_qcow1
-from qcownbd.image_convert import Progress, register_convert
 
 #: qemu-img's exit statuses for `check`
 CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
@@ -42,21 +44,11 @@ def parse_size(text: str) -> int:
     return size
 
 
-def human_size(size: int) -> str:
-    """qemu-img's size style: "64 MiB", "9.54 MiB", "0.977 MiB", "560 B"."""
-    value, unit = float(size), 0
-    # like QEMU's size_to_str: three significant digits, so move up at 1000
-    while value >= 1000 and unit < 6:
-        value /= 1024
-        unit += 1
-    return f"{value:.3g} {['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'][unit]}"
-
-
 def register(sub, common) -> None:
     """Add the image subcommands to the `qcownbd` parser."""
     _register_create(sub, common)
     _register_readers(sub, common)
-    register_convert(sub, common)
+    _register_convert(sub, common)
 
 
 def _register_create(sub, common) -> None:
@@ -64,7 +56,7 @@ def _register_create(sub, common) -> None:
                        help="create a QCOW1 image (byte-identical to qemu-img create -f qcow)")
     p.add_argument("-b", "--backing", metavar="BACKING",
                    help="backing file name, stored as given (relative to IMAGE's directory)")
-    p.add_argument("-F", "--backing-format", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-F", "--backing-format", choices=formats.choices(),
                    help="format of BACKING (default: probe QCOW1, else raw)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("size", metavar="SIZE", nargs="?",
@@ -79,7 +71,7 @@ def _register_readers(sub, common) -> None:
     funcs = {"info": cmd_info, "map": cmd_map, "check": cmd_check}
     for name, text in helps.items():
         p = sub.add_parser(name, parents=[common], help=text)
-        p.add_argument("-f", "--format", default="auto", choices=["auto", "raw", "qcow1", "qcow"],
+        p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
                        help="image format (default: probe)")
         if name == "check":
             p.add_argument("-r", "--repair", action="store_true",
@@ -90,6 +82,23 @@ def _register_readers(sub, common) -> None:
                            help="open even if another process writes the image (may be stale)")
         p.add_argument("image", metavar="IMAGE")
         p.set_defaults(func=funcs[name])
+
+
+def _register_convert(sub, common) -> None:
+    p = sub.add_parser("convert", parents=[common],
+                       help="copy an image to a new raw or QCOW1 image, skipping zeros")
+    p.add_argument("-f", "--format", default="auto", choices=formats.choices(auto=True),
+                   help="format of SRC (default: probe)")
+    p.add_argument("-O", "--output-format", default="raw", choices=formats.choices(),
+                   help="format of DST (default: raw)")
+    p.add_argument("-B", "--backing", metavar="BACKING",
+                   help="make DST a QCOW1 overlay of BACKING (name stored as given, "
+                        "relative to DST's directory); only differences are copied")
+    p.add_argument("-F", "--backing-format", choices=formats.choices(),
+                   help="format of BACKING (default: probe QCOW1, else raw)")
+    p.add_argument("src", metavar="SRC")
+    p.add_argument("dst", metavar="DST")
+    p.set_defaults(func=cmd_convert)
 
 
 # -- create --------------------------------------------------------------------
@@ -111,9 +120,7 @@ def cmd_create(args) -> int:
 
 def _backing_size(image: str, name: str, backing_format: str | None) -> int:
     """Open BACKING as the server later would (same policy), and return its size."""
-    policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
-                           allowed_dirs=[], max_depth=16, l2_cache_tables=None, lock=True)
-    backing = policy.open_backing(os.path.abspath(image), os.fsencode(name), 1)
+    backing = open_backing_file(image, name, backing_format)
     try:
         return backing.size
     finally:
@@ -125,39 +132,6 @@ def _backing_size(image: str, name: str, backing_format: str | None) -> int:
 def _open_for_reading(args):
     return open_image(args.image, fmt=args.format, read_only=True,
                       lock=not getattr(args, "force_share", False))
-
-
-def describe(img) -> dict:
-    """The info of one image, with qemu-img's JSON keys where they exist."""
-    st = os.stat(img.path)
-    info = {"filename": img.path, "format": img.format_name, "virtual-size": img.size,
-            "actual-size": st.st_blocks * 512}
-    if img.format_name == "qcow1":
-        info["cluster-size"] = img.cluster_size
-        info["allocated-bytes"] = img.allocated_bytes()
-        if img.backing is not None:
-            info["backing-filename"] = img.backing_name
-            info["full-backing-filename"] = img.backing.path
-            info["backing-format"] = img.backing.format_name
-    else:
-        info["allocated-bytes"] = sum(e.length for e in _raw_extents(img) if not e.hole)
-    return info
-
-
-def _raw_extents(img):
-    pos = 0
-    while pos < img.size:
-        for extent in img.block_status(pos, img.size - pos):
-            yield extent
-            pos += extent.length
-
-
-def chain_of(img) -> list:
-    """The image and every backing file under it, top first."""
-    chain = [img]
-    while getattr(chain[-1], "backing", None) is not None:
-        chain.append(chain[-1].backing)
-    return chain
 
 
 def cmd_info(args) -> int:
@@ -227,18 +201,19 @@ def cmd_check(args) -> int:
     img = open_image(args.image, fmt=args.format, read_only=not args.repair,
                      allow_corrupt=args.repair)
     try:
-        if img.format_name != "qcow1":
+        check = formats.of(img).check
+        if check is None:
             print(f"qcownbd: {args.image}: {img.format_name} images have no metadata to check",
                   file=sys.stderr)
             return CHECK_UNSUPPORTED
         bar = Progress(100, sys.stderr.isatty() and not args.quiet)
-        report = img.check(repair=args.repair,
-                           progress=lambda done, total: bar.update(100 * done / total))
+        report = check(img, repair=args.repair,
+                       progress=lambda done, total: bar.update(100 * done / total))
         bar.finish()
         _print_bounded("ERROR", report.corruptions, report.corruption_count)
         _print_bounded("Repaired", report.repaired, report.repaired_count)
         if args.repair and report.repaired_count:
-            report = img.check(repair=False)
+            report = check(img, repair=False)
     finally:
         img.close()
     return _check_summary(report)
@@ -262,3 +237,26 @@ def _check_summary(report) -> int:
         return CHECK_LEAKS
     print("No errors were found on the image.")
     return CHECK_CLEAN
+
+
+# -- convert -------------------------------------------------------------------
+
+def cmd_convert(args) -> int:
+    """`qcownbd convert`: copy SRC into a new DST; a failed copy leaves no DST behind."""
+    setup_logging(args)
+    out_format = normalise_format(args.output_format, "output format")
+    if args.backing is not None and not formats.FORMATS[out_format].supports_backing:
+        needed = " or -O ".join(formats.with_backing())
+        raise UsageError(f"convert: -B needs -O {needed} (a {out_format} image has no "
+                         "backing file)")
+    if os.path.lexists(args.dst):
+        raise ImageFormatError(f"{args.dst}: already exists")
+    src = open_image(args.src, fmt=args.format, read_only=True)
+    try:
+        bar = Progress(src.size, sys.stderr.isatty() and not args.quiet)
+        convert_to_new(src, args.dst, out_format, backing=args.backing,
+                       backing_format=args.backing_format, progress=bar.update)
+        bar.finish()
+    finally:
+        src.close()
+    return 0

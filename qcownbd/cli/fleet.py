@@ -15,16 +15,19 @@ refuse them, list and info show them as in use.
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass
 
-from qcownbd.cli import setup_logging
-from qcownbd.config import load_config
+from qcownbd.config import OVERLAY_MODES, FleetConfig, load_config
+from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
-from qcownbd.fleet import FleetConfig, OverlayDir, is_overlay_id, remove_unless_in_use
-from qcownbd.image.locking import lock_image
-from qcownbd.image.probe import normalise_format, open_image
-from qcownbd.image_cli import describe, human_size
-from qcownbd.image_convert import convert_to_new
+from qcownbd.fleet import (
+    OverlayDir, describe_overlay, is_overlay_id, remove_unless_in_use,
+)
+from qcownbd.image import formats
+from qcownbd.image.convert import convert_to_new
+from qcownbd.image.formats import normalise_format
+from qcownbd.image.probe import open_image
 
 SOURCE_HELP = "the server's TOML config, or an overlay directory"
 OVERLAY_HELP = "ID, or EXPORT/ID as clients name it"
@@ -75,7 +78,7 @@ def register(sub, common) -> None:
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("overlay", metavar="OVERLAY", help=OVERLAY_HELP)
     p.add_argument("new_golden", metavar="NEW_GOLDEN", help="the image to create")
-    p.add_argument("-O", "--output-format", choices=["raw", "qcow1", "qcow"],
+    p.add_argument("-O", "--output-format", choices=formats.choices(),
                    help="format of NEW_GOLDEN (default: the golden image's)")
     p.set_defaults(func=cmd_commit)
 
@@ -113,35 +116,17 @@ def find_overlay(source: str, overlay: str) -> tuple[FleetFiles, str, str]:
     if not is_overlay_id(ident):
         raise UsageError(f"fleet: bad overlay name {overlay!r}")
     fleet = fleets[0]
-    for mode in ("persistent", "ephemeral"):
-        path = fleet.dir.path(ident, mode == "ephemeral")
+    for ephemeral in (False, True):
+        path = fleet.dir.path(ident, ephemeral)
         if os.path.exists(path):
             return fleet, ident, path
     raise UsageError(f"fleet: no overlay {fleet.label(ident)} in {fleet.dir.directory}")
 
 
-def in_use(path: str) -> bool:
-    """Whether a writer (a server with a client on it) holds the overlay."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        lock_image(fd, writable=False)
-        return False
-    except ImageFormatError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def overlay_info(fleet: FleetFiles, ident: str, mode: str, path: str) -> dict:
-    """describe() of the overlay (read without locks) plus fleet facts."""
-    img = open_image(path, fmt="qcow1", read_only=True, backing_format=fleet.golden_format,
-                     lock=False)
-    try:
-        info = describe(img)
-    finally:
-        img.close()
-    return {"overlay": fleet.label(ident), "mode": mode, "in-use": in_use(path),
-            "modified": int(os.stat(path).st_mtime), **info}
+def overlay_info(fleet: FleetFiles, ident: str, ephemeral: bool, path: str) -> dict:
+    """describe_overlay() plus how clients name the overlay and its mode."""
+    return {"overlay": fleet.label(ident), "mode": OVERLAY_MODES[ephemeral],
+            **describe_overlay(path, fleet.golden_format)}
 
 
 # -- commands ------------------------------------------------------------------------
@@ -151,12 +136,12 @@ def cmd_list(args) -> int:
     setup_logging(args)
     rows = []
     for fleet in fleets_of(args.source):
-        for ident, mode, path in fleet.dir.overlays():
+        for ident, ephemeral, path in fleet.dir.overlays():
             try:
-                rows.append(overlay_info(fleet, ident, mode, path))
+                rows.append(overlay_info(fleet, ident, ephemeral, path))
             except ImageFormatError as exc:
-                rows.append({"overlay": fleet.label(ident), "mode": mode, "filename": path,
-                             "error": str(exc)})
+                rows.append({"overlay": fleet.label(ident), "mode": OVERLAY_MODES[ephemeral],
+                             "filename": path, "error": str(exc)})
     if args.json:
         print(json.dumps(rows, indent=4))
         return 0
@@ -173,13 +158,12 @@ def cmd_info(args) -> int:
     """`qcownbd fleet info`: the overlay, its golden image and allocation."""
     setup_logging(args)
     fleet, ident, path = find_overlay(args.source, args.overlay)
-    mode = "ephemeral" if path == fleet.dir.path(ident, True) else "persistent"
-    info = overlay_info(fleet, ident, mode, path)
+    info = overlay_info(fleet, ident, path == fleet.dir.path(ident, True), path)
     if args.json:
         print(json.dumps(info, indent=4))
         return 0
     print("\n".join([
-        f"overlay: {info['overlay']} ({mode}{', in use' if info['in-use'] else ''})",
+        f"overlay: {info['overlay']} ({info['mode']}{', in use' if info['in-use'] else ''})",
         f"file: {path}",
         f"golden image: {info.get('full-backing-filename', '-')} "
         f"({info.get('backing-format', '-')})",
@@ -208,7 +192,9 @@ def cmd_commit(args) -> int:
     try:
         out_format = normalise_format(args.output_format or src.backing.format_name,
                                       "output format")
-        convert_to_new(src, args.new_golden, out_format, progress=not args.quiet)
+        bar = Progress(src.size, sys.stderr.isatty() and not args.quiet)
+        convert_to_new(src, args.new_golden, out_format, progress=bar.update)
+        bar.finish()
     finally:
         src.close()
     return 0

@@ -1,16 +1,17 @@
 """The `qcownbd` command: one argparse front for every subcommand.
 
-Each subcommand lives with the code it drives and registers itself here
-(`serve_cli` for the server, `image_cli` for create/info/map/check/convert).
-Every failure reaches the user as one line on stderr and a non-zero exit.
+The subcommands register themselves here (`serve`, the image commands
+create/info/map/check/convert, `fleet`); each only parses its arguments
+and calls the code it drives.  Every failure reaches the user as one line
+on stderr and a non-zero exit.
 """
 
 import argparse
-import logging
 import os
 import sys
 
 from qcownbd import __version__
+from qcownbd.cli import fleet, image, serve
 from qcownbd.errors import QcownbdError, UsageError
 
 EXIT_ERROR = 1
@@ -39,27 +40,8 @@ def common_options() -> argparse.ArgumentParser:
     return common
 
 
-def setup_logging(args, default_level: str = "warning") -> None:
-    """One line per event; no timestamps of our own under journald (JOURNAL_STREAM)."""
-    if args.log_level:
-        level = args.log_level
-    elif args.verbose:
-        level = "debug"
-    elif args.quiet:
-        level = "error"
-    else:
-        level = default_level
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The full parser with every subcommand registered."""
-    from qcownbd import fleet_cli, image_cli, serve_cli
-
     parser = _Parser(
         prog="qcownbd",
         description="NBD server for QCOW1 and raw disk images.",
@@ -67,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"qcownbd {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     common = common_options()
-    serve_cli.register(sub, common)
-    image_cli.register(sub, common)
-    fleet_cli.register(sub, common)
+    serve.register(sub, common)
+    image.register(sub, common)
+    fleet.register(sub, common)
     return parser
 
 
