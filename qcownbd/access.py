@@ -11,21 +11,36 @@ unless the export says ``allow_unix = false``.
 import functools
 import ipaddress
 import logging
+from dataclasses import dataclass
 
 from qcownbd.errors import NoSuchExport
 
-log = logging.getLogger("qcownbd.access")
 
 
-def peer_address(peername) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's IP address from a transport's peername; None for Unix sockets."""
+@dataclass
+class Client:
+    """Who is connected: for access checks, fleet tenants and the log.
+
+    ``address`` is None for Unix-socket clients; ``certificate`` is the
+    subject (common name) of a verified TLS client certificate, once TLS
+    is up.
+    """
+
+    label: str
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+    certificate: str | None = None
+
+
+def client_from_peername(peername) -> Client:
+    """The `Client` of a transport's peername ("unix" when the socket has none)."""
     if not isinstance(peername, tuple):
-        return None
-    address = ipaddress.ip_address(peername[0].split("%", 1)[0])
+        return Client(str(peername) if peername else "unix")
+    host, port = peername[0], peername[1]
+    address = ipaddress.ip_address(host.split("%", 1)[0])
     # a dual-stack listener shows IPv4 clients as ::ffff:a.b.c.d
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-        return address.ipv4_mapped
-    return address
+        address = address.ipv4_mapped
+    return Client(f"[{host}]:{port}" if ":" in host else f"{host}:{port}", address)
 
 
 @functools.lru_cache(maxsize=256)
@@ -43,12 +58,15 @@ def allowed(config, address) -> bool:
 
 
 class PeerExports:
-    """The export registry as one client sees it (``lookup`` and ``listing``)."""
+    """The export registry as one client sees it (``lookup`` and ``listing``).
 
-    def __init__(self, registry, address, peer: str):
+    ``log`` is the server's `RateLimitedLog`: refusals are per-connection lines.
+    """
+
+    def __init__(self, registry, client: Client, log):
         self.registry = registry
-        self.address = address
-        self.peer = peer
+        self.client = client
+        self.log = log
 
     def lookup(self, name: str):
         """The export named ``name``; NoSuchExport when missing or not for this client."""
@@ -56,8 +74,8 @@ class PeerExports:
         if slash and parent in self._names():
             # "fleet/ID": fence with the fleet's list before a member is looked up
             # (that may create an overlay, and its errors would reveal the fleet)
-            self._check(self.registry.lookup(parent), name)
-        export = self.registry.lookup(name)
+            self._check(self.registry.lookup(parent, self.client), name)
+        export = self.registry.lookup(name, self.client)
         self._check(export, name)
         return export
 
@@ -65,11 +83,13 @@ class PeerExports:
         return {entry[0] for entry in self.registry.listing()}
 
     def _check(self, export, name: str) -> None:
-        if not allowed(export.config, self.address):
-            log.warning("%s: export %r refused by its allow list", self.peer, export.name)
+        if not allowed(export.config, self.client.address):
+            self.log.log(logging.WARNING, "refused by an allow list",
+                         "%s: export %r refused by its allow list", self.client.label,
+                         export.name)
             raise NoSuchExport(f"no export named {name!r}")
 
     def listing(self) -> list[tuple[str, str]]:
         """(name, description) of the exports this client may use."""
         return [(name, desc) for name, desc in self.registry.listing()
-                if allowed(self.registry.lookup(name).config, self.address)]
+                if allowed(self.registry.lookup(name, self.client).config, self.client.address)]

@@ -37,11 +37,16 @@ overlays = "persistent"                   # persistent | ephemeral
 description = "Debian 12 fleet"
 max_overlays = 1000                       # overlay files at once; more first connects fail
 l2_cache_tables = 64
+tenant = "any"                            # any | address | certificate: who may open an overlay
 ```
+With ``tenant = "address"`` (or ``"certificate"``) an overlay belongs to the
+client address (or TLS client certificate subject) that created it, and no
+other client can open it: fleet IDs stop being bearer names.
 (and allow, allow_unix, backing_dirs as for any export).  Unknown keys are
 errors that name them: a typo must not silently change what is served.
 """
 
+import dataclasses
 import ipaddress
 import os
 import tomllib
@@ -59,11 +64,25 @@ TLS_MODES = ("off", "on", "require")
 #: a fleet's `overlays`: kept for good, or deleted when their last client leaves
 #: (indexed by FleetConfig.ephemeral)
 OVERLAY_MODES = ("persistent", "ephemeral")
+#: a fleet's `tenant`: who may open an overlay once it exists
+TENANT_MODES = ("any", "address", "certificate")
 DEFAULT_MAX_OVERLAYS = 1000
 
 
+class _Reconfigurable:
+    """What a reload may change on an open export without opening its image again."""
+
+    #: fields that only say how the export is presented and who may use it
+    in_place: ClassVar[tuple[str, ...]] = ("description", "allow", "allow_unix")
+
+    def opens_like(self, other) -> bool:
+        """True when ``other`` differs from this config in `in_place` fields at most."""
+        return type(other) is type(self) and dataclasses.replace(
+            self, **{key: getattr(other, key) for key in self.in_place}) == other
+
+
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(_Reconfigurable):
     """How one export is opened and presented."""
 
     #: which provider of the export registry opens it
@@ -84,10 +103,11 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class FleetConfig:
+class FleetConfig(_Reconfigurable):
     """A fleet export: the golden image and where and how overlays are kept."""
 
     kind: ClassVar[str] = "fleet"
+    in_place: ClassVar[tuple[str, ...]] = _Reconfigurable.in_place + ("max_overlays", "tenant")
 
     name: str
     golden: str
@@ -102,6 +122,8 @@ class FleetConfig:
     allow_unix: bool = True
     #: where the golden image's own backing files may lie
     backing_dirs: tuple[str, ...] = ()
+    #: who may open an existing overlay: anyone, or only the client that created it
+    tenant: str = "any"
 
     @property
     def path(self) -> str:
@@ -163,7 +185,7 @@ _EXPORT_KEYS = {"path": str, "format": str, "read_only": bool, "description": st
                 "allow_unix": bool, "backing_dirs": list}
 _FLEET_KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlays": str,
                "description": str, "max_overlays": int, "l2_cache_tables": int, "allow": list,
-               "allow_unix": bool, "backing_dirs": list}
+               "allow_unix": bool, "backing_dirs": list, "tenant": str}
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -202,10 +224,27 @@ def parse_networks(networks: list, where: str) -> tuple[str, ...]:
     return tuple(checked)
 
 
+#: the longest path and path component the kernel takes (PATH_MAX, NAME_MAX)
+PATH_MAX, NAME_MAX = 4096, 255
+
+
+def config_path(value: str, where: str, key: str, base_dir: str = ".") -> str:
+    """A path from the config, relative to ``base_dir``; a NUL byte or a path the
+    kernel would refuse as too long is a one-line ConfigError, not a crash later."""
+    shown = repr(value[:60] + ("..." if len(value) > 60 else ""))
+    if "\0" in value:
+        raise ConfigError(f"{where}: {key} {shown} contains a NUL byte")
+    path = os.path.join(base_dir, os.path.expanduser(value))
+    encoded = os.fsencode(path)
+    if len(encoded) >= PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise ConfigError(f"{where}: {key} {shown} is too long for a path")
+    return path
+
+
 def _dir_list(value: list, where: str, base_dir: str) -> list[str]:
     if not all(isinstance(item, str) and item for item in value):
         raise ConfigError(f"{where}: backing_dirs must be a list of directory names")
-    return [os.path.join(base_dir, os.path.expanduser(item)) for item in value]
+    return [config_path(item, where, "backing_dirs", base_dir) for item in value]
 
 
 def _check_table(table, allowed: dict, where: str) -> None:
@@ -239,7 +278,7 @@ def _export(name: str, table: dict, base_dir: str,
     dirs = table.get("backing_dirs")
     return ExportConfig(
         name=check_export_name(name),
-        path=os.path.join(base_dir, os.path.expanduser(table["path"])),
+        path=config_path(table["path"], where, "path", base_dir),
         format=fmt, read_only=table.get("read_only", False),
         description=table.get("description", ""),
         backing_format=table.get("backing_format"), l2_cache_tables=cache,
@@ -263,17 +302,20 @@ def _fleet(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> Fle
     overlays = table.get("overlays", "persistent")
     if overlays not in OVERLAY_MODES:
         raise ConfigError(f"{where}: overlays must be {_either(OVERLAY_MODES)}")
+    tenant = table.get("tenant", "any")
+    if tenant not in TENANT_MODES:
+        raise ConfigError(f"{where}: tenant must be {_either(TENANT_MODES)}")
     limits = {key: table[key] for key in ("max_overlays", "l2_cache_tables") if key in table}
     if any(value < 1 for value in limits.values()):
         raise ConfigError(f"{where}: {', '.join(limits)} must be at least 1")
 
     def absolute(key: str) -> str:
-        return os.path.abspath(os.path.join(base_dir, os.path.expanduser(table[key])))
+        return os.path.abspath(config_path(table[key], where, key, base_dir))
 
     return FleetConfig(
         name=name, golden=absolute("golden"), golden_format=golden_format,
         overlay_dir=absolute("overlay_dir"),
-        overlays=overlays, description=table.get("description", ""),
+        overlays=overlays, description=table.get("description", ""), tenant=tenant,
         allow=None if "allow" not in table else parse_networks(table["allow"], where),
         allow_unix=table.get("allow_unix", True),
         backing_dirs=tuple(_dir_list(table["backing_dirs"], where, base_dir)
@@ -304,7 +346,8 @@ def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
             raise ConfigError("[server]: listen must be a list of strings")
         parse_listen(address)
         config.listen.append(address)
-    config.unix = server.get("unix")
+    if "unix" in server:
+        config.unix = config_path(server["unix"], "[server]", "unix", base_dir)
     config.max_connections = server.get("max_connections", config.max_connections)
     config.handshake_timeout = float(server.get("handshake_timeout", config.handshake_timeout))
     config.payload_timeout = float(server.get("payload_timeout", config.payload_timeout))
@@ -327,7 +370,7 @@ def _limits_and_tls(config: ServerConfig, server: dict, base_dir: str) -> None:
     config.backing_dirs = _dir_list(server.get("backing_dirs", []), "[server]", base_dir)
     for key in ("tls_cert", "tls_key", "tls_ca"):
         if key in server:
-            setattr(config, key, os.path.join(base_dir, os.path.expanduser(server[key])))
+            setattr(config, key, config_path(server[key], "[server]", key, base_dir))
     config.tls = server.get("tls", "off")
     config.tls_verify_client = server.get("tls_verify_client")
     check_tls(config, "[server]")
@@ -352,6 +395,8 @@ def load_config(path: str) -> ServerConfig:
         raise ConfigError(f"cannot read config {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} cannot be decoded)") from None
     try:
         return parse_config(data, os.path.dirname(os.path.abspath(path)))
     except ConfigError as exc:

@@ -2,9 +2,12 @@
 
 Every connection to an export shares that export's one backend object, which
 is what makes CAN_MULTI_CONN true (a flush on any connection covers writes
-made on all of them).  A reload retires exports that disappeared or
-changed: they refuse new clients and close their backend when their last
-connection ends.
+made on all of them).  A reload never takes a serving export away: a change
+of presentation (description, allow lists) applies to the open export; a
+changed image is opened first and then takes the name over, the old export
+closing with its last connection; a change that needs the very image file
+the old export holds for writing waits until that export is idle.  A
+failed open leaves the old export serving.
 
 Each kind of export config (its ``kind``: "image", "fleet") has a provider
 that opens it and finds its members: the export a client names
@@ -12,6 +15,7 @@ that opens it and finds its members: the export a client names
 """
 
 import logging
+import os
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -91,8 +95,13 @@ class ExportProvider(Protocol):
     def open(self, config) -> Export:
         """Open the export; ImageFormatError (one line, naming it) on failure."""
 
-    def member(self, parent: Export, name: str) -> Export:
-        """The export clients call ``PARENT/name``; NoSuchExport if there is none."""
+    def member(self, parent: Export, name: str, client) -> Export:
+        """The export ``client`` calls ``PARENT/name``; NoSuchExport if there is none
+        (or none for this client)."""
+
+    def reconfigure(self, export: Export, config) -> None:
+        """Apply ``config``, which differs only in presentation (``config.opens_like``),
+        to the open ``export``."""
 
 
 class ImageProvider:
@@ -120,9 +129,20 @@ class ImageProvider:
                  ", read-only" if config.read_only or backend.read_only else "")
         return backend
 
-    def member(self, parent: Export, name: str) -> Export:
+    def member(self, parent: Export, name: str, client) -> Export:
         """Plain exports have no members."""
         raise NoSuchExport(f"no export named {parent.name + '/' + name!r}")
+
+    def reconfigure(self, export: Export, config) -> None:
+        """A new description or allow list, in place."""
+        export.config, export.description = config, config.description
+
+
+def _holds_for_writing(export: Export, config) -> bool:
+    """Whether ``config`` needs the image file ``export`` has open, with a writer on
+    either side: image locks then keep the two from being open at once."""
+    same = os.path.realpath(export.config.path) == os.path.realpath(config.path)
+    return same and not (export.read_only and config.read_only)
 
 
 class ExportRegistry:
@@ -132,6 +152,8 @@ class ExportRegistry:
         self._providers = {p.kind: p for p in providers} or {"image": ImageProvider()}
         self._exports: dict[str, Export] = {}
         self._broken: dict[str, tuple[object, str]] = {}
+        #: changed configs waiting for their export's clients to leave (see `plan`)
+        self._pending: dict[str, object] = {}
         self._retired: list[Export] = []
         #: members handed out by lookups (a fleet's overlays), until they close
         self._members: list[Export] = []
@@ -150,24 +172,54 @@ class ExportRegistry:
         Unchanged exports keep their backend and connections; a broken one is
         logged and refused at negotiation while the others serve.
         """
-        self.install(self.open_all(self.retire_changed(configs)))
+        self.install(self.open_all(self.plan(configs)))
 
-    def retire_changed(self, configs: dict) -> dict:
-        """Retire the exports ``configs`` drops or changes; return the configs to open
-        (new, changed, and broken ones: an image may have become readable since).
-
-        Retired first, so that a changed export's image is free (unlocked) to open again.
+    def plan(self, configs: dict) -> dict:
+        """Apply at once what ``configs`` changes without opening an image (dropped
+        exports retire, presentation changes apply in place); return the configs to
+        open: new, changed and broken ones (an image may have become readable since).
         """
         for name, export in list(self._exports.items()):
-            if configs.get(name) != export.config:
+            config = configs.get(name)
+            if config == export.config:
+                continue
+            if config is None:
                 del self._exports[name]
                 self._retire(export)
+            elif export.config.opens_like(config):
+                self._providers[config.kind].reconfigure(export, config)
+                log.info("export %s: updated in place", name)
+            elif _holds_for_writing(export, config):
+                if export.connections:
+                    log.info("export %s: the new settings apply once its %d client(s) have "
+                             "left (the image they use must be opened again)", name,
+                             export.connections)
+                    self._pending[name] = config
+                else:
+                    del self._exports[name]
+                    self._retire(export)    # frees the image, opened again below
         self._broken = {n: b for n, b in self._broken.items() if configs.get(n) == b[0]}
-        return {name: config for name, config in configs.items() if name not in self._exports}
+        self._pending = {n: c for n, c in self._pending.items()
+                         if configs.get(n) == c and n in self._exports}
+        return {name: config for name, config in configs.items()
+                if name not in self._pending and (name not in self._exports
+                                                  or self._exports[name].config != config)}
+
+    def ready_pending(self) -> dict:
+        """The configs of exports whose change waited for their clients to leave and
+        can now be opened (their old exports retire now)."""
+        ready = {}
+        for name, config in list(self._pending.items()):
+            export = self._exports.get(name)
+            if export is not None and not export.connections:
+                del self._pending[name], self._exports[name]
+                self._retire(export)
+                ready[name] = config
+        return ready
 
     def open_all(self, configs: dict) -> dict[str, tuple]:
-        """{name: (config, Export or the ImageFormatError)}; touches no registry state,
-        so it may run in a worker thread (a large read-write QCOW1 scan takes seconds)."""
+        """{name: (config, Export or the error)}; touches no registry state, so it may
+        run in a worker thread (a large read-write QCOW1 scan takes seconds)."""
         opened = {}
         for name, config in configs.items():
             try:
@@ -177,14 +229,21 @@ class ExportRegistry:
         return opened
 
     def install(self, opened: dict[str, tuple]) -> None:
-        """Serve what `open_all` opened; log and refuse what it could not."""
+        """Serve what `open_all` opened in place of what served the name before; log
+        what it could not open (the old export, if any, goes on serving)."""
         for name, (config, result) in opened.items():
+            old = self._exports.get(name)
             if isinstance(result, ImageFormatError):
-                self._broken[name] = (config, str(result))
-                log.error("%s", result)
-            else:
-                self._exports[name] = result
-                self._broken.pop(name, None)
+                if old is None:
+                    self._broken[name] = (config, str(result))
+                    log.error("%s", result)
+                else:
+                    log.error("%s; export %s keeps its previous settings", result, name)
+                continue
+            if old is not None:
+                self._retire(old)
+            self._exports[name] = result
+            self._broken.pop(name, None)
 
     def _retire(self, export: Export) -> None:
         log.info("export %s: removed; %d connection(s) go on", export.name, export.connections)
@@ -192,12 +251,13 @@ class ExportRegistry:
         if not export.closed:
             self._retired.append(export)
 
-    def lookup(self, name: str) -> Export:
-        """The export a client asked for; the empty name means a lone export."""
+    def lookup(self, name: str, client=None) -> Export:
+        """The export ``client`` (an `access.Client`) asked for; the empty name means a
+        lone export."""
         export = self._exports.get(name)
         parent, slash, member = name.partition("/")
         if export is None and slash and parent in self._exports:
-            return self._member(self._exports[parent], member)   # "fleet/vm42"
+            return self._member(self._exports[parent], member, client)   # "fleet/vm42"
         if export is None and name == "" and len(self._exports) + len(self._broken) == 1:
             export = next(iter(self._exports.values()), None)
             name = next(iter(self._broken), name)
@@ -207,9 +267,9 @@ class ExportRegistry:
             raise NoSuchExport(f"export {name!r} is unavailable")
         raise NoSuchExport(f"no export named {name!r}")
 
-    def _member(self, parent: Export, name: str) -> Export:
+    def _member(self, parent: Export, name: str, client) -> Export:
         """Ask the parent's provider; keep what it hands out until it closes."""
-        member = self._providers[parent.config.kind].member(parent, name)
+        member = self._providers[parent.config.kind].member(parent, name, client)
         if member not in self._members:
             self._members.append(member)
         return member

@@ -37,6 +37,8 @@ log = logging.getLogger("qcownbd.fleet")
 OVERLAY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ID_RULE = "1-64 letters, digits, '.', '_' or '-', starting with a letter or digit, no '..'"
 OVERLAY_SUFFIX = ".qcow"
+#: beside an overlay of a fleet with tenants: who created it (one line)
+OWNER_SUFFIX = ".owner"
 EPHEMERAL_SUBDIR = "ephemeral"
 
 
@@ -57,6 +59,25 @@ class OverlayDir:
     def path(self, ident: str, ephemeral: bool) -> str:
         """Where overlay ``ident`` lives (``ident`` already checked)."""
         return os.path.join(self._folder(ephemeral), ident + OVERLAY_SUFFIX)
+
+    def owner(self, ident: str, ephemeral: bool) -> str | None:
+        """The recorded owner of overlay ``ident``, or None when none is recorded."""
+        try:
+            with open(owner_file(self.path(ident, ephemeral)), encoding="utf-8") as file:
+                return file.read().strip() or None
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+
+    def record_owner(self, ident: str, ephemeral: bool, owner: str) -> None:
+        """Write who owns overlay ``ident`` (before the overlay gets its name)."""
+        path = owner_file(self.path(ident, ephemeral))
+        # a leftover temporary is removed like any other (remove_stale)
+        temp = os.path.join(self._folder(ephemeral),
+                            f".{ident}{OWNER_SUFFIX}.{secrets.token_hex(4)}.tmp")
+        with open(temp, "w", encoding="utf-8") as file:
+            file.write(owner + "\n")
+        os.chmod(temp, 0o600)
+        os.rename(temp, path)
 
     def overlays(self) -> list[tuple[str, bool, str]]:
         """(ID, ephemeral, path) of every overlay file, sorted."""
@@ -137,12 +158,20 @@ def _locked(path: str, writable: bool):
         os.close(fd)
 
 
+def owner_file(overlay_path: str) -> str:
+    """The owner record beside an overlay file."""
+    return overlay_path.removesuffix(OVERLAY_SUFFIX) + OWNER_SUFFIX
+
+
 def remove_unless_in_use(path: str) -> bool:
-    """Delete an image file while holding QEMU's write lock on it; False if in use."""
+    """Delete an image file (and an overlay's owner record) while holding QEMU's write
+    lock on it; False if in use."""
     try:
         with _locked(path, writable=True) as free:
             if free:
                 os.unlink(path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(owner_file(path))
             return free
     except FileNotFoundError:
         return False
@@ -164,6 +193,13 @@ def describe_overlay(path: str, golden_format: str | None) -> dict:
     finally:
         img.close()
     return {"in-use": overlay_in_use(path), "modified": int(os.stat(path).st_mtime), **info}
+
+
+def _description(config) -> str:
+    """The fleet export's description: the configured one, and how to get an overlay."""
+    hint = (f"copy-on-write overlays of this image: connect to {config.name}/ID "
+            f"for your own disk ({config.overlays}; ID: {ID_RULE})")
+    return f"{config.description} ({hint})" if config.description else hint
 
 
 class FleetProvider:
@@ -193,17 +229,20 @@ class FleetProvider:
         log.info("export %s: fleet of %s (%s, %s overlays in %s)", config.name, config.golden,
                  golden.format_name, config.overlays, config.overlay_dir)
         fleet = Fleet(config, SharedImage(golden))
-        hint = (f"copy-on-write overlays of this image: connect to {config.name}/ID "
-                f"for your own disk ({config.overlays}; ID: {ID_RULE})")
         export = Export(config, fleet.golden.view(), on_close=self._closed,
-                        description=f"{config.description} ({hint})" if config.description
-                        else hint)
+                        description=_description(config))
         self._fleets[export] = fleet
         return export
 
-    def member(self, parent: Export, ident: str) -> Export:
-        """The overlay a client named ``NAME/ident``."""
-        return self._fleets[parent].overlay(ident)
+    def reconfigure(self, export: Export, config) -> None:
+        """A new description, allow list, overlay limit or tenant rule, in place (open
+        overlays keep theirs until they close)."""
+        export.config, export.description = config, _description(config)
+        self._fleets[export].config = config
+
+    def member(self, parent: Export, ident: str, client) -> Export:
+        """The overlay ``client`` named ``NAME/ident``."""
+        return self._fleets[parent].overlay(ident, client)
 
     def _closed(self, export: Export) -> None:
         # the golden image stays open while overlays still read it (image.shared)
@@ -222,11 +261,14 @@ class Fleet:
         self._overlays: dict[str, Export] = {}
         #: temporary files of new overlays no client has taken yet
         self._unpublished: dict[str, str] = {}
+        #: the owners of open overlays, when tenants are bound (config.tenant)
+        self._owners: dict[str, str] = {}
 
-    def overlay(self, ident: str) -> Export:
-        """The overlay ``ident``, opened (or created) if needed."""
+    def overlay(self, ident: str, client) -> Export:
+        """The overlay ``ident``, opened (or created) if needed, if ``client`` may have it."""
         if not is_overlay_id(ident):
             raise NoSuchExport(f"bad overlay name {ident[:80]!r} in {self.name}/ (use {ID_RULE})")
+        tenant = self._tenant(client)
         # Overlays looked up but never claimed (NBD_OPT_INFO, clients an allow
         # list refuses) close here, so they cannot pile up. Safe for every other
         # one: GO attaches in the same event-loop step as its lookup.
@@ -234,9 +276,10 @@ class Fleet:
             idle.close()
         overlay = self._overlays.get(ident)
         if overlay is not None:
+            self._check_owner(ident, tenant, client)
             return overlay
         try:
-            overlay = self._open_overlay(ident)
+            overlay = self._open_overlay(ident, tenant, client)
         except (ImageFormatError, OSError) as exc:
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             log.warning("export %s: overlay %s: %s", self.name, ident, text)
@@ -246,11 +289,41 @@ class Fleet:
         self._overlays[ident] = overlay
         return overlay
 
-    def _open_overlay(self, ident: str) -> Export:
+    def _tenant(self, client) -> str | None:
+        """Who ``client`` is for this fleet's `tenant` setting (None: anyone may open any
+        overlay); NoSuchExport when the setting asks for what the client lacks."""
+        mode = self.config.tenant
+        if mode == "any":
+            return None
+        if mode == "address":
+            return "unix" if client is None or client.address is None else str(client.address)
+        if client is None or not client.certificate:
+            log.warning("export %s: %s has no TLS client certificate (tenant = \"certificate\")",
+                        self.name, client.label if client else "a client")
+            raise NoSuchExport(f"no export named {self.name + '/...'!r}: no client certificate",
+                               public="a TLS client certificate is required for this fleet")
+        return client.certificate
+
+    def _check_owner(self, ident: str, tenant: str | None, client) -> None:
+        """Refuse an existing overlay to everyone but its owner (when tenants are bound)."""
+        if tenant is None:
+            return
+        owner = self._owners.get(ident) or self.dir.owner(ident, self.config.ephemeral)
+        if owner != tenant:
+            log.warning("export %s: %s (%s) may not open overlay %s, which belongs to %s",
+                        self.name, client.label if client else "a client", tenant, ident,
+                        owner or "nobody recorded")
+            # the answer to a name that does not exist: probing reveals nothing
+            raise NoSuchExport(f"no export named {self.name + '/' + ident!r}")
+        self._owners[ident] = owner
+
+    def _open_overlay(self, ident: str, tenant: str | None, client) -> Export:
         config = self.config
         path = self.dir.path(ident, config.ephemeral)
         unpublished = None
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            self._check_owner(ident, tenant, client)
+        else:
             if len(self.dir.overlays()) >= config.max_overlays:
                 log.warning("export %s: max_overlays=%d reached, refusing overlay %s",
                             self.name, config.max_overlays, ident)
@@ -265,6 +338,8 @@ class Fleet:
             raise
         if unpublished:
             self._unpublished[ident] = unpublished
+            if tenant is not None:
+                self._owners[ident] = tenant
         return Export(config.overlay_export(ident, path), backend, transient=True,
                       on_claim=functools.partial(self._publish, ident),
                       on_close=functools.partial(self._closed, ident))
@@ -295,6 +370,9 @@ class Fleet:
         if temp is None:
             return
         try:
+            owner = self._owners.get(ident)
+            if owner is not None:
+                self.dir.record_owner(ident, self.config.ephemeral, owner)
             self.dir.publish(temp, ident, self.config.ephemeral)
         except OSError as exc:
             detail = f"overlay {export.name}: cannot create {export.config.path}: {exc.strerror}"
@@ -312,5 +390,8 @@ class Fleet:
                 os.unlink(path)
             except OSError as exc:
                 log.error("export %s: cannot delete %s: %s", export.name, path, exc.strerror)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(owner_file(export.config.path))
         if self._overlays.get(ident) is export:
             del self._overlays[ident]
+            self._owners.pop(ident, None)

@@ -78,13 +78,9 @@ def tls_context_for(config: ServerConfig):
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                 config_path: str | None, tls_context=None) -> int:
     """Listen, serve until SIGTERM/SIGINT, then stop cleanly."""
-    server = NbdServer(registry, max_connections=config.max_connections,
-                       handshake_timeout=config.handshake_timeout,
-                       payload_timeout=config.payload_timeout,
-                       max_handshakes=config.max_handshakes,
-                       max_connections_per_client=config.max_connections_per_client,
-                       tls=config.tls, tls_context=tls_context,
-                       zero_copy=not faults.injecting())
+    server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
+                       zero_copy=not faults.injecting(),
+                       **{key: getattr(config, key) for key in NbdServer.LIMITS})
     inherited = systemd.inherited_sockets()
     if inherited:
         await server.adopt(inherited)
@@ -100,7 +96,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     reloads = Reloader(server, registry, cli, config_path, config)
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
     commit_task = loop.create_task(server.commit_metadata_forever())
-    status_task = loop.create_task(report_status(server))
+    status_task = loop.create_task(report_status(server, reloads))
     systemd.notify(f"READY=1\nSTATUS={server.status()}")
     await stopping.wait()
     log.info("stopping")
@@ -112,12 +108,15 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
 
 
 class Reloader:
-    """SIGHUP: reread the config; new exports appear, removed ones refuse new clients.
+    """SIGHUP: reread the config and apply it without taking a serving export away.
 
-    New and changed exports are opened in a worker thread (opening a large
-    read-write QCOW1 image scans its tables for seconds) while the loop goes
-    on serving; reloads run one at a time.  The TLS files are read again too:
-    new handshakes use the new certificate, established sessions keep theirs.
+    A config that cannot be read or parsed changes nothing (one log line, and
+    systemd's STATUS says so).  Otherwise the server's limits apply at once,
+    exports change as `ExportRegistry.plan` says, new and changed images are
+    opened in a worker thread (a large read-write QCOW1 image scans its
+    tables for seconds) while the loop goes on serving, and the TLS files are
+    read again (new handshakes use the new certificate).  Listen addresses
+    and the TLS mode apply at the next start.  Reloads run one at a time.
     """
 
     def __init__(self, server: NbdServer, registry: ExportRegistry, cli: dict, config_path,
@@ -134,22 +133,44 @@ class Reloader:
         task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> None:
-        """One reload: exports, then the TLS files."""
+        """One reload; whatever happens, systemd hears READY=1 again."""
         async with self._lock:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
             try:
-                exports = load_config(self.config_path).exports if self.config_path else {}
+                new = load_config(self.config_path) if self.config_path else ServerConfig()
             except ConfigError as exc:
-                log.error("reload failed, keeping the old exports: %s", exc)
-            else:
-                to_open = self.registry.retire_changed({**self.cli, **exports})
-                opened = await asyncio.get_running_loop().run_in_executor(
-                    None, self.registry.open_all, to_open)
-                self.registry.install(opened)
-                log.info("reloaded: %s", self.server.status())
+                log.error("reload failed, keeping the old configuration: %s", exc)
+                systemd.notify(f"READY=1\nSTATUS=reload failed: {exc}"[:1000])
+                return
+            self._apply_server_settings(new)
+            await self._open_and_install(self.registry.plan({**self.cli, **new.exports}))
             self._reload_tls()
+            log.info("reloaded: %s", self.server.status())
             systemd.notify(f"READY=1\nSTATUS={self.server.status()}")
+
+    async def apply_pending(self) -> None:
+        """Open the changed exports whose old image waited for its clients to leave."""
+        if self._lock.locked():
+            return
+        async with self._lock:
+            ready = self.registry.ready_pending()
+            if ready:
+                await self._open_and_install(ready)
+
+    async def _open_and_install(self, configs: dict) -> None:
+        opened = await asyncio.get_running_loop().run_in_executor(
+            None, self.registry.open_all, configs)
+        self.registry.install(opened)
+
+    def _apply_server_settings(self, new: ServerConfig) -> None:
+        for key in NbdServer.LIMITS:
+            setattr(self.server, key, getattr(new, key))
+        running = self.config
+        if self.config_path and (new.listen, new.unix, new.tls) != (
+                running.listen, running.unix, running.tls):
+            log.warning("reload: listen addresses, the Unix socket and the TLS mode apply "
+                        "at the next start")
 
     def _reload_tls(self) -> None:
         if self.server.tls_context is None:
@@ -161,11 +182,13 @@ class Reloader:
             log.error("TLS reload failed, keeping the old certificate: %s", exc)
 
 
-async def report_status(server: NbdServer) -> None:
-    """Keep systemd's STATUS= line current (connections come and go)."""
+async def report_status(server: NbdServer, reloads: Reloader) -> None:
+    """Keep systemd's STATUS= line current (connections come and go), and apply the
+    reloaded changes that waited for an export's clients to leave."""
     last = None
     while True:
         await asyncio.sleep(1.0)
+        await reloads.apply_pending()
         text = server.status()
         if text != last:
             systemd.notify(f"STATUS={text}")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from nbdclient import NBDMAGIC, NbdClient
+from qcownbd.image.backend import Extent
 from qcownbd.image.qcow1 import Qcow1Image, is_qcow1
 from qcownbd.image.raw import RawImage
 
@@ -349,3 +350,23 @@ def allocated_qcow1(path, size: int) -> None:
             f.write(struct.pack(f">{l2_entries}Q", *range(first, first + l2_entries * cluster,
                                                           cluster)))
         f.truncate(data_at + size)
+
+
+def whole_status(image, offset: int = 0, length: int | None = None) -> list:
+    """A backend's block status over the whole range, as a client gathers it: call
+    after call (each bounds its work), equal neighbours merged."""
+    end = image.size if length is None else offset + length
+    extents: list = []
+    while offset < end:
+        got = image.block_status(offset, end - offset)
+        assert got and all(e.length > 0 for e in got), f"no progress at {offset}"
+        for extent in got:
+            last = extents[-1] if extents else None
+            if last is not None and (last.hole, last.zero, last.depth) == (
+                    extent.hole, extent.zero, extent.depth):
+                extents[-1] = Extent(last.length + extent.length, last.hole, last.zero,
+                                     last.depth)
+            else:
+                extents.append(extent)
+            offset += extent.length
+    return extents

@@ -130,10 +130,15 @@ def recv_exactly(sock: socket.socket, count: int) -> bytes:
 # -- the blocking client ---------------------------------------------------------
 
 class NbdClient:
-    """A blocking socket to 127.0.0.1:``port``; ``timeout`` bounds every socket call."""
+    """A blocking socket to 127.0.0.1:``port``; ``timeout`` bounds every socket call.
 
-    def __init__(self, port: int, timeout: float = 10.0):
-        self.sock = socket.create_connection((HOST, port), timeout=timeout)
+    ``source``: the loopback address to connect from (another client machine, as the
+    server sees it: 127.0.0.2, say).
+    """
+
+    def __init__(self, port: int, timeout: float = 10.0, source: str | None = None):
+        self.sock = socket.create_connection((HOST, port), timeout=timeout,
+                                             source_address=(source, 0) if source else None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.extended = False
         self.size = self.transmission_flags = None
@@ -141,9 +146,10 @@ class NbdClient:
         self._cookie = 0
 
     @classmethod
-    def connect(cls, port: int, export: str | bytes = "d", timeout: float = 30.0) -> "NbdClient":
+    def connect(cls, port: int, export: str | bytes = "d", timeout: float = 30.0,
+                source: str | None = None) -> "NbdClient":
         """A client in transmission on ``export``; ValueError when the server refuses it."""
-        client = cls(port, timeout)
+        client = cls(port, timeout, source)
         client.go(export, flags=FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)
         return client
 

@@ -295,7 +295,9 @@ def test_reload_keeps_clients_of_a_changed_fleet(tmp_path, golden, qcownbd_serve
     server = qcownbd_server("--config", config)
     old = NbdClient.connect(server.port, "fleet/a")
     assert old.write(0, b"\x42" * 4096) == 0
-    config.write_text(config.read_text().replace("test fleet", "renamed fleet"))
+    # a change that opens the fleet anew (its images' cache), with a new description
+    config.write_text(config.read_text().replace("test fleet", "renamed fleet")
+                      + "l2_cache_tables = 16\n")
     server.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "renamed fleet" in run(["nbdinfo", "--list", server.uri()]).stdout)
     # the retired fleet still serves its client; the new one cannot take the overlay yet
@@ -309,6 +311,51 @@ def test_reload_keeps_clients_of_a_changed_fleet(tmp_path, golden, qcownbd_serve
     assert new.read(0, 8192) == b"\x42" * 4096 + b"\x43" * 4096
     new.close()
     assert server.stop() == 0 and "Traceback" not in server.stderr, server.stderr
+
+
+def test_reload_of_a_description_keeps_the_fleet_and_its_overlays_open(tmp_path, golden,
+                                                                      qcownbd_server):
+    """Only the description changes: the open fleet takes it in place, and a second
+    client of a busy overlay is served by the same overlay (no 'unavailable')."""
+    config = write_config(tmp_path, golden)
+    server = qcownbd_server("--config", config)
+    old = NbdClient.connect(server.port, "fleet/a")
+    assert old.write(0, b"\x42" * 4096) == 0
+    config.write_text(config.read_text().replace("test fleet", "renamed fleet"))
+    server.proc.send_signal(signal.SIGHUP)
+    assert wait_for(lambda: "renamed fleet" in run(["nbdinfo", "--list", server.uri()]).stdout)
+    second = NbdClient.connect(server.port, "fleet/a")
+    assert second.read(0, 4096) == b"\x42" * 4096
+    second.close()
+    old.close()
+    third = NbdClient.connect(server.port, "fleet/a")
+    assert third.read(0, 4096) == b"\x42" * 4096
+    third.close()
+    assert server.stop() == 0 and "Traceback" not in server.stderr, server.stderr
+
+
+@pytest.mark.parametrize("golden", ["raw"], indirect=True)
+def test_tenant_by_address_binds_an_overlay_to_the_client_that_made_it(tmp_path, golden,
+                                                                       qcownbd_server):
+    """tenant = "address": 127.0.0.2 makes fleet/a and gets it back; 127.0.0.3 gets the
+    answer a name that does not exist gets, and its own overlay works as usual."""
+    config = write_config(tmp_path, golden, extra='tenant = "address"\n')
+    server = qcownbd_server("--config", config)
+    with NbdClient.connect(server.port, "fleet/a", source="127.0.0.2") as owner:
+        assert owner.write(0, b"\x42" * 512) == 0 and owner.flush() == 0
+    assert (tmp_path / "overlays" / "a.owner").read_text().strip() == "127.0.0.2"
+    with pytest.raises(ValueError, match="no export named 'fleet/a'"):
+        NbdClient.connect(server.port, "fleet/a", source="127.0.0.3")
+    with NbdClient.connect(server.port, "fleet/a", source="127.0.0.2") as owner:
+        assert owner.read(0, 512) == b"\x42" * 512
+        # a second connection of another client while the overlay is open: refused too
+        with pytest.raises(ValueError, match="no export named 'fleet/a'"):
+            NbdClient.connect(server.port, "fleet/a", source="127.0.0.3")
+    with NbdClient.connect(server.port, "fleet/b", source="127.0.0.3") as other:
+        assert other.read(0, 512) != b"\x42" * 512
+    assert fleet_cli("delete", config, "a").returncode == 0
+    assert not (tmp_path / "overlays" / "a.owner").exists()
+    assert server.stop() == 0 and "Traceback" not in server.stderr
 
 
 @pytest.mark.parametrize("golden", ["raw"], indirect=True)

@@ -15,6 +15,7 @@ from qcownbd.image.qcow1_header import create_qcow1, read_header
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 8 * 1024 * 1024
+READ_ONLY_FLAG = 1 << 1
 
 
 def raw_image(tmp_path, name="d", byte=0x42):
@@ -98,6 +99,9 @@ def test_port_in_use_is_one_line(tmp_path, qcownbd_server):
     ('[exports.a]\nread_only = true\n', "path"),
     ('[server]\nport = 1\n', "port"),
     ("[exports.a\n", "c.toml"),
+    ('[exports.a]\npath = "a\\u0000b"\n', "NUL byte"),
+    ('[exports.a]\npath = "' + "n" * 300 + '"\n', "too long for a path"),
+    ('[server]\ntls_cert = "c\\u0000"\n', "NUL byte"),
 ])
 def test_config_errors_name_the_problem(tmp_path, text, needle):
     config = tmp_path / "c.toml"
@@ -105,6 +109,92 @@ def test_config_errors_name_the_problem(tmp_path, text, needle):
     result = serve_fails("--config", config)
     assert result.returncode == 1
     assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path):
+    config = tmp_path / "c.toml"
+    config.write_bytes(b'[exports.a]\npath = "/srv/\xff\xfe.raw"\n')
+    result = serve_fails("--config", config)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "UTF-8" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def wait_for_export(server, export, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not can_connect(server, export):
+        assert time.monotonic() < deadline, f"export {export} never appeared"
+        time.sleep(0.1)
+
+
+def test_reload_of_a_description_keeps_a_busy_read_write_export(tmp_path, qcownbd_server):
+    """Only the description changes while a client writes: new clients are still
+    served, during and after the old client's session (the image is not reopened)."""
+    config = tmp_path / "c.toml"
+    image = raw_image(tmp_path)
+    config.write_text(f'[exports.d]\npath = "{image}"\ndescription = "first"\n')
+    server = qcownbd_server("--config", config)
+    old = NbdClient.connect(server.port, "d")
+    assert old.write(0, b"x" * 512) == 0
+    config.write_text(f'[exports.d]\npath = "{image}"\ndescription = "second"\n')
+    server.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "second" not in run(["nbdinfo", "--list", server.uri()], check=False).stdout:
+        assert time.monotonic() < deadline, "the new description never showed"
+        time.sleep(0.1)
+    with NbdClient.connect(server.port, "d") as new:
+        assert new.read(0, 512) == b"x" * 512
+    old.close()
+    time.sleep(0.3)
+    assert first_byte(server.port, b"d") == b"x"
+    assert server.stop() == 0
+    assert "another process" not in server.stderr and "unavailable" not in server.stderr
+
+
+def test_reload_that_reopens_a_busy_image_waits_for_its_clients(tmp_path, qcownbd_server):
+    """read_only changes on an image a client writes to: that needs the image opened
+    again, which its write lock forbids while the client is there; the export keeps
+    serving as it was and takes the new settings once the client has left."""
+    config = tmp_path / "c.toml"
+    image = raw_image(tmp_path)
+    config.write_text(f'[exports.d]\npath = "{image}"\n')
+    server = qcownbd_server("--config", config)
+    old = NbdClient.connect(server.port, "d")
+    config.write_text(f'[exports.d]\npath = "{image}"\nread_only = true\n')
+    server.proc.send_signal(signal.SIGHUP)
+    time.sleep(1.0)
+    with NbdClient.connect(server.port, "d") as meanwhile:
+        assert not meanwhile.transmission_flags & READ_ONLY_FLAG
+    old.close()
+    deadline = time.monotonic() + 10
+    while True:
+        with NbdClient.connect(server.port, "d") as later:
+            if later.transmission_flags & READ_ONLY_FLAG:
+                break
+        assert time.monotonic() < deadline, "the new settings never applied"
+        time.sleep(0.2)
+    assert server.stop() == 0 and "another process" not in server.stderr
+
+
+def test_a_reload_with_bad_bytes_keeps_the_old_configuration(tmp_path, qcownbd_server):
+    """A NUL in a path: the whole new config is refused in one log line; the exports
+    that served go on, and the new valid one is not half-applied."""
+    config = tmp_path / "c.toml"
+    first, second = raw_image(tmp_path, "one", 0x31), raw_image(tmp_path, "two", 0x32)
+    config.write_text(f'[exports.one]\npath = "{first}"\n')
+    server = qcownbd_server("--config", config)
+    for bad in ('path = "x\\u0000y"\n', None):
+        text = f'[exports.two]\npath = "{second}"\n[exports.three]\n' + (bad or "")
+        if bad is None:
+            config.write_bytes(f'[exports.two]\npath = "{second}"\n'.encode() + b"# \xff\n")
+        else:
+            config.write_text(text)
+        server.proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert can_connect(server, "one") and not can_connect(server, "two")
+    assert server.stop() == 0
+    assert "Traceback" not in server.stderr
+    failures = [line for line in server.stderr.splitlines() if "reload failed" in line]
+    assert len(failures) == 2 and "NUL byte" in failures[0] and "UTF-8" in failures[1]
 
 
 def test_broken_config_export_is_refused_while_others_serve(tmp_path, qcownbd_server):

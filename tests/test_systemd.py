@@ -272,6 +272,35 @@ def test_notify_ready_reload_stopping(raw_image, tmp_path, notify):
         proc.stderr.close()
 
 
+@pytest.mark.timeout(60)
+def test_a_failed_reload_still_says_ready_with_a_status_that_says_why(raw_image, tmp_path,
+                                                                       notify):
+    port = free_port()
+    config = tmp_path / "exports.toml"
+    write_config(config, port, {"disk": raw_image})
+    proc = subprocess.Popen(qcownbd_cmd("serve", "--config", config),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO),
+                                 "NOTIFY_SOCKET": str(notify.path)})
+    try:
+        notify.wait_for("READY", "1")
+        config.write_text(config.read_text() + '[exports.bad]\npath = "a\\u0000b"\n')
+        proc.send_signal(signal.SIGHUP)
+        notify.wait_for("RELOADING", "1")
+        ready = notify.wait_for("READY", "1")
+        assert ready["STATUS"].startswith("reload failed") and "NUL" in ready["STATUS"]
+        assert run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}/disk"]).stdout.strip() \
+            == str(IMAGE_SIZE)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
 # Sets the kernel's W^X policy (PR_SET_MDWE, Linux >= 6.3: what systemd's
 # MemoryDenyWriteExecute= enforces with seccomp), which survives execve, then
 # becomes the server.

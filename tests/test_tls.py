@@ -67,9 +67,11 @@ def pki(tmp_path_factory):
     _make_ca("rogue", pki)
     _make_leaf("server", "ca", "serverAuth", "subjectAltName=IP:127.0.0.1,DNS:localhost", pki)
     _make_leaf("client", "ca", "clientAuth", "", pki)
+    _make_leaf("neighbour", "ca", "clientAuth", "", pki)
     _make_leaf("intruder", "rogue", "clientAuth", "", pki)
     return SimpleNamespace(
         root=pki, good=_client_dir(pki, "good", ("ca-cert.pem",), "client"),
+        neighbour=_client_dir(pki, "neighbour", ("ca-cert.pem",), "neighbour"),
         # QEMU checks its own certificate against the dir's CA file: give it both CAs
         rogue=_client_dir(pki, "rogue", ("ca-cert.pem", "rogue-cert.pem"), "intruder"),
         nocert=_client_dir(pki, "nocert", ("ca-cert.pem",), None),
@@ -234,6 +236,24 @@ def test_bytes_sent_ahead_of_the_tls_handshake_end_the_connection(pki, image, qc
     assert client.closed()
     server.stop()
     assert "data after STARTTLS" in server.stderr
+
+
+def test_fleet_tenant_by_certificate(pki, image, tmp_path, qcownbd_server):
+    """tenant = "certificate": the overlay belongs to the certificate that made it; another
+    certificate of the same CA is told the overlay does not exist."""
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[exports.fleet]\ngolden = "{image}"\ngolden_format = "raw"\n'
+                      f'overlay_dir = "{tmp_path / "overlays"}"\ntenant = "certificate"\n')
+    server = qcownbd_server("--config", config, *tls_args(pki, "require"))
+    run(["nbdinfo", nbds(server, "fleet/vm1", pki.good)], timeout=30)
+    assert (tmp_path / "overlays" / "vm1.owner").read_text().strip() == "client"
+    refused = run(["nbdinfo", nbds(server, "fleet/vm1", pki.neighbour)], timeout=30,
+                  check=False)
+    # libnbd shows ERR_UNKNOWN, the answer to a name that does not exist, as ENOENT
+    assert refused.returncode != 0 and "No such file or directory" in refused.stderr
+    run(["nbdinfo", nbds(server, "fleet/vm1", pki.good)], timeout=30)
+    run(["nbdinfo", nbds(server, "fleet/vm2", pki.neighbour)], timeout=30)
+    assert server.stop() == 0 and "Traceback" not in server.stderr
 
 
 def test_starttls_refused_when_tls_is_off(image, qcownbd_server):

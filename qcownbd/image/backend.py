@@ -101,7 +101,8 @@ class Backend(ABC):
 
     def host_range(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, file offset) when the range is stored as-is, contiguously, in one
-        file (the server may then sendfile it); None otherwise."""
+        file (the server may then sendfile it); None otherwise.  Reads made that
+        way bypass `faults`: the server does not ask while faults are injected."""
         return None
 
     def cache(self, offset: int, length: int) -> None:

@@ -13,23 +13,18 @@ from collections import OrderedDict
 
 from ..errors import ImageFormatError, ImageIOError
 from .backend import Backend, Extent, pread_filling
-from .faults import syscalls
 from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
 from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, is_qcow1,
                            read_exact_at, read_header)
+from .qcow1_map import DATA, INVALID, PACKED, UNALLOCATED, ClusterMap
 from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables, pwrite_all, to_big_endian
 
 __all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "is_qcow1"]
 
-UNALLOCATED, DATA, PACKED, INVALID = "unallocated", "data", "compressed", "invalid"
 _ZEROS = memoryview(bytes(1 << 20))
 INFLATED_CACHE_CLUSTERS = 16
-#: block_status stops after this many extents, L2 entries looked at or L2 tables
-#: read from the file (the client asks again for the rest): a bound on the work
-#: of one call, whatever the image's geometry
+#: block_status stops after this many extents (the map bounds the tables it reads)
 MAX_STATUS_EXTENTS = 4096
-MAX_STATUS_ENTRIES = 16384
-MAX_STATUS_LOADS = 1
 
 
 def zero_fill(view: memoryview) -> None:
@@ -71,6 +66,7 @@ class Qcow1Image(Backend):
         self.cluster_size = self.preferred_block_size = hdr.cluster_size
         self._cluster_mask = hdr.cluster_size - 1
         self._tables = Qcow1Tables(fd, path, hdr, cache_tables=l2_cache_tables)
+        self._map = ClusterMap(hdr, self._tables)
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._corrupt = False
         if read_only:
@@ -98,64 +94,16 @@ class Qcow1Image(Backend):
         mask = self._cluster_mask
         self._tables.next_free = (max(file_size, report.max_end) + mask) & ~mask
 
-    # -- mapping --------------------------------------------------------
-
-    def _pieces(self, offset: int, end: int):
-        """Yield (kind, start, stop, host) per cluster; an empty L1 range is one piece."""
-        hdr, tables = self.header, self._tables
-        cb, shift, l2_mask, mask = hdr.cluster_bits, hdr.l1_shift, hdr.l2_entries - 1, self._cluster_mask
-        pos = offset
-        while pos < end:
-            index = pos >> shift
-            table_end = min(end, (index + 1) << shift)
-            l2_offset = tables.l1[index]
-            if l2_offset == 0:
-                stop = min(end, tables.next_used(index) << shift)
-                yield UNALLOCATED, pos, stop, 0
-                pos = stop
-                continue
-            if l2_offset == BAD:
-                yield INVALID, pos, table_end, 0
-                pos = table_end
-                continue
-            table = tables.table(index)
-            while pos < table_end:
-                entry = table[(pos >> cb) & l2_mask]
-                stop = min(table_end, (pos | mask) + 1)
-                if entry == 0:
-                    yield UNALLOCATED, pos, stop, 0
-                elif entry & COMPRESSED:
-                    yield PACKED, pos, stop, entry
-                elif entry == BAD:
-                    yield INVALID, pos, stop, 0
-                else:
-                    yield DATA, pos, stop, entry + (pos & mask)
-                pos = stop
-
-    def _runs(self, offset: int, length: int):
-        """Yield (kind, start, length, host): data runs host-contiguous, compressed per cluster."""
-        run = None
-        for kind, start, stop, host in self._pieces(offset, offset + length):
-            if run is not None and run[0] == kind != PACKED and (
-                    kind != DATA or run[3] + (start - run[1]) == host):
-                run[2] = stop
-                continue
-            if run is not None:
-                yield run[0], run[1], run[2] - run[1], run[3]
-            run = [kind, start, stop, host]
-        if run is not None:
-            yield run[0], run[1], run[2] - run[1], run[3]
-
     # -- reading --------------------------------------------------------
 
     def read_into(self, offset: int, buf) -> None:
         """Fill ``buf`` with the disk bytes at ``offset`` (physically contiguous runs in one read)."""
         view = _byte_view(buf)
-        host = self._data_run(offset, len(view))
+        host = self._map.data_run(offset, len(view))
         if host is not None:
             self._pread(view, host)
             return
-        for kind, start, length, host in self._runs(offset, len(view)):
+        for kind, start, length, host in self._map.runs(offset, len(view)):
             dest = view[start - offset:start - offset + length]
             if kind == DATA:
                 self._pread(dest, host)
@@ -169,29 +117,8 @@ class Qcow1Image(Backend):
 
     def host_range(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, host offset) when the range is one host-contiguous run of data clusters."""
-        if syscalls is not os:
-            return None     # reads must go through the fault injection
-        host = self._data_run(offset, length)
+        host = self._map.data_run(offset, length)
         return None if host is None else (self.fd, host)
-
-    def _data_run(self, offset: int, length: int) -> int | None:
-        """The host offset of the range when it is one host-contiguous run of data clusters
-        inside one L2 table: the common case, served without walking cluster by cluster."""
-        hdr, tables = self.header, self._tables
-        index = offset >> hdr.l1_shift
-        if index != (offset + length - 1) >> hdr.l1_shift or tables.l1[index] in (0, BAD):
-            return None
-        table, cb, l2_mask = tables.table(index), hdr.cluster_bits, hdr.l2_entries - 1
-        first, last = (offset >> cb) & l2_mask, ((offset + length - 1) >> cb) & l2_mask
-        entry = table[first]
-        if entry in (0, BAD) or entry & COMPRESSED:
-            return None
-        # one C-speed comparison instead of a Python step per cluster
-        size = self.cluster_size
-        if last > first and table[first:last + 1] != array(
-                "Q", range(entry, entry + (last - first + 1) * size, size)):
-            return None
-        return entry + (offset & self._cluster_mask)
 
     def _pread(self, dest: memoryview, host: int) -> None:
         try:
@@ -245,7 +172,7 @@ class Qcow1Image(Backend):
         """Write ``data`` at ``offset``; allocations copy-on-write whole clusters."""
         self._check_writable()
         src = _byte_view(data)
-        host = self._data_run(offset, len(src))
+        host = self._map.data_run(offset, len(src))
         if host is not None:
             self._pwrite([src], host)   # all of it overwrites allocated clusters in place
             return
@@ -256,7 +183,7 @@ class Qcow1Image(Backend):
                 if self._try_allocate(offset, src):
                     return
         # materialised first: allocations below change the tables being walked
-        for kind, start, length, host in list(self._runs(offset, len(src))):
+        for kind, start, length, host in list(self._map.runs(offset, len(src))):
             piece = src[start - offset:start - offset + length]
             if kind == DATA:
                 self._pwrite([piece], host)
@@ -407,7 +334,7 @@ class Qcow1Image(Backend):
         """Make the range read zeros: unmap whole clusters when allowed, write zeros otherwise."""
         self._check_writable()
         unmaps, writes = [], []
-        for kind, start, run_length, _host in list(self._runs(offset, length)):
+        for kind, start, run_length, _host in list(self._map.runs(offset, length)):
             end = start + run_length
             if kind == UNALLOCATED and self.backing is None:
                 continue
@@ -431,75 +358,28 @@ class Qcow1Image(Backend):
     def block_status(self, offset: int, length: int) -> list[Extent]:
         """Allocation from the in-memory tables; unallocated ranges ask the backing file.
 
-        Bounded work per call, whatever the range and the geometry (see
-        `MAX_STATUS_ENTRIES`), and one call into the backing file; the caller
-        asks again for the rest.  A table's range whose entries are all set (or
-        all unset) is one extent, found at C speed.
+        Bounded work per call, whatever the range and the geometry (the map's
+        bound, and one call into the backing file); the caller asks again for
+        the rest.
         """
-        hdr, tables = self.header, self._tables
-        shift, cb, l2_mask = hdr.l1_shift, hdr.cluster_bits, hdr.l2_entries - 1
         extents: list[Extent] = []
-        pos, end, budget = offset, offset + length, MAX_STATUS_ENTRIES
-        loads_allowed = tables.loads + MAX_STATUS_LOADS
-        while pos < end and budget > 0 and tables.loads < loads_allowed \
-                and len(extents) < MAX_STATUS_EXTENTS:
-            index = pos >> shift
-            l2_offset = tables.l1[index]
-            if l2_offset == 0:
-                stop = min(end, tables.next_used(index) << shift)
-                pos += self._lower_status(pos, stop - pos, extents)
-                if pos < stop:
-                    break       # the backing file answered part: enough for one call
-                continue
-            stop = min(end, (index + 1) << shift)
-            if l2_offset == BAD:
-                _append(extents, Extent(stop - pos, False, False, 1))
-                pos = stop
-                continue
-            first, last = (pos >> cb) & l2_mask, ((stop - 1) >> cb) & l2_mask
-            last = min(last, first + budget - 1)
-            stop = min(stop, ((pos >> cb) + last - first + 1) << cb)
-            budget -= last - first + 1
-            entries = tables.table(index)[first:last + 1]
-            unset = entries.count(0)
-            if not unset:
-                _append(extents, Extent(stop - pos, False, False, 1))
-            elif unset == len(entries):
-                covered = self._lower_status(pos, stop - pos, extents)
-                if covered < stop - pos:
-                    break
-            else:
-                self._mixed_table_status(pos, stop, entries, extents)
-            pos = stop
+        for allocated, start, stop in self._map.allocation(offset, length):
+            if allocated:
+                _append(extents, Extent(stop - start, False, False, 1))
+            elif self._lower_status(start, stop - start, extents) < stop - start:
+                break       # the backing file answered part: enough for one call
+            if len(extents) >= MAX_STATUS_EXTENTS:
+                break
         return extents
 
-    def _mixed_table_status(self, pos: int, stop: int, entries, extents: list) -> None:
-        """Extents of one table's range whose clusters are partly allocated, a run of
-        equally (un)allocated clusters at a time."""
-        base, size, count, index = pos & ~self._cluster_mask, self.cluster_size, len(entries), 0
-        while index < count:
-            allocated = entries[index] != 0
-            after = index + 1
-            while after < count and (entries[after] != 0) == allocated:
-                after += 1
-            run_end = min(stop, base + after * size)
-            if allocated:
-                _append(extents, Extent(run_end - pos, False, False, 1))
-            else:
-                self._lower_status(pos, run_end - pos, extents, whole=True)
-            pos, index = run_end, after
-
-    def _lower_status(self, start: int, length: int, extents: list, whole: bool = False) -> int:
-        """Append the status of an unallocated range; returns the bytes covered.
-
-        One call into the backing file covers what it covers (its own bound);
-        ``whole``: call it until the range is covered (a range of one cluster).
-        """
+    def _lower_status(self, start: int, length: int, extents: list) -> int:
+        """Append the status of an unallocated range; returns the bytes covered
+        (one call into the backing file covers what it covers: its own bound)."""
         below = 0
         if self.backing is not None:
             below = max(0, min(length, self.backing.size - start))
         pos, end = start, start + below
-        while pos < end:
+        if pos < end:
             found = self.backing.block_status(pos, end - pos)
             if not found:
                 raise ImageIOError(errno.EIO, f"{self.path}: backing file returned no extent")
@@ -508,8 +388,6 @@ class Qcow1Image(Backend):
                 _append(extents, Extent(ext_length, ext.hole, ext.zero,
                                         ext.depth + 1 if ext.depth else 0))
                 pos += ext_length
-            if not whole:
-                break
         if pos == end and pos < start + length:
             # past a shorter backing file's end QEMU still reports the backing's depth
             depth = 2 if self.backing is not None else 0
@@ -523,7 +401,7 @@ class Qcow1Image(Backend):
         show through (`qcownbd.image.formats.chain_map` walks the chain)."""
         length = self.size - offset if length is None else length
         offset_mask = (1 << (63 - self.header.cluster_bits)) - 1
-        for kind, start, run_length, host in self._runs(offset, length):
+        for kind, start, run_length, host in self._map.runs(offset, length):
             if kind == DATA:
                 yield start, run_length, "data", host, 1
             elif kind == PACKED:
@@ -535,11 +413,7 @@ class Qcow1Image(Backend):
 
     def allocated_bytes(self) -> int:
         """Guest bytes this image (not its backing files) maps: clusters with an entry."""
-        tables, count = self._tables, 0
-        for index in list(tables.l1_used):
-            if tables.l1[index] != BAD:
-                count += sum(1 for entry in tables.table(index) if entry)
-        return count * self.cluster_size
+        return self._map.allocated_clusters() * self.cluster_size
 
     def check(self, repair: bool = False, progress=None) -> CheckReport:
         """Full metadata scan; ``repair`` drops dangling and aliased pointers durably.

@@ -1,35 +1,26 @@
 """One NBD client connection: asyncio callbacks, flow control, timers and TLS.
 
 Everything else is delegated: the `RequestReader` frames the bytes the
-transport receives (straight into its buffers: this is a
-`BufferedProtocol`), `Negotiation` answers options, the `Dispatcher` runs
-requests against the export and the `ReplyWriter` sends the replies of a
-whole batch of requests at once.  Data flows one way: bytes, events,
-backend calls, replies.
+transport receives (straight into its buffers: a `BufferedProtocol`),
+`Negotiation` answers options, the `Dispatcher` runs requests against the
+export and the `ReplyWriter` sends the replies of a batch of requests at
+once.  Data flows one way: bytes, events, backend calls, replies.
 
-What the connection itself decides is when to read.  It stops pulling
-events, and pauses the transport, for any of the reasons in ``paused``:
-the client does not read its replies (``BACKLOG``: more than the high-water
-mark of reply bytes unsent, during negotiation too), a large WRITE payload
-waits for the server-wide budget (``BUDGET``), or too many flushes are in
-flight (``INFLIGHT``), or a long request is still running in pieces
-(``BUSY``).  A payload that makes no progress for the server's
-``payload_timeout`` ends its connection.
-
-TLS slots in at negotiation: after the ACK to NBD_OPT_STARTTLS,
-``loop.start_tls(self.transport, self, context, server_side=True)`` gives a
-new transport for this same protocol object (nothing may be buffered at
-that point, since the client waits for the ACK) and options start again.
+What the connection decides is when to read: it stops pulling events, and
+pauses the transport, for the reasons in ``paused`` (PAUSE_*: the client
+does not read its replies, during negotiation too; a payload waits for the
+server-wide budget; too many flushes in flight; a long request runs in
+pieces).  A payload that makes no progress for ``payload_timeout`` ends its
+connection.  After the ACK to NBD_OPT_STARTTLS, TLS wraps this same protocol
+object (nothing may be buffered then: the client waits for the ACK).
 """
 
 import asyncio
 import enum
 import logging
-import ssl
-import time
 from time import perf_counter
 
-from qcownbd.access import PeerExports, peer_address
+from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import MAX_REQUEST_SIZE
@@ -39,7 +30,7 @@ from qcownbd.nbd.reader import (
     ClientFlags, Option, OversizedOption, Payload, PayloadNeeded, RequestReader, Violation,
 )
 from qcownbd.nbd.replies import ReplyWriter
-from qcownbd.nbd.tls import peer_subject
+from qcownbd.nbd.tls import peer_subject, start_server_tls
 
 log = logging.getLogger("qcownbd.nbd")
 
@@ -88,8 +79,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.phase = Phase.NEGOTIATING
         self.paused = 0
         self.stats = ConnectionStats()
-        self.peer = "?"
-        self.address = None             # client IP address (None: Unix socket)
+        self.client = None              # who it is (access.Client)
         self.export = None
         self.session = None             # what negotiation agreed, from transmission on
         self.transport = None
@@ -103,7 +93,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._eof = False               # the client sent everything it will send
         self._continue_pending = False  # a later turn of _process is scheduled
         self._timer = None              # handshake deadline, or a stalled payload's check
-        self._tls_task = None
+        self._tls_task = None           # the TLS handshake (referenced while it runs)
         self._payload_buffer = None     # pooled buffer of a payload being received
         self._payload_seen = 0          # its bytes when the stall timer last looked
         self._export_released = False
@@ -113,22 +103,17 @@ class NbdConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport):
         """Greet the client and start the handshake's clock."""
         self.transport = self._plain_transport = transport
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple):
-            self.peer = f"[{peer[0]}]:{peer[1]}" if ":" in peer[0] else f"{peer[0]}:{peer[1]}"
-        else:
-            self.peer = str(peer) if peer else "unix"
-        self.address = peer_address(peer)
+        self.client = client_from_peername(transport.get_extra_info("peername"))
         if not self.server.register(self):
             self.server.log.log(logging.WARNING, "connection limit",
-                                "%s: refused: too many connections", self.peer)
+                                "%s: refused: too many connections", self.client.label)
             self.phase = Phase.CLOSED
             transport.abort()
             return
         transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
         self._timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self._abort, "handshake timed out")
-        exports = PeerExports(self.server.exports, self.address, self.peer)
+            self.server.handshake_timeout, self.abort, "handshake timed out")
+        exports = PeerExports(self.server.exports, self.client, self.server.log)
         self.negotiation = Negotiation(exports, self.server.tls)
         transport.write(protocol.greeting())
 
@@ -147,11 +132,8 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         if self.dispatcher is None or not (self.dispatcher.inflight or self.dispatcher.busy):
             self._release_export()
-        stats = self.stats
-        log.info("%s: closed export=%s duration=%.1fs requests=%d read=%d written=%d errors=%d",
-                 self.peer, self.export.name if self.export else "-",
-                 time.monotonic() - stats.started, stats.requests, stats.bytes_read,
-                 stats.bytes_written, stats.errors)
+        log.info("%s: closed export=%s %s", self.client.label,
+                 self.export.name if self.export else "-", self.stats)
 
     def _release_export(self):
         # a flush still running in a worker keeps the export (and its backend) open
@@ -165,9 +147,10 @@ class NbdConnection(asyncio.BufferedProtocol):
         if self.phase is not Phase.TRANSMITTING and self.phase is not Phase.CLOSING:
             return False
         # keep the transport open: requests still buffered, and flushes in
-        # flight, are answered before the connection closes
+        # flight, are answered before the connection closes (a TLS transport
+        # closes regardless: asyncio's SSL layer has no half-close)
         self._process()
-        return True
+        return self.transport is self._plain_transport
 
     def shutdown(self):
         """Server stop: take no new requests, close once in-flight ones are answered."""
@@ -176,16 +159,12 @@ class NbdConnection(asyncio.BufferedProtocol):
         elif self.phase is not Phase.CLOSED and self.phase is not Phase.CLOSING:
             self.transport.close()
 
-    def evict(self, reason: str):
-        """Drop a connection still negotiating to make room for a newer one."""
-        self._abort(reason)
-
-    def _abort(self, reason: str, send_queued: bool = False, kind: str = ""):
+    def abort(self, reason: str, send_queued: bool = False, kind: str = ""):
         """Close at once (``send_queued``: after the replies already queued); the log
         line's ``kind`` (default: the reason itself) is what its rate limit counts."""
         if self.phase is Phase.CLOSED:
             return
-        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing", self.peer, reason)
+        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing", self.client.label, reason)
         self.reader.stop()
         self._cancel_timer()
         if self.phase is Phase.TRANSMITTING:
@@ -237,14 +216,11 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _reply_broken(self, reason: str):
         """A queued reply cannot be completed (its data could not be read)."""
-        self._abort(reason, kind="reply data unreadable")
+        self.abort(reason, kind="reply data unreadable")
 
     def _reply_backlog(self, high: bool):
         """The reply writer's backlog crossed a water mark (direct writes)."""
-        if high:
-            self._pause(PAUSE_BACKLOG)
-        else:
-            self._unpause(PAUSE_BACKLOG)
+        (self._pause if high else self._unpause)(PAUSE_BACKLOG)
 
     def _pause(self, reason: int):
         self.paused |= reason
@@ -259,9 +235,9 @@ class NbdConnection(asyncio.BufferedProtocol):
 
     def _update_reading(self):
         """Read while nothing pauses us and the reader has room."""
-        reading = not (self.paused or self._eof or self.reader.full) \
-            and self.phase is not Phase.CLOSED
-        if reading != self._reading and self.phase is not Phase.CLOSED:
+        reading = not (self.paused or self._eof or self.reader.full)
+        if reading != self._reading and self.phase is not Phase.CLOSED \
+                and not self.transport.is_closing():
             self._reading = reading
             if reading:
                 self.transport.resume_reading()
@@ -300,7 +276,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def budget_revoked(self, rate: float):
         """PayloadBudget: our payload arrives too slowly while others wait for budget."""
         self._drop_payload()
-        self._abort(f"WRITE payload arriving at {rate:.0f} bytes/s while others wait "
+        self.abort(f"WRITE payload arriving at {rate:.0f} bytes/s while others wait "
                     "for the payload budget", kind="slow WRITE payload")
 
     def budget_available(self):
@@ -334,7 +310,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             if self.phase is Phase.TRANSMITTING:
                 self._transmit()
         except ProtocolError as exc:
-            self._abort(str(exc), kind="protocol violation")
+            self.abort(str(exc), kind="protocol violation")
         finally:
             self._processing = False
         self._update_reading()
@@ -358,7 +334,7 @@ class NbdConnection(asyncio.BufferedProtocol):
             elif kind is ClientFlags:
                 negotiation.client_flags(event.data)
             else:
-                self._abort(event.reason, kind="protocol violation")
+                self.abort(event.reason, kind="protocol violation")
 
     def _act(self, result):
         """Send an option's replies and take the step the negotiation chose."""
@@ -377,18 +353,11 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
 
     async def _start_tls(self):
-        loop = asyncio.get_running_loop()
         raw = self.transport
-        try:
-            tls = await loop.start_tls(raw, self, self.server.tls_context, server_side=True)
-        except (ssl.SSLError, OSError) as exc:
-            reason = getattr(exc, "reason", None) or exc
+        tls, failure = await start_server_tls(raw, self, self.server.tls_context)
+        if tls is None:
             self.server.log.log(logging.WARNING, "TLS handshake failed",
-                                "%s: TLS handshake failed: %s; closing", self.peer, reason)
-            tls = None
-        except asyncio.CancelledError:
-            tls = None
-        if tls is None or tls.is_closing():
+                                "%s: TLS handshake failed: %s; closing", self.client.label, failure)
             raw.abort()
             # asyncio does not report a connection lost during the TLS handshake
             self.connection_lost(None)
@@ -398,9 +367,9 @@ class NbdConnection(asyncio.BufferedProtocol):
             return
         self.transport = tls
         tls.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
-        subject = peer_subject(tls)
-        log.info("%s: TLS %s%s", self.peer, tls.get_extra_info("cipher")[0],
-                 f", client {subject}" if subject else "")
+        self.client.certificate = peer_subject(tls) or None
+        log.info("%s: TLS %s%s", self.client.label, tls.get_extra_info("cipher")[0],
+                 f", client {self.client.certificate}" if self.client.certificate else "")
         # the spec: option haggling starts over, nothing agreed before TLS holds
         self.negotiation = self.negotiation.restarted_over_tls()
         self.reader.start_options()
@@ -420,12 +389,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                                    WRITE_LOW_WATER, plain=transport is self._plain_transport,
                                    pool=self.server.buffers, on_broken=self._reply_broken,
                                    batch_limit=BATCH_REPLY_BYTES)
-        self.dispatcher = Dispatcher(export, session, self.replies, self.stats, self.peer,
+        self.dispatcher = Dispatcher(export, session, self.replies, self.stats, self.client.label,
                                      offload=self.server.offload, defer=self._defer,
                                      on_async_done=self.request_done, log=self.server.log,
                                      zero_copy=self.server.zero_copy)
         self.phase = Phase.TRANSMITTING
-        log.debug("%s: export %r, %s replies", self.peer, export.name, session.mode.name.lower())
+        log.debug("%s: export %r, %s replies", self.client.label, export.name, session.mode.name.lower())
 
     # --------------------------------------------------------- transmission
 
@@ -454,7 +423,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 elif kind is Payload:
                     self._payload_received(event)
                 elif kind is Violation:
-                    self._abort(event.reason, kind="protocol violation")
+                    self.abort(event.reason, kind="protocol violation")
                 elif not dispatcher.run_checked(event):
                     self._closing()     # DISC: what is in flight is still answered
                 if dispatcher.busy:
@@ -483,7 +452,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         if error:
             self.dispatcher.refuse(req, error, reason)
             if req.length > MAX_DISCARD:
-                self._abort(f"payload of {req.length} bytes is too big to skip",
+                self.abort(f"payload of {req.length} bytes is too big to skip",
                             send_queued=True, kind="payload too big to skip")
             else:
                 self.reader.skip(req.length)
@@ -520,7 +489,7 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _check_payload_progress(self):
         received = self.reader.payload_received
         if received == self._payload_seen:
-            self._abort(f"no byte of a WRITE payload for {self.server.payload_timeout:g}s",
+            self.abort(f"no byte of a WRITE payload for {self.server.payload_timeout:g}s",
                         kind="stalled WRITE payload")
             return
         self._payload_seen = received

@@ -68,6 +68,10 @@ class ConnectionStats:
         self.started = time.monotonic()
         self.requests = self.bytes_read = self.bytes_written = self.errors = 0
 
+    def __str__(self) -> str:
+        return (f"duration={time.monotonic() - self.started:.1f}s requests={self.requests} "
+                f"read={self.bytes_read} written={self.bytes_written} errors={self.errors}")
+
 
 class Dispatcher:
     """Runs the requests of one connection against its export, in arrival order.

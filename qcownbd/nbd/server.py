@@ -113,6 +113,10 @@ class NbdServer:
     every read must then meet).
     """
 
+    #: the settings a reload changes in place (ServerConfig has the same names)
+    LIMITS = ("max_connections", "handshake_timeout", "payload_timeout", "max_handshakes",
+              "max_connections_per_client")
+
     def __init__(self, exports, *, max_connections: int = 256,
                  handshake_timeout: float = 30.0, payload_timeout: float = 30.0,
                  max_handshakes: int = 64,
@@ -154,17 +158,17 @@ class NbdServer:
         if len(self.connections) >= self.max_connections:
             return False
         # Unix-socket clients (address None) share no address worth limiting
-        if conn.address is not None and self.max_connections_per_client \
-                and self._per_client.get(conn.address, 0) >= self.max_connections_per_client:
+        if conn.client.address is not None and self.max_connections_per_client \
+                and self._per_client.get(conn.client.address, 0) >= self.max_connections_per_client:
             self.log.log(logging.WARNING, "per-client limit",
-                         "%s: refused: too many connections from this address", conn.peer)
+                         "%s: refused: too many connections from this address", conn.client.label)
             return False
         if len(self._negotiating) >= self.max_handshakes:
             oldest = next(iter(self._negotiating))
             del self._negotiating[oldest]
-            oldest.evict("dropped: too many connections negotiating")
+            oldest.abort("dropped: too many connections negotiating")
         self._negotiating[conn] = None
-        self._per_client[conn.address] = self._per_client.get(conn.address, 0) + 1
+        self._per_client[conn.client.address] = self._per_client.get(conn.client.address, 0) + 1
         self.connections.add(conn)
         self._idle.clear()
         return True
@@ -179,11 +183,11 @@ class NbdServer:
             return False
         self.connections.discard(conn)
         self._negotiating.pop(conn, None)
-        left = self._per_client[conn.address] - 1
+        left = self._per_client[conn.client.address] - 1
         if left:
-            self._per_client[conn.address] = left
+            self._per_client[conn.client.address] = left
         else:
-            del self._per_client[conn.address]
+            del self._per_client[conn.client.address]
         if not self.connections:
             self._idle.set()
         return True

@@ -5,6 +5,7 @@ every client for a certificate signed by that CA and refuses the handshake
 without one, which is how clients are authenticated.
 """
 
+import asyncio
 import ssl
 
 from qcownbd.errors import ConfigError
@@ -48,3 +49,17 @@ def peer_subject(transport) -> str:
             if key == "commonName":
                 return value
     return ""
+
+
+async def start_server_tls(transport, protocol, context: ssl.SSLContext):
+    """(TLS transport, "") over ``transport`` for ``protocol``, or (None, why not)."""
+    loop = asyncio.get_running_loop()
+    try:
+        tls = await loop.start_tls(transport, protocol, context, server_side=True)
+    except (ssl.SSLError, OSError) as exc:
+        return None, str(getattr(exc, "reason", None) or exc)
+    except asyncio.CancelledError:
+        return None, "the handshake was cancelled"
+    if tls is None or tls.is_closing():
+        return None, "the client went away"
+    return tls, ""
