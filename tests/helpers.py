@@ -331,10 +331,11 @@ def assert_sectors_old_or_new(got: bytes, old: bytes, *new: bytes) -> None:
         assert sector in choices, f"sector at +{pos} is neither old nor newly written data"
 
 
-def allocated_qcow1(path, size: int) -> None:
-    """A QCOW1 image of ``size`` bytes with 512-byte clusters (the geometry qemu-img gives
-    overlays), every cluster allocated: its data lies in the file's sparse tail."""
-    cluster_bits, l2_bits = 9, 12
+def allocated_qcow1(path, size: int, cluster_bits: int = 9, l2_bits: int = 12) -> None:
+    """A QCOW1 image of ``size`` bytes, every cluster allocated (the tables of a fully
+    written disk, which a read-write open scans): its data lies in the file's sparse
+    tail.  The default geometry is the one qemu-img gives overlays (512-byte clusters);
+    12 and 9 is the one of images without a backing file."""
     l2_entries, cluster = 1 << l2_bits, 1 << cluster_bits
     tables = size // (l2_entries * cluster)
     l1_at = 48

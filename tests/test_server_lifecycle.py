@@ -1,17 +1,16 @@
 """Running the server: signals, reload, naming, broken exports, the demo, config errors."""
 
-import os
 import signal
 import subprocess
 import threading
 import time
-from array import array
 
 import pytest
 
-from helpers import QcownbdServer, first_byte, free_port, qcownbd_cmd, qcownbd_env, run
+from helpers import (
+    QcownbdServer, allocated_qcow1, first_byte, free_port, qcownbd_cmd, qcownbd_env, run,
+)
 from nbdclient import CMD_READ, CMD_WRITE, NbdClient
-from qcownbd.image.qcow1_header import create_qcow1, read_header
 
 pytestmark = pytest.mark.timeout(60)
 SIZE = 8 * 1024 * 1024
@@ -227,30 +226,6 @@ def test_sighup_reload_adds_and_removes_exports(tmp_path, qcownbd_server):
     assert server.stop() == 0
 
 
-def fully_mapped_qcow1(path, size: int) -> None:
-    """A QCOW1 image with every cluster mapped (into a sparse data area): the tables
-    of a fully written disk, which a read-write open scans, without the data."""
-    create_qcow1(path, size)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        hdr, _ = read_header(fd, str(path), os.fstat(fd).st_size, 1 << 20)
-        entries, cluster = hdr.l2_entries, hdr.cluster_size
-        first_table = -(-os.fstat(fd).st_size // cluster) * cluster
-        tables = size // (cluster * entries)
-        data = first_table + tables * hdr.l2_table_bytes
-        l1 = array("Q", range(first_table, data, hdr.l2_table_bytes))
-        l1.byteswap()
-        os.pwrite(fd, l1.tobytes(), hdr.l1_table_offset)
-        for index in range(tables):
-            start = data + index * entries * cluster
-            table = array("Q", range(start, start + entries * cluster, cluster))
-            table.byteswap()
-            os.pwrite(fd, table.tobytes(), first_table + index * hdr.l2_table_bytes)
-        os.ftruncate(fd, data + size)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.timeout(120)
 def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_server):
     """Opening a 4 GiB fully mapped QCOW1 image read-write scans its tables (seconds):
@@ -260,7 +235,7 @@ def test_reload_opens_a_large_image_while_clients_are_served(tmp_path, qcownbd_s
     config.write_text(f'[exports.d]\npath = "{raw_image(tmp_path)}"\n')
     server = qcownbd_server("--config", config)
     big = tmp_path / "big.qcow"
-    fully_mapped_qcow1(big, 4 << 30)
+    allocated_qcow1(big, 4 << 30, cluster_bits=12, l2_bits=9)
     client = NbdClient(server.port)
     client.go(b"d")
     latencies, reading = [], True
