@@ -7,6 +7,7 @@ bound by the test stands in for $NOTIFY_SOCKET.
 """
 
 import json
+import contextlib
 import os
 import re
 import signal
@@ -228,16 +229,29 @@ def write_config(path: Path, port: int, exports: dict[str, Path]) -> None:
     path.write_text("\n".join(lines))
 
 
-@pytest.mark.timeout(120)
-def test_notify_ready_reload_stopping(raw_image, tmp_path, notify):
-    port = free_port()
-    config = tmp_path / "exports.toml"
-    write_config(config, port, {"disk": raw_image})
+@contextlib.contextmanager
+def serving_notifying(config: Path, notify: NotifyReceiver):
+    """`qcownbd serve --config CONFIG` telling ``notify`` what systemd would hear;
+    killed at the end if the test did not stop it."""
     proc = subprocess.Popen(qcownbd_cmd("serve", "--config", config),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO),
                                  "NOTIFY_SOCKET": str(notify.path)})
     try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+
+
+@pytest.mark.timeout(120)
+def test_notify_ready_reload_stopping(raw_image, tmp_path, notify):
+    port = free_port()
+    config = tmp_path / "exports.toml"
+    write_config(config, port, {"disk": raw_image})
+    with serving_notifying(config, notify) as proc:
         notify.wait_for("READY", "1")
         # READY=1 must mean "clients can connect now".
         with socket.socket() as probe:
@@ -265,11 +279,6 @@ def test_notify_ready_reload_stopping(raw_image, tmp_path, notify):
         notify.wait_for("STOPPING", "1")
         assert proc.wait(20) == 0
         assert notify.keys_seen() == ["READY", "RELOADING", "READY", "STOPPING"]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 @pytest.mark.timeout(60)
@@ -278,11 +287,7 @@ def test_a_failed_reload_still_says_ready_with_a_status_that_says_why(raw_image,
     port = free_port()
     config = tmp_path / "exports.toml"
     write_config(config, port, {"disk": raw_image})
-    proc = subprocess.Popen(qcownbd_cmd("serve", "--config", config),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO),
-                                 "NOTIFY_SOCKET": str(notify.path)})
-    try:
+    with serving_notifying(config, notify) as proc:
         notify.wait_for("READY", "1")
         config.write_text(config.read_text() + '[exports.bad]\npath = "a\\u0000b"\n')
         proc.send_signal(signal.SIGHUP)
@@ -294,11 +299,6 @@ def test_a_failed_reload_still_says_ready_with_a_status_that_says_why(raw_image,
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(20) == 0
         assert "Traceback" not in proc.stderr.read()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stderr.close()
 
 
 # Sets the kernel's W^X policy (PR_SET_MDWE, Linux >= 6.3: what systemd's
