@@ -62,6 +62,16 @@ class NoSuchExport(QcownbdError, LookupError):
         super().__init__(detail, public=detail if public is None else public)
 
 
+class ExportOpening(QcownbdError):
+    """The export a client named is being opened off the event loop (a fleet's
+    overlay scans its tables first): ask again once ``pending``, a
+    `concurrent.futures.Future`, is done."""
+
+    def __init__(self, pending):
+        super().__init__("the export is being opened")
+        self.pending = pending
+
+
 class ProtocolError(QcownbdError):
     """A peer broke the NBD protocol; the connection it came on is closed."""
 

@@ -22,8 +22,9 @@ import logging
 import os
 import re
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 
-from qcownbd.errors import ImageFormatError, NoSuchExport
+from qcownbd.errors import ExportOpening, ImageFormatError, NoSuchExport
 from qcownbd.exports import Export, ImageProvider
 from qcownbd.image import formats
 from qcownbd.image.backend import Backend
@@ -214,6 +215,8 @@ class FleetProvider:
     def __init__(self, images: ImageProvider):
         self._images = images
         self._fleets: dict[Export, Fleet] = {}
+        #: overlays are opened (their tables scanned) here, off the event loop
+        self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
 
     def open(self, config) -> Export:
         """Open the golden image read-only, as a plain export; drop stale overlays."""
@@ -228,7 +231,7 @@ class FleetProvider:
             log.info("export %s: removed stale %s", config.name, path)
         log.info("export %s: fleet of %s (%s, %s overlays in %s)", config.name, config.golden,
                  golden.format_name, config.overlays, config.overlay_dir)
-        fleet = Fleet(config, SharedImage(golden))
+        fleet = Fleet(config, SharedImage(golden), self._workers)
         export = Export(config, fleet.golden.view(), on_close=self._closed,
                         description=_description(config))
         self._fleets[export] = fleet
@@ -252,7 +255,7 @@ class FleetProvider:
 class Fleet:
     """The overlays of one fleet: opened (or created) on lookup, one export each."""
 
-    def __init__(self, config, golden: SharedImage):
+    def __init__(self, config, golden: SharedImage, workers: ThreadPoolExecutor):
         self.config = config
         self.name = config.name
         self.golden = golden
@@ -263,9 +266,17 @@ class Fleet:
         self._unpublished: dict[str, str] = {}
         #: the owners of open overlays, when tenants are bound (config.tenant)
         self._owners: dict[str, str] = {}
+        #: overlays being opened: ID -> (future, owner of a new one)
+        self._opening: dict[str, tuple] = {}
+        self._workers = workers
 
     def overlay(self, ident: str, client) -> Export:
-        """The overlay ``ident``, opened (or created) if needed, if ``client`` may have it."""
+        """The overlay ``ident``, opened (or created) if needed, if ``client`` may have it.
+
+        Opening scans the overlay's tables (seconds for a large one), so it
+        happens in a worker thread: the first lookups raise ExportOpening
+        until it is done, and the client asks again then.
+        """
         if not is_overlay_id(ident):
             raise NoSuchExport(f"bad overlay name {ident[:80]!r} in {self.name}/ (use {ID_RULE})")
         tenant = self._tenant(client)
@@ -274,20 +285,19 @@ class Fleet:
         # one: GO attaches in the same event-loop step as its lookup.
         for idle in [o for i, o in self._overlays.items() if not o.connections and i != ident]:
             idle.close()
-        overlay = self._overlays.get(ident)
-        if overlay is not None:
-            self._check_owner(ident, tenant, client)
-            return overlay
-        try:
-            overlay = self._open_overlay(ident, tenant, client)
-        except (ImageFormatError, OSError) as exc:
-            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            log.warning("export %s: overlay %s: %s", self.name, ident, text)
-            # the details (paths) are for the operator's log, not for clients
-            raise NoSuchExport(f"overlay {self.name}/{ident}: {text}",
-                               public=f"overlay {self.name}/{ident} is unavailable") from None
-        self._overlays[ident] = overlay
-        return overlay
+        done = [i for i, (future, _) in self._opening.items() if future.done()]
+        for other in [i for i in done if i != ident]:
+            with contextlib.suppress(NoSuchExport):    # opened for a client that went away
+                self._opened(other, *self._opening.pop(other)).close()
+        if ident not in self._overlays:
+            opening = self._opening.get(ident)
+            if opening is None or not opening[0].done():
+                raise ExportOpening(opening[0] if opening else self._start_opening(ident, tenant,
+                                                                                   client))
+            del self._opening[ident]
+            self._overlays[ident] = self._opened(ident, *opening)
+        self._check_owner(ident, tenant, client)
+        return self._overlays[ident]
 
     def _tenant(self, client) -> str | None:
         """Who ``client`` is for this fleet's `tenant` setting (None: anyone may open any
@@ -317,30 +327,53 @@ class Fleet:
             raise NoSuchExport(f"no export named {self.name + '/' + ident!r}")
         self._owners[ident] = owner
 
-    def _open_overlay(self, ident: str, tenant: str | None, client) -> Export:
+    def _start_opening(self, ident: str, tenant: str | None, client):
+        """Check on the loop what needs no file work, then open (or create) the overlay
+        in a worker thread; returns the future of (backend, temporary name or None)."""
         config = self.config
         path = self.dir.path(ident, config.ephemeral)
-        unpublished = None
-        if os.path.exists(path):
+        exists = os.path.exists(path)
+        if exists:
             self._check_owner(ident, tenant, client)
-        else:
-            if len(self.dir.overlays()) >= config.max_overlays:
-                log.warning("export %s: max_overlays=%d reached, refusing overlay %s",
-                            self.name, config.max_overlays, ident)
-                raise NoSuchExport(f"fleet {self.name} is full: no new overlays")
-            unpublished = self.dir.create_unpublished(ident, config.ephemeral, self.size,
-                                                      config.golden)
+        elif len(self.dir.overlays()) >= config.max_overlays:
+            log.warning("export %s: max_overlays=%d reached, refusing overlay %s",
+                        self.name, config.max_overlays, ident)
+            raise NoSuchExport(f"fleet {self.name} is full: no new overlays")
+        future = self._workers.submit(self._open_files, ident, path, exists)
+        # a new overlay belongs to the client that made it, whoever asks next
+        self._opening[ident] = (future, None if exists else tenant)
+        return future
+
+    def _open_files(self, ident: str, path: str, exists: bool) -> tuple:
+        """(backend, temporary name of a new overlay or None): the file work, off the loop."""
+        unpublished = None
+        if not exists:
+            unpublished = self.dir.create_unpublished(ident, self.config.ephemeral, self.size,
+                                                      self.config.golden)
         try:
-            backend = self._open_overlay_image(unpublished or path)
+            return self._open_overlay_image(unpublished or path), unpublished
         except BaseException:
             if unpublished:
                 os.unlink(unpublished)
             raise
+
+    def _opened(self, ident: str, future, creator: str | None) -> Export:
+        """The export of an overlay a worker opened; NoSuchExport when it could not."""
+        try:
+            backend, unpublished = future.result()
+        except (ImageFormatError, OSError) as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            log.warning("export %s: overlay %s: %s", self.name, ident, text)
+            # the details (paths) are for the operator's log, not for clients
+            raise NoSuchExport(f"overlay {self.name}/{ident}: {text}",
+                               public=f"overlay {self.name}/{ident} is unavailable") from None
         if unpublished:
             self._unpublished[ident] = unpublished
-            if tenant is not None:
-                self._owners[ident] = tenant
-        return Export(config.overlay_export(ident, path), backend, transient=True,
+            if creator is not None:
+                self._owners[ident] = creator
+        config = self.config
+        return Export(config.overlay_export(ident, self.dir.path(ident, config.ephemeral)),
+                      backend, transient=True,
                       on_claim=functools.partial(self._publish, ident),
                       on_close=functools.partial(self._closed, ident))
 

@@ -123,6 +123,8 @@ class Reloader:
                  config: ServerConfig):
         self.server, self.registry, self.cli = server, registry, cli
         self.config_path, self.config = config_path, config
+        #: what the file said of the settings that apply only at a start
+        self._start_only = _start_only(config_path)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -166,9 +168,7 @@ class Reloader:
     def _apply_server_settings(self, new: ServerConfig) -> None:
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
-        running = self.config
-        if self.config_path and (new.listen, new.unix, new.tls) != (
-                running.listen, running.unix, running.tls):
+        if self.config_path and (new.listen, new.unix, new.tls) != self._start_only:
             log.warning("reload: listen addresses, the Unix socket and the TLS mode apply "
                         "at the next start")
 
@@ -180,6 +180,15 @@ class Reloader:
             log.info("reloaded TLS certificate %s", self.config.tls_cert)
         except ConfigError as exc:
             log.error("TLS reload failed, keeping the old certificate: %s", exc)
+
+
+def _start_only(config_path) -> tuple | None:
+    """(listen, unix, tls) as the config file says them (the command line may not)."""
+    try:
+        config = load_config(config_path) if config_path else None
+    except ConfigError:
+        return None
+    return None if config is None else (config.listen, config.unix, config.tls)
 
 
 async def report_status(server: NbdServer, reloads: Reloader) -> None:

@@ -331,18 +331,23 @@ def assert_sectors_old_or_new(got: bytes, old: bytes, *new: bytes) -> None:
         assert sector in choices, f"sector at +{pos} is neither old nor newly written data"
 
 
-def allocated_qcow1(path, size: int, cluster_bits: int = 9, l2_bits: int = 12) -> None:
+def allocated_qcow1(path, size: int, cluster_bits: int = 9, l2_bits: int = 12,
+                    backing: str | None = None) -> None:
     """A QCOW1 image of ``size`` bytes, every cluster allocated (the tables of a fully
     written disk, which a read-write open scans): its data lies in the file's sparse
     tail.  The default geometry is the one qemu-img gives overlays (512-byte clusters);
-    12 and 9 is the one of images without a backing file."""
+    12 and 9 is the one of images without a backing file.  ``backing``: the backing
+    file name to record."""
     l2_entries, cluster = 1 << l2_bits, 1 << cluster_bits
     tables = size // (l2_entries * cluster)
-    l1_at = 48
+    name = os.fsencode(backing or "")
+    l1_at = -(-(48 + len(name)) // 8) * 8
     tables_at = -(-(l1_at + 8 * tables) // cluster) * cluster
     data_at = tables_at + tables * 8 * l2_entries
     with open(path, "wb") as f:
-        f.write(hdr(size=size, cb=cluster_bits, l2b=l2_bits, l1o=l1_at))
+        f.write(hdr(size=size, cb=cluster_bits, l2b=l2_bits, l1o=l1_at,
+                    bfo=48 if name else 0, bfs=len(name)) + name)
+        f.seek(l1_at)
         f.write(struct.pack(f">{tables}Q", *(tables_at + 8 * l2_entries * t
                                              for t in range(tables))))
         f.seek(tables_at)

@@ -92,6 +92,37 @@ def test_a_huge_write_zeroes_on_an_overlay_does_not_stall_other_clients(tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_opening_a_large_fleet_overlay_does_not_stall_other_clients(tmp_path):
+    """A VM reconnects to its 1 GiB overlay, every cluster written (512-byte clusters):
+    opening it scans 2 M table entries, which happens off the event loop."""
+    golden = tmp_path / "golden.raw"
+    with open(golden, "wb") as f:
+        f.truncate(1024 * MiB)
+    (tmp_path / "overlays").mkdir()
+    allocated_qcow1(tmp_path / "overlays" / "big.qcow", 1024 * MiB, backing=str(golden))
+    (tmp_path / "other.raw").write_bytes(bytes(MiB))
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.fleet]\ngolden = "{golden}"\ngolden_format = "raw"\n'
+                      f'overlay_dir = "overlays"\n[exports.other]\npath = "other.raw"\n')
+    with LoggedServer("--config", config) as server:
+        stop, opened = threading.Event(), {}
+
+        def open_big():
+            start = time.monotonic()
+            with NbdClient.connect(server.port, "fleet/big", timeout=60) as vm:
+                opened["seconds"] = time.monotonic() - start
+                opened["byte"] = vm.read(0, 512)
+            stop.set()
+        thread = threading.Thread(target=open_big, daemon=True)
+        thread.start()
+        latencies = victim_latencies(server.port, "other", 60, stop)
+        thread.join(60)
+    assert opened.get("byte") == bytes(512), opened
+    assert opened["seconds"] > 0.2, "the open was too quick to show anything"
+    assert max(latencies) < 0.3, f"a READ waited {max(latencies):.2f}s behind an overlay open"
+
+
+@pytest.mark.timeout(120)
 def test_slow_uploads_cannot_hold_the_write_budget(tmp_path):
     """Four clients announce 32 MiB WRITEs and trickle their payloads (together they
     reserve the whole payload budget): another client's 4 MiB WRITE still completes."""

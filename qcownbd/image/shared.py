@@ -7,28 +7,39 @@ image through a `SharedView` of one `SharedImage`, so the file is opened
 golden image, which closes once, when its last view does.
 """
 
+import threading
+
 from qcownbd.image.backend import Backend, Extent
 
 
 class SharedImage:
-    """An open backend shared by views; closed when the last view is closed."""
+    """An open backend shared by views; closed when the last view is closed.
+
+    Views may be taken and released from any thread (overlays open in worker
+    threads).
+    """
 
     def __init__(self, backend: Backend):
         self.backend = backend
         self._views = 0
+        self._lock = threading.Lock()
 
     def view(self) -> "SharedView":
         """A new holder's view of the image."""
-        if self.backend is None:
-            raise ValueError("the shared image is closed")
-        self._views += 1
+        with self._lock:
+            if self.backend is None:
+                raise ValueError("the shared image is closed")
+            self._views += 1
         return SharedView(self)
 
     def release(self) -> None:
         """A view was closed; the last one closes the image."""
-        self._views -= 1
-        if not self._views:
-            backend, self.backend = self.backend, None
+        with self._lock:
+            self._views -= 1
+            backend = None
+            if not self._views:
+                backend, self.backend = self.backend, None
+        if backend is not None:
             backend.close()
 
 

@@ -1,18 +1,13 @@
 """One NBD client connection: asyncio callbacks, flow control, timers and TLS.
 
-Everything else is delegated: the `RequestReader` frames the bytes the
-transport receives (straight into its buffers: a `BufferedProtocol`),
-`Negotiation` answers options, the `Dispatcher` runs requests against the
-export and the `ReplyWriter` sends the replies of a batch of requests at
-once.  Data flows one way: bytes, events, backend calls, replies.
-
-What the connection decides is when to read: it stops pulling events, and
-pauses the transport, for the reasons in ``paused`` (PAUSE_*: the client
-does not read its replies, during negotiation too; a payload waits for the
-server-wide budget; too many flushes in flight; a long request runs in
-pieces).  A payload that makes no progress for ``payload_timeout`` ends its
-connection.  After the ACK to NBD_OPT_STARTTLS, TLS wraps this same protocol
-object (nothing may be buffered then: the client waits for the ACK).
+The `RequestReader` frames the bytes the transport receives (straight into
+its buffers: a `BufferedProtocol`), `Negotiation` answers options, the
+`Dispatcher` runs requests and the `ReplyWriter` sends the replies of a
+batch at once: bytes, events, backend calls, replies.  The connection
+decides when to read: it stops pulling events, and pauses the transport,
+for the reasons in ``paused`` (PAUSE_*), and ends a payload that makes no
+progress for ``payload_timeout``.  After the ACK to NBD_OPT_STARTTLS, TLS
+wraps this same protocol object (nothing is buffered: the client waits).
 """
 
 import asyncio
@@ -41,15 +36,12 @@ WRITE_LOW_WATER = 1024 * 1024
 #: may be negotiating at once
 HANDSHAKE_HIGH_WATER = 64 * 1024
 HANDSHAKE_LOW_WATER = 16 * 1024
-#: reply bytes one batch of requests gathers before they are sent (and counted
-#: in the backlog, which pauses reading)
-BATCH_REPLY_BYTES = 1024 * 1024
 #: an oversized WRITE payload up to this size is read and thrown away; above it we close
 MAX_DISCARD = 2 * MAX_REQUEST_SIZE
 
 
 class Phase(enum.Enum):
-    """The life of a connection; it only ever moves down this list."""
+    """The life of a connection: down this list (TLS returns to NEGOTIATING)."""
 
     NEGOTIATING = "negotiating"
     STARTING_TLS = "starting TLS"
@@ -63,7 +55,7 @@ class Phase(enum.Enum):
 PAUSE_BACKLOG = 1       # the client does not read its replies
 PAUSE_BUDGET = 2        # a large payload waits for the server's payload budget
 PAUSE_INFLIGHT = 4      # too many flushes in flight
-PAUSE_BUSY = 8          # a long request runs in pieces: nothing after it may start
+PAUSE_BUSY = 8          # a long request runs in pieces, or an export opens: wait
 
 
 class NbdConnection(asyncio.BufferedProtocol):
@@ -128,15 +120,18 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.server.payloads.forget(self)
         if self.replies is not None:
             self.replies.discard()
+            self.dispatcher.stop()
         if not self.server.unregister(self):
             return
-        if self.dispatcher is None or not (self.dispatcher.inflight or self.dispatcher.busy):
-            self._release_export()
+        self._release_export()
         log.info("%s: closed export=%s %s", self.client.label,
                  self.export.name if self.export else "-", self.stats)
 
     def _release_export(self):
-        # a flush still running in a worker keeps the export (and its backend) open
+        # a flush in a worker, or a request in pieces, keeps the export (and its backend) open
+        dispatcher = self.dispatcher
+        if dispatcher is not None and (dispatcher.inflight or dispatcher.busy):
+            return
         if self.export is not None and not self._export_released:
             self._export_released = True
             self.export.detach()
@@ -164,7 +159,8 @@ class NbdConnection(asyncio.BufferedProtocol):
         line's ``kind`` (default: the reason itself) is what its rate limit counts."""
         if self.phase is Phase.CLOSED:
             return
-        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing", self.client.label, reason)
+        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing",
+                            self.client.label, reason)
         self.reader.stop()
         self._cancel_timer()
         if self.phase is Phase.TRANSMITTING:
@@ -248,8 +244,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         """A request that was in flight (a flush) or running in pieces finished."""
         dispatcher = self.dispatcher
         if self.phase is Phase.CLOSED:
-            if not dispatcher.inflight and not dispatcher.busy:
-                self._release_export()
+            self._release_export()
             return
         if not dispatcher.busy:
             self._unpause(PAUSE_BUSY)
@@ -257,16 +252,6 @@ class NbdConnection(asyncio.BufferedProtocol):
             self._unpause(PAUSE_INFLIGHT)
         self._maybe_close()
 
-    def _defer(self, callback):
-        """Run ``callback`` in a later turn of the event loop, unless the client is gone."""
-        def later():
-            if self.phase is not Phase.CLOSED:
-                callback()
-            elif self.dispatcher.busy:
-                # nobody waits for the answer: the rest of the request is dropped
-                self.dispatcher.busy = False
-                self.request_done()
-        asyncio.get_running_loop().call_soon(later)
 
     @property
     def payload_received(self) -> int:
@@ -325,7 +310,7 @@ class NbdConnection(asyncio.BufferedProtocol):
                 return
             kind = type(event)
             if kind is Option:
-                self._act(negotiation.option(event.option, event.payload))
+                self._act(negotiation.option(event.option, event.payload), event)
             elif kind is OversizedOption:
                 result = negotiation.oversized(event.option, event.length)
                 if result.action is Action.CONTINUE:
@@ -336,10 +321,16 @@ class NbdConnection(asyncio.BufferedProtocol):
             else:
                 self.abort(event.reason, kind="protocol violation")
 
-    def _act(self, result):
+    def _act(self, result, event=None):
         """Send an option's replies and take the step the negotiation chose."""
         self.transport.writelines(result.replies)
-        if result.action is Action.CLOSE:
+        if result.action is Action.WAIT:
+            # an export opens in a worker thread: nothing is read meanwhile
+            self._pause(PAUSE_BUSY)
+            loop = asyncio.get_running_loop()
+            result.pending.add_done_callback(
+                lambda _done: loop.call_soon_threadsafe(self._ask_again, event))
+        elif result.action is Action.CLOSE:
             self.phase = Phase.CLOSING
             self._cancel_timer()
             self.transport.close()
@@ -351,6 +342,12 @@ class NbdConnection(asyncio.BufferedProtocol):
                 raise ProtocolError("data after STARTTLS before the TLS handshake")
             self.phase = Phase.STARTING_TLS
             self._tls_task = asyncio.get_running_loop().create_task(self._start_tls())
+
+    def _ask_again(self, event):
+        if self.phase is Phase.NEGOTIATING:
+            self.paused &= ~PAUSE_BUSY
+            self._act(self.negotiation.option(event.option, event.payload), event)
+            self._process()     # what arrived meanwhile (unless it waits again)
 
     async def _start_tls(self):
         raw = self.transport
@@ -387,14 +384,15 @@ class NbdConnection(asyncio.BufferedProtocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.replies = ReplyWriter(transport, self._reply_backlog, WRITE_HIGH_WATER,
                                    WRITE_LOW_WATER, plain=transport is self._plain_transport,
-                                   pool=self.server.buffers, on_broken=self._reply_broken,
-                                   batch_limit=BATCH_REPLY_BYTES)
+                                   pool=self.server.buffers, on_broken=self._reply_broken)
         self.dispatcher = Dispatcher(export, session, self.replies, self.stats, self.client.label,
-                                     offload=self.server.offload, defer=self._defer,
+                                     offload=self.server.offload,
+                                     defer=asyncio.get_running_loop().call_soon,
                                      on_async_done=self.request_done, log=self.server.log,
                                      zero_copy=self.server.zero_copy)
         self.phase = Phase.TRANSMITTING
-        log.debug("%s: export %r, %s replies", self.client.label, export.name, session.mode.name.lower())
+        log.debug("%s: export %r, %s replies", self.client.label, export.name,
+                  session.mode.name.lower())
 
     # --------------------------------------------------------- transmission
 

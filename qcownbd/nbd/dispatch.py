@@ -2,8 +2,8 @@
 
 A `Dispatcher` runs one connection's requests against its export and
 answers them through a narrow replies port (`ReplyWriter`: ``send``,
-``lend``, ``send_file``); it knows nothing of sockets.  A new NBD command is one entry in ``_ALLOWED_FLAGS`` and one in
-``_COMMANDS``.
+``lend``, ``send_file``); it knows nothing of sockets.  A new NBD command
+is one entry in ``_ALLOWED_FLAGS`` and one in ``_COMMANDS``.
 """
 
 import errno as host_errno
@@ -103,6 +103,8 @@ class Dispatcher:
         self.peer = peer
         self.inflight = 0
         self.busy = False
+        #: the client is gone: a request running in pieces stops at the next one
+        self.stopped = False
         self.log = log
         self._offload = offload
         self._defer = defer
@@ -179,6 +181,10 @@ class Dispatcher:
         self.replies.send((protocol.error_reply(self.mode, req.cookie, req.offset, error,
                                                 public),))
 
+    def stop(self) -> None:
+        """The client is gone: nothing waits for answers any more."""
+        self.stopped = True
+
     def send(self, *parts) -> None:
         """Queue reply bytes; big data buffers go out without being joined."""
         self.replies.send(parts)
@@ -221,7 +227,7 @@ class Dispatcher:
             nonlocal position
             deadline = perf_counter() + TIME_SLICE
             try:
-                while position < end:
+                while position < end and not self.stopped:
                     step = min(piece_length, end - position)
                     piece(position, step)
                     position += step

@@ -9,7 +9,7 @@ value, the `Session`.
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qcownbd.errors import NoSuchExport
+from qcownbd.errors import ExportOpening, NoSuchExport
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import (
     MAX_REQUEST_SIZE, MAX_STRING, META_CONTEXT_IDS, ClientFlag, Info, Opt, Rep,
@@ -30,6 +30,8 @@ class Action(Enum):
     TRANSMIT = "transmit"
     CLOSE = "close"
     STARTTLS = "starttls"
+    #: ask the same option again once ``pending`` is done (an export is being opened)
+    WAIT = "wait"
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,8 @@ class OptionResult:
     replies: list[bytes] = field(default_factory=list)
     action: Action = Action.CONTINUE
     export: object = None
+    #: WAIT: the future to wait for
+    pending: object = None
 
 
 def transmission_flags(export) -> int:
@@ -121,6 +125,9 @@ class Negotiation:
             return handler(self, option, payload)
         except BadOption as exc:
             return self._error(option, exc.rep, str(exc))
+        except ExportOpening as exc:
+            # handlers change nothing before their lookup: the option can be asked again
+            return OptionResult(action=Action.WAIT, pending=exc.pending)
 
     @staticmethod
     def _error(option: int, rep: int, message: str) -> OptionResult:

@@ -47,6 +47,9 @@ POOL_MAX_BYTES = 8 * 1024 * 1024
 MAX_LENT = 64
 #: bytes handed to the transport when the socket is full: it copies them, so few
 HANDOVER = 16 * 1024
+#: reply bytes one corked batch gathers before they are sent (and counted in the
+#: backlog, which pauses reading): a long pipeline cannot pile replies up
+BATCH_LIMIT = 1024 * 1024
 
 
 class FileRange:
@@ -118,7 +121,8 @@ class ReplyWriter:
     """
 
     def __init__(self, transport, on_backlog, high_water: int, low_water: int, *,
-                 plain: bool, pool: BufferPool, on_broken=None, batch_limit: int = 1 << 20):
+                 plain: bool, pool: BufferPool, on_broken=None,
+                 batch_limit: int = BATCH_LIMIT):
         self.transport = transport
         self.pool = pool
         self.corked = False
