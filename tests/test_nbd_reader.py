@@ -238,6 +238,9 @@ class RecordingReplies:
     def lend(self, length):
         return memoryview(bytearray(length))
 
+    def materialize_files(self):
+        pass
+
 
 class MemoryBackend:
     size, can_trim, can_fast_zero = 1 << 20, True, False

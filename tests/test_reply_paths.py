@@ -124,13 +124,24 @@ def test_large_writes_pipelined_with_small_requests_in_odd_pieces(tmp_path, qcow
     image, path = _image(tmp_path, fmt, size, seed=5)
     server = qcownbd_server(f"d={path}")
     rng = random.Random(9)
-    requests = []
+    requests, reads = [], []
     for _ in range(40):
         length = rng.choice([2 * MiB, MiB, 300_000, 65536, 4096, 333])
         offset = rng.randrange(0, size - length)
-        if rng.random() < 0.6:
+        # all 40 are in flight at once, and NBD leaves a READ and a later WRITE
+        # over the same bytes unordered then (a sendfile reply may show the
+        # write): a WRITE keeps off earlier READs, a READ may cover earlier WRITEs
+        for _attempt in range(50):
+            if not any(offset < end and start < offset + length for start, end in reads):
+                break
+            offset = rng.randrange(0, size - length)
+        else:
+            offset = None
+        if offset is not None and rng.random() < 0.6:
             requests.append((CMD_WRITE, offset, length, rng.randbytes(length)))
         else:
+            offset = rng.randrange(0, size - length) if offset is None else offset
+            reads.append((offset, offset + length))
             requests.append((CMD_READ, offset, length, b""))
     client = NbdClient.connect(server.port, "d")
     wire = [client.encode(cmd, offset, length, 0, payload)[1]

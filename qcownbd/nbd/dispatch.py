@@ -2,7 +2,7 @@
 
 A `Dispatcher` runs one connection's requests against its export and
 answers them through a narrow replies port (`ReplyWriter`: ``send``,
-``lend``, ``send_file``); it knows nothing of sockets.  A new NBD command
+``lend``, ``send_file``, ``materialize_files``); it knows nothing of sockets.  A new NBD command
 is one entry in ``_ALLOWED_FLAGS`` and one in ``_COMMANDS``.
 """
 
@@ -83,8 +83,7 @@ class Dispatcher:
     (``busy`` is True until it finished: nothing after it may start);
     ``on_async_done()`` says a request that was in flight or busy finished.
     ``zero_copy``: large reads may be sent with sendfile from the image file
-    (off while faults are injected: every read must meet them; and only used
-    on read-only exports, see `replies`).  ``log`` is
+    (off while faults are injected: every read must meet them).  ``log`` is
     the server's `RateLimitedLog`: one client's errors cannot flood the log.
     """
 
@@ -109,7 +108,7 @@ class Dispatcher:
         self._offload = offload
         self._defer = defer
         self._on_async_done = on_async_done
-        self._zero_copy = zero_copy and self.read_only
+        self._zero_copy = zero_copy
         self._scan_skip = self._scan_backoff = 0
 
     def check(self, req) -> tuple[int, str]:
@@ -152,6 +151,9 @@ class Dispatcher:
     def run(self, req, payload) -> None:
         """Run a checked request; a failure becomes an error reply, never a close."""
         self.stats.requests += 1
+        if req.type in _WRITING:
+            # READ replies still waiting in the file must not see this write
+            self.replies.materialize_files()
         try:
             self._COMMANDS[req.type](self, req, payload)
         except (QcownbdError, OSError) as exc:

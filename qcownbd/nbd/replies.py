@@ -22,11 +22,13 @@ not read at all: a `FileRange` waits in the queue like any other part and
 goes out with sendfile when its turn comes, however full the socket was
 when it was queued, so that data is never copied through this process and
 a deep pipeline of large READs (nbdcopy keeps 64 per connection) holds no
-buffers.  Bytes sendfile gave the socket stay the file's own pages until the
-client has read them, so a later write to them would change a reply already
-"sent": the dispatcher uses file ranges only for images nobody writes.
-`materialize_files` reads the ranges still queued when the transport takes
-over (it cannot sendfile).
+buffers.  Before a write to the image, `materialize_files` reads the ranges
+still queued, so a WRITE does not change the reply of a READ executed before
+it; only bytes sendfile already gave the socket are the file's own pages
+until the client reads them (any sendfile server has that window: NBD leaves
+overlapping requests that are in flight together unordered, and the kernel's
+and QEMU's clients never send them).  The transport, when it takes over,
+gets the queued ranges materialized too (it cannot sendfile).
 """
 
 import collections
@@ -192,7 +194,7 @@ class ReplyWriter:
         self.send((header, FileRange(fd, offset, length)))
 
     def materialize_files(self) -> None:
-        """Read every queued `FileRange` into memory now."""
+        """Read every queued `FileRange` into memory now (before the image is written)."""
         if not self._files:
             return
         try:
