@@ -2,8 +2,8 @@
 
 ```toml
 [server]
-listen = ["127.0.0.1:10809", "[::1]:10809"]
-unix = "/run/qcownbd.sock"
+listen = ["127.0.0.1:10809", "[::1]:10809"]   # also HOST, :PORT, PORT; [] = no TCP
+unix = "/run/qcownbd.sock"        # without listen: the Unix socket alone
 max_connections = 256
 handshake_timeout = 30
 payload_timeout = 30              # a WRITE payload stalled this long ends its connection
@@ -57,7 +57,8 @@ from qcownbd.errors import ConfigError
 from qcownbd.image import formats
 from qcownbd.nbd.constants import DEFAULT_PORT, MAX_STRING
 
-DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 #: what an export's `format` may say
 FORMATS = tuple(formats.choices(auto=True))
 TLS_MODES = ("off", "on", "require")
@@ -158,7 +159,8 @@ class FleetConfig(_Reconfigurable):
 class ServerConfig:
     """Everything `qcownbd serve` needs: where to listen, limits, exports."""
 
-    listen: list[str] = field(default_factory=list)
+    #: TCP addresses; None: not said (see `tcp_addresses`), [] none at all
+    listen: list[str] | None = None
     unix: str | None = None
     max_connections: int = 256
     handshake_timeout: float = 30.0
@@ -188,18 +190,42 @@ _FLEET_KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlay
                "allow_unix": bool, "backing_dirs": list, "tenant": str}
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """"HOST:PORT" or "[IPV6]:PORT" -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ConfigError(f"bad listen address {text!r} (use HOST:PORT or [IPV6]:PORT)")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
+def parse_listen(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """"HOST:PORT", "[IPV6]:PORT", "HOST", "[IPV6]", ":PORT" or "PORT" -> (host, port);
+    what is left out is the default address (127.0.0.1) or ``default_port``."""
+    if not text:
+        raise ConfigError("bad listen address '': empty")
+    if text.isdigit():
+        host, port = "", text
+    elif text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise ConfigError(f"bad listen address {text!r} (use [IPV6] or [IPV6]:PORT)")
+        port = rest[1:] if rest else str(default_port)
+        if not host:
+            raise ConfigError(f"bad listen address {text!r}: no IPv6 address in the brackets")
+    elif text.count(":") > 1:
         raise ConfigError(f"bad listen address {text!r}: put IPv6 addresses in brackets")
-    if not host:
-        raise ConfigError(f"bad listen address {text!r}: no host")
-    return host, int(port)
+    else:
+        host, sep, port = text.partition(":")
+        port = port if sep else str(default_port)
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"bad listen address {text!r}: the port must be 1 to 65535 "
+                          "(use HOST:PORT, HOST, :PORT or PORT)")
+    return host or DEFAULT_HOST, int(port)
+
+
+def format_listen(host: str, port: int) -> str:
+    """(host, port) as "HOST:PORT", IPv6 addresses in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def tcp_addresses(config: ServerConfig) -> list[str]:
+    """Where to listen on TCP: what the config or command line said; the default
+    address only when nothing at all said where to listen (no Unix socket either)."""
+    if config.listen is not None:
+        return config.listen
+    return [] if config.unix else [DEFAULT_LISTEN]
 
 
 def check_export_name(name: str) -> str:
@@ -341,6 +367,8 @@ def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
     server = data.get("server", {})
     _check_table(server, _SERVER_KEYS, "[server]")
     config = ServerConfig()
+    if "listen" in server:
+        config.listen = []
     for address in server.get("listen", []):
         if not isinstance(address, str):
             raise ConfigError("[server]: listen must be a list of strings")
@@ -384,6 +412,18 @@ def check_tls(config: ServerConfig, where: str) -> None:
         raise ConfigError(f"{where}: tls = {config.tls!r} needs tls_cert and tls_key")
     if config.tls_verify_client and not config.tls_ca:
         raise ConfigError(f"{where}: tls_verify_client needs tls_ca")
+
+
+def make_read_only(config: ServerConfig) -> None:
+    """`serve --read-only`: every export of ``config`` read-only.  A fleet is refused:
+    its overlays exist to be written, and a read-only one would be the golden image."""
+    fleets = sorted(name for name, export in config.exports.items()
+                    if isinstance(export, FleetConfig))
+    if fleets:
+        raise ConfigError(f"--read-only cannot apply to the fleet export(s) {', '.join(fleets)} "
+                          "(their overlays exist to be written)")
+    config.exports = {name: dataclasses.replace(export, read_only=True)
+                      for name, export in config.exports.items()}
 
 
 def load_config(path: str) -> ServerConfig:

@@ -13,9 +13,10 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from qcownbd import systemd
-from qcownbd.config import DEFAULT_LISTEN, ExportConfig, ServerConfig, load_config, parse_listen
+from qcownbd.config import ExportConfig, ServerConfig, parse_listen, tcp_addresses
 from qcownbd.errors import ConfigError
 from qcownbd.exports import ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
@@ -32,13 +33,18 @@ DEMO_BANNER = (b"qcownbd demo disk\n"
                b"This QCOW1 image is served by qcownbd; write to it freely.\n")
 
 
-def run(config: ServerConfig, cli: dict[str, ExportConfig], config_path: str | None) -> int:
-    """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop.
+def run(config: ServerConfig, cli: dict[str, ExportConfig],
+        load: Callable[[], ServerConfig] | None) -> int:
+    """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop;
+    ``load()`` reads the config file again (SIGHUP), None when there is none.
 
     A command-line export that cannot open is the operator's typo: it fails
     the start; a config file's broken export is logged and refused instead.
     """
     tls_context = tls_context_for(config)
+    if not inheriting() and not tcp_addresses(config) and not config.unix:
+        raise ConfigError("nowhere to listen: listen = [] and no unix socket "
+                          "(give --listen or --unix)")
     raise_fd_limit()
     images = ImageProvider()
     registry = ExportRegistry([images, FleetProvider(images)])
@@ -46,9 +52,14 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig], config_path: str | N
         registry.add(registry.open_export(export_config))
     try:
         registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, config_path, tls_context))
+        return asyncio.run(serve(config, cli, registry, load, tls_context))
     finally:
         registry.close_all()
+
+
+def inheriting() -> bool:
+    """Whether systemd passes sockets (they replace the listen addresses)."""
+    return bool(os.environ.get("LISTEN_FDS"))
 
 
 def demo_image() -> str:
@@ -76,7 +87,7 @@ def tls_context_for(config: ServerConfig):
 
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
-                config_path: str | None, tls_context=None) -> int:
+                load: Callable[[], ServerConfig] | None, tls_context=None) -> int:
     """Listen, serve until SIGTERM/SIGINT, then stop cleanly."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
                        zero_copy=not faults.injecting(),
@@ -85,7 +96,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     if inherited:
         await server.adopt(inherited)
     else:
-        for address in config.listen or [DEFAULT_LISTEN]:
+        for address in tcp_addresses(config):
             await server.listen_tcp(*parse_listen(address))
         if config.unix:
             await server.listen_unix(config.unix)
@@ -93,7 +104,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    reloads = Reloader(server, registry, cli, config_path, config)
+    reloads = Reloader(server, registry, cli, load, config)
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
     commit_task = loop.create_task(server.commit_metadata_forever())
     status_task = loop.create_task(report_status(server, reloads))
@@ -119,12 +130,12 @@ class Reloader:
     and the TLS mode apply at the next start.  Reloads run one at a time.
     """
 
-    def __init__(self, server: NbdServer, registry: ExportRegistry, cli: dict, config_path,
-                 config: ServerConfig):
+    def __init__(self, server: NbdServer, registry: ExportRegistry, cli: dict,
+                 load: Callable[[], ServerConfig] | None, config: ServerConfig):
         self.server, self.registry, self.cli = server, registry, cli
-        self.config_path, self.config = config_path, config
+        self.load, self.config = load, config
         #: what the file said of the settings that apply only at a start
-        self._start_only = _start_only(config_path)
+        self._start_only = _start_only(load)
         self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
@@ -140,7 +151,7 @@ class Reloader:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
             try:
-                new = load_config(self.config_path) if self.config_path else ServerConfig()
+                new = self.load() if self.load else ServerConfig()
             except ConfigError as exc:
                 log.error("reload failed, keeping the old configuration: %s", exc)
                 systemd.notify(f"READY=1\nSTATUS=reload failed: {exc}"[:1000])
@@ -168,7 +179,7 @@ class Reloader:
     def _apply_server_settings(self, new: ServerConfig) -> None:
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
-        if self.config_path and (new.listen, new.unix, new.tls) != self._start_only:
+        if self.load and (new.listen, new.unix, new.tls) != self._start_only:
             log.warning("reload: listen addresses, the Unix socket and the TLS mode apply "
                         "at the next start")
 
@@ -182,10 +193,10 @@ class Reloader:
             log.error("TLS reload failed, keeping the old certificate: %s", exc)
 
 
-def _start_only(config_path) -> tuple | None:
+def _start_only(load) -> tuple | None:
     """(listen, unix, tls) as the config file says them (the command line may not)."""
     try:
-        config = load_config(config_path) if config_path else None
+        config = load() if load else None
     except ConfigError:
         return None
     return None if config is None else (config.listen, config.unix, config.tls)

@@ -69,6 +69,22 @@ def wait_listening(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> 
     raise RuntimeError("server did not start listening")
 
 
+def listening_tcp_ports(pid: int) -> set[int]:
+    """TCP ports the process holds listening sockets on (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd) if fd.is_symlink() else ""
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until it holds (True) or ``timeout`` seconds passed (its last value)."""
     deadline = time.monotonic() + timeout

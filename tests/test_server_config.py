@@ -17,8 +17,8 @@ def test_parse_listen(text, expected):
     assert parse_listen(text) == expected
 
 
-@pytest.mark.parametrize("text", ["10809", "::1:10809", ":10809", "host:0", "host:99999",
-                                  "host:port"])
+@pytest.mark.parametrize("text", ["::1:10809", "host:0", "host:99999", "host:port", "host:",
+                                  ""])
 def test_parse_listen_refuses(text):
     with pytest.raises(ConfigError):
         parse_listen(text)

@@ -93,7 +93,7 @@ def test_port_in_use_is_one_line(tmp_path, qcownbd_server):
 
 @pytest.mark.parametrize("text, needle", [
     ('[exports.a]\npath = "x"\nbogus = 1\n', "bogus"),
-    ('[server]\nlisten = ["nowhere"]\n', "nowhere"),
+    ('[server]\nlisten = ["nowhere:port"]\n', "nowhere:port"),
     ('[exports.a]\npath = "x"\nformat = "vmdk"\n', "vmdk"),
     ('[exports.a]\nread_only = true\n', "path"),
     ('[server]\nport = 1\n', "port"),

@@ -20,7 +20,10 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, free_port, qcownbd_cmd, raw_file, run, stop_process, wait_listening
+from helpers import (
+    REPO, free_port, listening_tcp_ports, qcownbd_cmd, raw_file, run, stop_process,
+    wait_listening,
+)
 from qcownbd.config import ExportConfig, ServerConfig, load_config
 from qcownbd.config import FleetConfig
 
@@ -110,22 +113,6 @@ def raw_image(tmp_path):
     """A raw image with a recognisable first sector."""
     return raw_file(tmp_path / "disk.raw", b"qcownbd socket activation".ljust(512, b"."),
                     IMAGE_SIZE)
-
-
-def listening_tcp_ports(pid: int) -> set[int]:
-    """TCP ports the process holds listening sockets on (from /proc)."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd) if fd.is_symlink() else ""
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    ports = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
-                ports.add(int(fields[1].rsplit(":", 1)[1], 16))
-    return ports
 
 
 def start_activated(listen: str, *serve_args) -> subprocess.Popen:

@@ -1,91 +1,152 @@
 """`qcownbd serve`: run the NBD server for exports named on the command line or in a config.
 
-    qcownbd serve [--listen HOST:PORT]... [--unix PATH] [--read-only]
-                  [--format auto|raw|qcow1] [--config FILE] [--demo]
+    qcownbd serve [--listen HOST:PORT]... [-p PORT] [--unix PATH] [-r]
+                  [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
                   [NAME=PATH | PATH]...
 
 Signals and the life cycle of the server are `qcownbd.service`'s.
 """
 
+import argparse
 import dataclasses
 import os
 from pathlib import Path
 
 from qcownbd import service
 from qcownbd.config import (
-    DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name, check_tls,
-    load_config, parse_listen,
+    DEFAULT_HOST, DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name,
+    check_tls, format_listen, load_config, make_read_only, parse_listen,
 )
 from qcownbd.console import setup_logging
 from qcownbd.errors import ConfigError, UsageError
 from qcownbd.image import formats
+from qcownbd.nbd.constants import DEFAULT_PORT
 
 
 def register(sub, common) -> None:
     """Add the `serve` subcommand to the qcownbd parser."""
     parser = sub.add_parser("serve", parents=[common], help="serve images over NBD",
                             description="Serve QCOW1 and raw images over NBD.")
-    parser.add_argument("--listen", action="append", metavar="HOST:PORT",
-                        help=f"address to listen on, repeatable; [::1]:PORT for IPv6 "
-                             f"(default {DEFAULT_LISTEN})")
-    parser.add_argument("--unix", metavar="PATH", help="also listen on this Unix socket")
-    parser.add_argument("--read-only", action="store_true",
-                        help="refuse writes to the command-line exports")
-    parser.add_argument("--format", choices=formats.choices(auto=True), default="auto",
-                        help="format of the command-line images (default: probe)")
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
-    parser.add_argument("--demo", action="store_true",
-                        help="serve a small demo QCOW1 image as export 'demo'")
-    parser.add_argument("--tls", choices=TLS_MODES,
-                        help="NBD_OPT_STARTTLS: off, on (offered) or require (default: config, off)")
-    parser.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
-    parser.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
-    parser.add_argument("--tls-ca", metavar="FILE",
-                        help="CA (PEM) that must have signed every client's certificate")
+    _listen_options(parser.add_argument_group("where to listen"))
+    _export_options(parser.add_argument_group("what to serve"))
+    _tls_options(parser.add_argument_group("TLS"))
     parser.add_argument("exports", nargs="*", metavar="NAME=PATH | PATH",
                         help="images to serve; a bare PATH is named after its file")
     parser.set_defaults(func=run)
 
 
+def _listen_options(group) -> None:
+    group.add_argument("--listen", action="append", metavar="HOST:PORT",
+                       help=f"TCP address to listen on, repeatable: HOST:PORT, HOST, :PORT, "
+                            f"PORT; [::1]:PORT for IPv6 (default {DEFAULT_LISTEN}, unless "
+                            f"--unix or the config says where to listen)")
+    group.add_argument("-p", "--port", type=_port, metavar="PORT",
+                       help=f"the port of the default address, and of --listen HOSTs "
+                            f"given without one (default {DEFAULT_PORT})")
+    group.add_argument("--unix", metavar="PATH",
+                       help="listen on this Unix socket (alone, unless --listen, -p or "
+                            "the config's listen)")
+
+
+def _export_options(group) -> None:
+    group.add_argument("-r", "--read-only", action="store_true",
+                       help="refuse writes to every export, the config's too")
+    group.add_argument("--format", choices=formats.choices(auto=True),
+                       help="format of the command-line images (default: probe)")
+    group.add_argument("-x", "--export-name", metavar="NAME",
+                       help="name of the one command-line image (default: its file's stem)")
+    group.add_argument("-D", "--description", metavar="TEXT",
+                       help="description of the command-line images (nbdinfo --list shows it)")
+    group.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
+    group.add_argument("--demo", action="store_true",
+                       help="serve a small demo QCOW1 image as export 'demo'")
+
+
+def _tls_options(group) -> None:
+    group.add_argument("--tls", choices=TLS_MODES,
+                       help="NBD_OPT_STARTTLS: off, on (offered) or require (default: config, off)")
+    group.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    group.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    group.add_argument("--tls-ca", metavar="FILE",
+                       help="CA (PEM) that must have signed every client's certificate")
+
+
+#: options that shape the command-line images, and what they are called in errors
+IMAGE_OPTIONS = {"format": "--format", "export_name": "-x/--export-name",
+                 "description": "-D/--description"}
+
+
 def cli_exports(args) -> dict[str, ExportConfig]:
     """ExportConfigs for the NAME=PATH / PATH arguments (and --demo)."""
-    exports = {}
     specs = list(args.exports)
     if args.demo:
         specs.append(f"demo={service.demo_image()}")
+    given = [option for key, option in IMAGE_OPTIONS.items() if getattr(args, key) is not None]
+    if given and not specs:
+        # a flag that would change nothing is refused, never ignored
+        raise UsageError(f"{', '.join(given)} shape(s) the command-line images, and there is "
+                         "none (the config file sets its exports' own)")
+    if args.export_name is not None and (len(specs) != 1 or "=" in specs[0]):
+        raise UsageError("-x/--export-name names the one command-line image given as PATH "
+                         "(or write NAME=PATH)")
+    exports = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or "/" in name:
-            name, path = Path(spec).stem, spec
+            name, path = args.export_name or Path(spec).stem, spec
         if not path:
             raise UsageError(f"export {spec!r} has no path")
         if name in exports:
             raise UsageError(f"export name {name!r} is given twice")
         exports[name] = ExportConfig(name=check_export_name(name), path=os.path.abspath(path),
-                                     format=args.format, read_only=args.read_only)
+                                     format=args.format or "auto", read_only=args.read_only,
+                                     description=args.description or "")
     return exports
 
 
-def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig]]:
+def config_loader(args):
+    """The function that reads the config file (at the start and on SIGHUP) with the
+    command line's --read-only applied, or None without --config."""
+    if not args.config:
+        return None
+    path = os.path.abspath(args.config)
+
+    def load() -> ServerConfig:
+        config = load_config(path)
+        if args.read_only:
+            make_read_only(config)
+        return config
+    return load
+
+
+def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig], object]:
     """The file's config (if any) and the command-line exports, checked."""
-    config = load_config(args.config) if args.config else ServerConfig()
+    load = config_loader(args)
+    config = load() if load else ServerConfig()
     cli = cli_exports(args)
     clash = sorted(set(cli) & set(config.exports))
     if clash:
         raise ConfigError(f"export(s) {', '.join(clash)} given both in the config and as arguments")
-    if args.listen:
-        config.listen = list(args.listen)
-    for address in config.listen:
-        parse_listen(address)
+    if args.listen or args.port:
+        port = args.port or DEFAULT_PORT
+        config.listen = [format_listen(*parse_listen(address, port))
+                         for address in args.listen or [DEFAULT_HOST]]
     if args.unix:
-        config.unix = args.unix
+        config.unix = os.path.abspath(args.unix)
     tls_from_args(config, args)
     if not cli and not config.exports:
         raise UsageError("nothing to serve: give NAME=PATH, --config FILE or --demo")
     cli = {name: dataclasses.replace(export, backing_dirs=tuple(config.backing_dirs))
            for name, export in cli.items()}
-    return config, cli
+    return config, cli, load
+
+
+def _port(text: str) -> int:
+    """-p PORT: a TCP port number."""
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r} (1 to 65535)")
+    return int(text)
 
 
 def tls_from_args(config: ServerConfig, args) -> None:
@@ -102,5 +163,5 @@ def tls_from_args(config: ServerConfig, args) -> None:
 def run(args) -> int:
     """Entry point of `qcownbd serve`."""
     setup_logging(args, "info")
-    config, cli = build_config(args)
-    return service.run(config, cli, args.config)
+    config, cli, load = build_config(args)
+    return service.run(config, cli, load)

@@ -8,6 +8,7 @@ crash loses at most that much of what clients did not flush themselves.
 """
 
 import asyncio
+import errno
 import logging
 import os
 import resource
@@ -208,8 +209,10 @@ class NbdServer:
                                               reuse_address=True)
         except (OSError, socket.gaierror) as exc:
             shown = f"[{host}]" if ":" in host else host
+            hint = ("; another server has it: choose another address with --listen HOST:PORT"
+                    if exc.errno == errno.EADDRINUSE else "")
             raise ConfigError(f"cannot listen on {shown}:{port}: "
-                              f"{exc.strerror or exc}") from None
+                              f"{exc.strerror or exc}{hint}") from None
         self._servers.append(server)
         log.info("listening on %s", ", ".join(_sockname(s) for s in server.sockets))
 

@@ -1,0 +1,189 @@
+"""`qcownbd serve` as scripts and people used to qemu-nbd and nbdkit drive it (issue 14):
+where it listens, the familiar flags, flags that meet a config file."""
+
+import contextlib
+import json
+import socket
+import subprocess
+
+import pytest
+
+from helpers import (
+    free_port, listening_tcp_ports, qcownbd_cmd, qcownbd_env, raw_file, run, stop_process,
+    wait_for,
+)
+from qcownbd.config import parse_listen
+
+pytestmark = pytest.mark.timeout(120)
+SIZE = 4 * 1024 * 1024
+BANNER = b"qcownbd serve cli".ljust(512, b".")
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A raw image whose first sector is BANNER."""
+    return raw_file(tmp_path / "disk.raw", BANNER, SIZE)
+
+
+def serve_fails(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`qcownbd serve ARGS`, expected to exit by itself."""
+    return run(qcownbd_cmd("serve", *args), timeout=30, check=False, env=qcownbd_env(),
+               **kwargs)
+
+
+def accepts(where) -> bool:
+    """Whether a Unix socket path or a (host, port) accepts connections now."""
+    family = socket.AF_INET6 if isinstance(where, tuple) and ":" in where[0] else (
+        socket.AF_INET if isinstance(where, tuple) else socket.AF_UNIX)
+    with socket.socket(family) as sock:
+        return sock.connect_ex(where if isinstance(where, tuple) else str(where)) == 0
+
+
+@contextlib.contextmanager
+def serving(*args, at):
+    """`qcownbd serve ARGS` until the block ends, once it accepts ``at`` (a Unix socket
+    path or (host, port)); it must then stop cleanly on SIGTERM."""
+    proc = subprocess.Popen(qcownbd_cmd("serve", *args), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, env=qcownbd_env())
+    try:
+        assert wait_for(lambda: proc.poll() is not None or accepts(at), 20)
+        assert proc.poll() is None, proc.stderr.read()
+        yield proc
+    finally:
+        status = stop_process(proc)
+        log = proc.stderr.read()
+        proc.stderr.close()
+    assert status == 0, log
+
+
+def nbdinfo_json(uri: str) -> dict:
+    """`nbdinfo --json URI`: the first export's facts."""
+    return json.loads(run(["nbdinfo", "--json", uri], timeout=30).stdout)["exports"][0]
+
+
+def one_line_error(result: subprocess.CompletedProcess, status: int) -> str:
+    """The single stderr line of a refused start, checked for ``status`` and no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == status and len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    return lines[0]
+
+
+# -- 4. listen on exactly what was asked ------------------------------------------------
+
+def test_unix_alone_binds_no_tcp_and_two_unix_servers_run_side_by_side(tmp_path, image):
+    first, second = tmp_path / "a.sock", tmp_path / "b.sock"
+    with serving("--unix", first, "-r", f"d={image}", at=first) as one, \
+            serving("--unix", second, "--read-only", f"d={image}", at=second) as two:
+        assert listening_tcp_ports(one.pid) == set() == listening_tcp_ports(two.pid)
+        for path in (first, second):
+            size = run(["nbdinfo", "--size", f"nbd+unix:///d?socket={path}"]).stdout
+            assert int(size) == SIZE
+
+
+@pytest.mark.parametrize("server_table", ["listen = []\n", ""])
+def test_config_with_a_unix_socket_and_no_listen_binds_no_tcp(tmp_path, image, server_table):
+    sock = tmp_path / "nbd.sock"
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\n{server_table}unix = "{sock}"\n'
+                      f'[exports.d]\npath = "{image}"\n')
+    with serving("--config", config, at=sock) as proc:
+        assert listening_tcp_ports(proc.pid) == set()
+        assert int(run(["nbdinfo", "--size", f"nbd+unix:///d?socket={sock}"]).stdout) == SIZE
+
+
+def test_an_empty_listen_list_alone_is_one_line(tmp_path, image):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nlisten = []\n[exports.d]\npath = "{image}"\n')
+    assert "nowhere to listen" in one_line_error(serve_fails("--config", config), 1)
+
+
+# -- 7. --listen HOST, :PORT, PORT; a port in use --------------------------------------
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1", ("127.0.0.1", 10809)),
+    (":10810", ("127.0.0.1", 10810)),
+    ("10810", ("127.0.0.1", 10810)),
+    ("[::1]", ("::1", 10809)),
+    ("[::1]:10811", ("::1", 10811)),
+    ("localhost", ("localhost", 10809)),
+])
+def test_listen_fills_in_the_default_address_and_port(text, expected):
+    assert parse_listen(text) == expected
+
+
+@pytest.mark.parametrize("form, host", [
+    ("-p {port}", "127.0.0.1"),
+    ("--listen 127.0.0.1 -p {port}", "127.0.0.1"),
+    ("--listen :{port}", "127.0.0.1"),
+    ("--listen {port}", "127.0.0.1"),
+    ("--listen [::1]:{port}", "::1"),
+])
+def test_listen_forms_serve_real_clients(image, form, host):
+    port = free_port()
+    with serving(*form.format(port=port).split(), f"d={image}", at=(host, port)) as proc:
+        assert listening_tcp_ports(proc.pid) == {port}
+        shown = f"[{host}]" if ":" in host else host
+        assert nbdinfo_json(f"nbd://{shown}:{port}/d")["export-size"] == SIZE
+
+
+def test_a_port_in_use_is_named_and_listen_suggested(image):
+    port = free_port()
+    with serving("-p", port, "-r", f"d={image}", at=("127.0.0.1", port)):
+        line = one_line_error(serve_fails("--listen", f"127.0.0.1:{port}", "-r", f"e={image}",
+                                          "-q"), 1)
+    assert f"127.0.0.1:{port}" in line and "--listen" in line
+
+
+# -- 6. --read-only and --format with --config: never ignored ----------------------------
+
+def test_read_only_applies_to_config_exports(tmp_path, image):
+    port = free_port()
+    config = tmp_path / "c.toml"
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{port}"]\n'
+                      f'[exports.c]\npath = "{image}"\n')
+    before = image.read_bytes()
+    with serving("--config", config, "-r", at=("127.0.0.1", port)):
+        assert nbdinfo_json(f"nbd://127.0.0.1:{port}/c")["is_read_only"] is True
+        write = run(["qemu-io", "-f", "raw", "-c", "write -P 7 0 4k",
+                     f"nbd://127.0.0.1:{port}/c"], check=False)
+        assert write.returncode != 0 or "failed" in write.stdout + write.stderr
+    assert image.read_bytes() == before
+
+
+@pytest.mark.parametrize("flag", [["--format", "raw"], ["-x", "name"], ["-D", "text"]])
+def test_image_flags_without_command_line_images_are_refused(tmp_path, image, flag):
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.c]\npath = "{image}"\n')
+    line = one_line_error(serve_fails("--config", config, *flag), 2)
+    assert flag[0] in line
+
+
+def test_format_pins_the_command_line_image_beside_a_config(tmp_path):
+    qcow, other = tmp_path / "disk.qcow", tmp_path / "other.qcow"
+    for path in (qcow, other):
+        run(["qemu-img", "create", "-q", "-f", "qcow", path, "64M"])
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.c]\npath = "{other}"\n')
+    port = free_port()
+    with serving("-p", port, "--config", config, "--format", "raw", f"q={qcow}",
+                 at=("127.0.0.1", port)):
+        assert nbdinfo_json(f"nbd://127.0.0.1:{port}/q")["export-size"] == qcow.stat().st_size
+        assert nbdinfo_json(f"nbd://127.0.0.1:{port}/c")["export-size"] == 64 << 20
+
+
+# -- 8. -r, -p, -x, -D ---------------------------------------------------------------------
+
+def test_export_name_description_and_short_read_only(image):
+    port = free_port()
+    with serving("-p", port, "-r", "-x", "disk0", "-D", "the first disk", image,
+                 at=("127.0.0.1", port)):
+        listing = run(["nbdinfo", "--list", "--json", f"nbd://127.0.0.1:{port}"]).stdout
+        (export,) = json.loads(listing)["exports"]
+        assert export["export-name"] == "disk0" and export["description"] == "the first disk"
+        assert export["is_read_only"] is True
+
+
+def test_export_name_needs_exactly_one_path(image):
+    assert "-x" in one_line_error(serve_fails("-x", "a", image, image), 2)
+    assert "-x" in one_line_error(serve_fails("-x", "a", f"b={image}"), 2)
