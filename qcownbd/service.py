@@ -1,7 +1,8 @@
 """The server's life cycle: open the exports, listen, serve, reload, stop.
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish, images are
-committed and closed, exit 0); SIGHUP reloads the config file's exports
+committed and closed, exit 0); so does the end of a --run command (exit
+with its status): `qcownbd.launch` has the rest of the script side.  SIGHUP reloads the config file's exports
 and rereads the TLS certificate, key and CA files (same paths: certificates
 are rotated by replacing the files; the TLS mode needs a restart).  Under
 systemd the inherited sockets are used and READY/RELOADING/STOPPING/STATUS
@@ -12,17 +13,22 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from qcownbd import systemd
-from qcownbd.config import ExportConfig, ServerConfig, parse_listen, tcp_addresses
+from qcownbd.config import (
+    ExportConfig, ServerConfig, parse_listen, tcp_addresses,
+)
 from qcownbd.errors import ConfigError
 from qcownbd.exports import ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
+from qcownbd.launch import Launch
 from qcownbd.nbd.server import NbdServer, raise_fd_limit
 from qcownbd.nbd.tls import server_context
 
@@ -34,32 +40,59 @@ DEMO_BANNER = (b"qcownbd demo disk\n"
 
 
 def run(config: ServerConfig, cli: dict[str, ExportConfig],
-        load: Callable[[], ServerConfig] | None) -> int:
+        load: Callable[[], ServerConfig] | None, launch: Launch | None = None) -> int:
     """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop;
-    ``load()`` reads the config file again (SIGHUP), None when there is none.
+    ``load()`` reads the config file again (SIGHUP), None when there is none.  Returns
+    the exit status (the --run command's, with one).
 
     A command-line export that cannot open is the operator's typo: it fails
     the start; a config file's broken export is logged and refused instead.
     """
+    launch = launch or Launch()
     tls_context = tls_context_for(config)
-    if not inheriting() and not tcp_addresses(config) and not config.unix:
-        raise ConfigError("nowhere to listen: listen = [] and no unix socket "
-                          "(give --listen or --unix)")
+    endpoints = Endpoints.choose(config, launch)
+    launch.detach()
     raise_fd_limit()
     images = ImageProvider()
     registry = ExportRegistry([images, FleetProvider(images)])
-    for export_config in cli.values():
-        registry.add(registry.open_export(export_config))
     try:
+        for export_config in cli.values():
+            registry.add(registry.open_export(export_config))
         registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, load, tls_context))
+        return asyncio.run(serve(config, cli, registry, load, tls_context, endpoints, launch))
     finally:
         registry.close_all()
+        launch.close()
 
 
-def inheriting() -> bool:
-    """Whether systemd passes sockets (they replace the listen addresses)."""
-    return bool(os.environ.get("LISTEN_FDS"))
+@dataclass
+class Endpoints:
+    """Where clients come from: sockets inherited listening (systemd socket
+    activation), or else the addresses to listen on."""
+
+    listening: list[socket.socket]
+    tcp: list[str]
+    unix: str | None
+
+    @classmethod
+    def choose(cls, config: ServerConfig, launch: Launch) -> "Endpoints":
+        """What the environment and ``config`` say; ConfigError when nowhere is left."""
+        inherited = systemd.inherited_sockets()
+        if inherited:
+            return cls(inherited, [], None)
+        tcp = tcp_addresses(config)
+        if not tcp and not config.unix:
+            raise ConfigError("nowhere to listen: listen = [] and no unix socket "
+                              "(give --listen or --unix)")
+        return cls([], tcp, config.unix)
+
+    async def open(self, server: NbdServer) -> None:
+        """Listen, adopt, serve."""
+        await server.adopt(self.listening)
+        for address in self.tcp:
+            await server.listen_tcp(*parse_listen(address))
+        if self.unix:
+            await server.listen_unix(self.unix)
 
 
 def demo_image() -> str:
@@ -87,35 +120,53 @@ def tls_context_for(config: ServerConfig):
 
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
-                load: Callable[[], ServerConfig] | None, tls_context=None) -> int:
-    """Listen, serve until SIGTERM/SIGINT, then stop cleanly."""
+                load: Callable[[], ServerConfig] | None, tls_context, endpoints: Endpoints,
+                launch: Launch) -> int:
+    """Listen, serve until SIGTERM/SIGINT (or the --run command ends), then stop
+    cleanly; the exit status."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
                        zero_copy=not faults.injecting(),
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
-    inherited = systemd.inherited_sockets()
-    if inherited:
-        await server.adopt(inherited)
-    else:
-        for address in tcp_addresses(config):
-            await server.listen_tcp(*parse_listen(address))
-        if config.unix:
-            await server.listen_unix(config.unix)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     reloads = Reloader(server, registry, cli, load, config)
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
-    commit_task = loop.create_task(server.commit_metadata_forever())
-    status_task = loop.create_task(report_status(server, reloads))
-    systemd.notify(f"READY=1\nSTATUS={server.status()}")
-    await stopping.wait()
-    log.info("stopping")
-    systemd.notify("STOPPING=1")
-    commit_task.cancel()
-    status_task.cancel()
-    await server.stop()
-    return 0
+    tasks = [loop.create_task(server.commit_metadata_forever()),
+             loop.create_task(report_status(server, reloads))]
+    try:
+        await endpoints.open(server)
+        await launch.listening(server.addresses(), first_export(cli, config), config.tls)
+        systemd.notify(f"READY=1\nSTATUS={server.status()}")
+        await _until_stop(stopping, server, endpoints, launch)
+        log.info("stopping")
+        systemd.notify("STOPPING=1")
+    finally:
+        launch.interrupt_command()
+        for task in tasks:
+            task.cancel()
+        await server.stop()
+    return await launch.command_status()
+
+
+async def _until_stop(stopping: asyncio.Event, server: NbdServer, endpoints: Endpoints,
+                      launch: Launch) -> None:
+    """Wait for a reason to stop: a signal or the end of the --run command."""
+    waits = [asyncio.ensure_future(stopping.wait())]
+    if launch.process is not None:
+        waits.append(asyncio.ensure_future(launch.process.wait()))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
+
+
+def first_export(cli: dict, config: ServerConfig) -> str:
+    """The export a --run command is pointed at: the first of the command line's,
+    else of the config's."""
+    return next(iter(cli), None) or next(iter(config.exports), "")
 
 
 class Reloader:

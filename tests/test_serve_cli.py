@@ -3,6 +3,8 @@ where it listens, the familiar flags, flags that meet a config file."""
 
 import contextlib
 import json
+import os
+import signal
 import socket
 import subprocess
 
@@ -187,3 +189,115 @@ def test_export_name_description_and_short_read_only(image):
 def test_export_name_needs_exactly_one_path(image):
     assert "-x" in one_line_error(serve_fails("-x", "a", image, image), 2)
     assert "-x" in one_line_error(serve_fails("-x", "a", f"b={image}"), 2)
+
+
+# -- 1. --run: nbdkit's captive mode ------------------------------------------------------
+
+VARIABLES = 'printf "%s\\n" "$uri" "$nbd" "$port" "$unixsocket" "$exportname"'
+
+
+def test_run_sets_nbdkits_variables_and_exits_with_the_commands_status(image):
+    port = free_port()
+    result = serve_fails("-p", port, "-x", "disk 1", image, "-q",
+                         "--run", f'{VARIABLES}; nbdinfo --size "$uri"; exit 3')
+    assert result.returncode == 3, result.stderr
+    uri = f"nbd://127.0.0.1:{port}/disk%201"
+    assert result.stdout.splitlines() == [uri, uri, str(port), "", "disk 1", str(SIZE)]
+
+
+def test_run_over_a_unix_socket(tmp_path, image):
+    sock = tmp_path / "nbd.sock"
+    result = serve_fails("--unix", sock, f"d={image}", "-q",
+                         "--run", f'{VARIABLES}; nbdinfo --size "$uri"')
+    assert result.returncode == 0, result.stderr
+    uri = f"nbd+unix:///d?socket={sock}"
+    assert result.stdout.splitlines() == [uri, uri, "", str(sock), "d", str(SIZE)]
+    assert not sock.exists()
+
+
+def test_run_stops_with_the_writes_committed(tmp_path):
+    qcow = tmp_path / "disk.qcow"
+    run(["qemu-img", "create", "-q", "-f", "qcow", qcow, "16M"])
+    result = serve_fails("-p", free_port(), qcow,
+                         "--run", 'qemu-io -f raw -c "write -P 0x5a 1M 3M" "$uri"')
+    assert result.returncode == 0, result.stderr
+    assert "stopping" in result.stderr
+    run(["qemu-io", "-f", "qcow", "-r", "-c", "read -P 0x5a 1M 3M", "-c", "read -P 0 0 1M",
+         qcow])
+    assert run(qcownbd_cmd("check", qcow), env=qcownbd_env()).returncode == 0
+
+
+def test_a_signal_ends_the_run_command_too(image):
+    port = free_port()
+    proc = subprocess.Popen(qcownbd_cmd("serve", "-p", port, "-r", image,
+                                        "--run", "sleep 60"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=qcownbd_env())
+    try:
+        assert wait_for(lambda: accepts(("127.0.0.1", port)), 20)
+        proc.terminate()
+        assert proc.wait(30) == 128 + 15      # sleep's status: killed by SIGTERM
+    finally:
+        stop_process(proc)
+        proc.stderr.close()
+
+
+def test_run_and_fork_do_not_mix(image):
+    assert "--fork" in one_line_error(serve_fails("--fork", "--run", "true", image), 2)
+
+
+# -- 2 and 3. --pid-file and --fork ---------------------------------------------------------
+
+def test_pid_file_is_written_once_listening_and_removed_at_exit(tmp_path, image):
+    pid_file, port = tmp_path / "qcownbd.pid", free_port()
+    proc = subprocess.Popen(qcownbd_cmd("serve", "-p", port, "--pid-file", pid_file, image),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=qcownbd_env())
+    try:
+        assert wait_for(pid_file.exists, 20), "no pid file"
+        # the moment it exists, the server accepts: no retry loop needed
+        assert accepts(("127.0.0.1", port))
+        assert pid_file.read_text() == f"{proc.pid}\n"
+    finally:
+        assert stop_process(proc) == 0
+    assert not pid_file.exists()
+
+
+def test_fork_returns_once_listening_and_logs_on(tmp_path, image):
+    pid_file, log, port = tmp_path / "qcownbd.pid", tmp_path / "log", free_port()
+    with open(log, "w") as stderr:
+        # capture_output would hang if the daemon kept a pipe; stderr goes to a file here
+        parent = subprocess.run(
+            qcownbd_cmd("serve", "--fork", "-p", port, "--pid-file", pid_file, image),
+            timeout=30, env=qcownbd_env(), stderr=stderr, stdout=subprocess.PIPE, check=True)
+    assert parent.stdout == b""
+    pid = int(pid_file.read_text())
+    try:
+        copy = run(["nbdcopy", f"nbd://127.0.0.1:{port}", "-"], timeout=30).stdout
+        assert copy.startswith(BANNER.decode())
+        assert wait_for(lambda: "closed export=disk" in log.read_text())
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        assert wait_for(lambda: not pid_file.exists(), 30), "the daemon did not stop"
+    assert "stopping" in log.read_text()
+
+
+def test_fork_with_output_captured_still_returns(tmp_path, image):
+    port = free_port()
+    pid_file = tmp_path / "pid"
+    parent = run(qcownbd_cmd("serve", "--fork", "-p", port, "--pid-file", pid_file, "-r", image),
+                 timeout=30, env=qcownbd_env())
+    try:
+        assert f"listening on 127.0.0.1:{port}" in parent.stderr
+        assert "stderr is a pipe" in parent.stderr
+        assert int(run(["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"]).stdout) == SIZE
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)
+        assert wait_for(lambda: not pid_file.exists(), 30)
+
+
+def test_fork_reports_the_childs_error(image):
+    port = free_port()
+    with serving("-p", port, "-r", image, at=("127.0.0.1", port)):
+        result = serve_fails("--fork", "-q", "-p", port, "-r", image)
+    assert f"127.0.0.1:{port}" in one_line_error(result, 1)

@@ -3,6 +3,7 @@
     qcownbd serve [--listen HOST:PORT]... [-p PORT] [--unix PATH] [-r]
                   [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
+                  [--fork] [--pid-file FILE] [--run CMD]
                   [NAME=PATH | PATH]...
 
 Signals and the life cycle of the server are `qcownbd.service`'s.
@@ -21,6 +22,7 @@ from qcownbd.config import (
 from qcownbd.console import setup_logging
 from qcownbd.errors import ConfigError, UsageError
 from qcownbd.image import formats
+from qcownbd.launch import Launch
 from qcownbd.nbd.constants import DEFAULT_PORT
 
 
@@ -31,6 +33,7 @@ def register(sub, common) -> None:
     _listen_options(parser.add_argument_group("where to listen"))
     _export_options(parser.add_argument_group("what to serve"))
     _tls_options(parser.add_argument_group("TLS"))
+    _script_options(parser.add_argument_group("scripts, daemons and inetd"))
     parser.add_argument("exports", nargs="*", metavar="NAME=PATH | PATH",
                         help="images to serve; a bare PATH is named after its file")
     parser.set_defaults(func=run)
@@ -70,6 +73,24 @@ def _tls_options(group) -> None:
     group.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
     group.add_argument("--tls-ca", metavar="FILE",
                        help="CA (PEM) that must have signed every client's certificate")
+
+
+def _script_options(group) -> None:
+    group.add_argument("--fork", action="store_true",
+                       help="detach once listening: `qcownbd serve --fork ... && client` works")
+    group.add_argument("--pid-file", metavar="FILE",
+                       help="write the server's pid here once listening; removed at exit")
+    group.add_argument("--run", metavar="CMD",
+                       help="once listening, run CMD with /bin/sh, $uri (also $nbd), $port, "
+                            "$unixsocket and $exportname set; stop when it exits, with its "
+                            "status (nbdkit's captive mode)")
+
+
+def launch_from_args(args) -> Launch:
+    """The Launch of --fork, --pid-file and --run (--run and --fork cannot mix)."""
+    if args.fork and args.run:
+        raise UsageError("--run keeps the server in the foreground: drop --fork")
+    return Launch(fork=args.fork, pid_file=args.pid_file, command=args.run)
 
 
 #: options that shape the command-line images, and what they are called in errors
@@ -163,5 +184,6 @@ def tls_from_args(config: ServerConfig, args) -> None:
 def run(args) -> int:
     """Entry point of `qcownbd serve`."""
     setup_logging(args, "info")
+    launch = launch_from_args(args)
     config, cli, load = build_config(args)
-    return service.run(config, cli, load)
+    return service.run(config, cli, load, launch)

@@ -245,6 +245,10 @@ class NbdServer:
             self._servers.append(server)
             log.info("listening on inherited socket %s", _sockname(sock))
 
+    def addresses(self) -> list:
+        """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
+        return [sock.getsockname() for server in self._servers for sock in server.sockets]
+
     # -------------------------------------------------------------- running
 
     async def commit_metadata_forever(self) -> None:
