@@ -6,7 +6,8 @@ status after the child's one-line error); `--pid-file` is written then
 (atomically) and removed at exit, after the images are committed; `--run
 CMD` runs CMD then, with nbdkit's captive-mode variables ($uri, $nbd,
 $port, $unixsocket, $exportname, $tls), and the server stops and exits
-with CMD's status when CMD exits.
+with CMD's status when CMD exits.  `--stdin` serves the one connection
+handed over on standard input (inetd).
 
 A detached server keeps logging to the stderr it was started with, unless
 that is a pipe or a socket other than the journal: whoever reads one (a
@@ -19,11 +20,12 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import stat
 import sys
 from urllib.parse import quote
 
-from qcownbd.errors import ConfigError
+from qcownbd.errors import ConfigError, UsageError
 
 log = logging.getLogger("qcownbd.server")
 
@@ -34,7 +36,7 @@ COMMAND_GRACE = 10.0
 
 
 class Launch:
-    """The start as the command line asked for it: --fork, --pid-file, --run.
+    """The start as the command line asked for it: --fork, --pid-file, --run, --stdin.
 
     `detach` runs before the images are opened (their locks belong to the
     process that serves them); `listening` once the server accepts clients;
@@ -42,8 +44,8 @@ class Launch:
     """
 
     def __init__(self, *, fork: bool = False, pid_file: str | None = None,
-                 command: str | None = None):
-        self.fork, self.command = fork, command
+                 command: str | None = None, stdin: bool = False):
+        self.fork, self.command, self.stdin = fork, command, stdin
         self.pid_file = PidFile(pid_file) if pid_file else None
         self._ready_fd: int | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -203,3 +205,30 @@ def _reachable(host: str) -> str:
     if host == "::":
         return "[::1]"
     return f"[{host}]" if ":" in host else host
+
+
+def stdin_socket() -> socket.socket:
+    """--stdin: the connected socket on standard input (inetd, systemd's
+    StandardInput=socket, `nbdinfo [ CMD ]`); stdin and stdout then become /dev/null,
+    and so does stderr when it is the same socket (inetd's way), lest a log line
+    reach the client."""
+    try:
+        st = os.fstat(0)
+    except OSError:
+        st = None
+    if st is None or not stat.S_ISSOCK(st.st_mode):
+        raise UsageError("--stdin: standard input is not a socket (start me from inetd, a "
+                         "systemd socket with Accept=yes, or a client such as nbdinfo [ CMD ])")
+    sock = socket.socket(fileno=os.dup(0))
+    stderr_too = False
+    if sock.type != socket.SOCK_STREAM or sock.getsockopt(socket.SOL_SOCKET,
+                                                         socket.SO_ACCEPTCONN):
+        sock.close()
+        raise UsageError("--stdin: standard input is not a connected stream socket")
+    with contextlib.suppress(OSError):
+        stderr_too = os.path.samestat(st, os.fstat(2))
+    _to_devnull(0)
+    _to_devnull(1)
+    if stderr_too:
+        _to_devnull(2)
+    return sock

@@ -1,8 +1,9 @@
 """The server's life cycle: open the exports, listen, serve, reload, stop.
 
 Signals: SIGTERM/SIGINT stop (in-flight requests finish, images are
-committed and closed, exit 0); so does the end of a --run command (exit
-with its status): `qcownbd.launch` has the rest of the script side.  SIGHUP reloads the config file's exports
+committed and closed, exit 0); so do the end of a --run command (exit with
+its status) and of the last handed-over connection (--stdin, systemd's
+Accept=yes), `qcownbd.launch` has the rest of the script side.  SIGHUP reloads the config file's exports
 and rereads the TLS certificate, key and CA files (same paths: certificates
 are rotated by replacing the files; the TLS mode needs a restart).  Under
 systemd the inherited sockets are used and READY/RELOADING/STOPPING/STATUS
@@ -28,8 +29,8 @@ from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
-from qcownbd.launch import Launch
-from qcownbd.nbd.server import NbdServer, raise_fd_limit
+from qcownbd.launch import Launch, stdin_socket
+from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
 from qcownbd.nbd.tls import server_context
 
 log = logging.getLogger("qcownbd.server")
@@ -68,9 +69,11 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
 @dataclass
 class Endpoints:
     """Where clients come from: sockets inherited listening (systemd socket
-    activation), or else the addresses to listen on."""
+    activation), connections handed over (--stdin, systemd's Accept=yes: served
+    alone, and the server ends with them), or else the addresses to listen on."""
 
     listening: list[socket.socket]
+    connected: list[socket.socket]
     tcp: list[str]
     unix: str | None
 
@@ -78,17 +81,26 @@ class Endpoints:
     def choose(cls, config: ServerConfig, launch: Launch) -> "Endpoints":
         """What the environment and ``config`` say; ConfigError when nowhere is left."""
         inherited = systemd.inherited_sockets()
-        if inherited:
-            return cls(inherited, [], None)
+        connected = [sock for sock in inherited if not is_listening(sock)]
+        if launch.stdin:
+            connected.append(stdin_socket())
+        listening = [sock for sock in inherited if is_listening(sock)]
+        if inherited or connected:
+            return cls(listening, connected, [], None)
         tcp = tcp_addresses(config)
         if not tcp and not config.unix:
             raise ConfigError("nowhere to listen: listen = [] and no unix socket "
                               "(give --listen or --unix)")
-        return cls([], tcp, config.unix)
+        return cls([], [], tcp, config.unix)
+
+    @property
+    def single(self) -> bool:
+        """Only handed-over connections: the server stops when they have ended."""
+        return not (self.listening or self.tcp or self.unix)
 
     async def open(self, server: NbdServer) -> None:
         """Listen, adopt, serve."""
-        await server.adopt(self.listening)
+        await server.adopt(self.listening + self.connected)
         for address in self.tcp:
             await server.listen_tcp(*parse_listen(address))
         if self.unix:
@@ -122,8 +134,8 @@ def tls_context_for(config: ServerConfig):
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                 load: Callable[[], ServerConfig] | None, tls_context, endpoints: Endpoints,
                 launch: Launch) -> int:
-    """Listen, serve until SIGTERM/SIGINT (or the --run command ends), then stop
-    cleanly; the exit status."""
+    """Listen, serve until SIGTERM/SIGINT (or the --run command or the handed-over
+    connection ends), then stop cleanly; the exit status."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
                        zero_copy=not faults.injecting(),
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
@@ -152,10 +164,13 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
 
 async def _until_stop(stopping: asyncio.Event, server: NbdServer, endpoints: Endpoints,
                       launch: Launch) -> None:
-    """Wait for a reason to stop: a signal or the end of the --run command."""
+    """Wait for a reason to stop: a signal, the end of the --run command, or (serving
+    handed-over connections only) the end of the last one."""
     waits = [asyncio.ensure_future(stopping.wait())]
     if launch.process is not None:
         waits.append(asyncio.ensure_future(launch.process.wait()))
+    if endpoints.single:
+        waits.append(asyncio.ensure_future(server.wait_idle()))
     try:
         await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
     finally:

@@ -301,3 +301,86 @@ def test_fork_reports_the_childs_error(image):
     with serving("-p", port, "-r", image, at=("127.0.0.1", port)):
         result = serve_fails("--fork", "-q", "-p", port, "-r", image)
     assert f"127.0.0.1:{port}" in one_line_error(result, 1)
+
+
+# -- 5. one connection handed over on standard input ----------------------------------
+
+def libnbd(script: str, *args) -> subprocess.CompletedProcess:
+    """Run ``script`` with libnbd's Python module (sys.argv[1:] = ``args``)."""
+    return run(["/usr/bin/python3", "-c", "import nbd, sys\n" + script, *args], timeout=60,
+               env=qcownbd_env())
+
+
+def test_stdin_serves_one_connection_from_a_socketpair(image):
+    script = ("h = nbd.NBD()\n"
+              "h.connect_command(sys.argv[1:])\n"
+              "h.pwrite(b'handed over', 4096)\n"
+              "h.flush()\n"
+              "print(h.get_size(), h.pread(11, 4096).decode(), h.is_read_only())\n"
+              "h.shutdown()\n")
+    out = libnbd(script, *qcownbd_cmd("serve", "--stdin", image)).stdout
+    assert out.split() == [str(SIZE), "handed", "over", "False"]
+    with open(image, "rb") as disk:
+        disk.seek(4096)
+        assert disk.read(11) == b"handed over"
+
+
+def test_stdin_with_stderr_on_the_same_socket_keeps_the_log_off_it(image):
+    # inetd hands the socket over as stdin, stdout and stderr alike
+    script = ("import socket, subprocess\n"
+              "ours, theirs = socket.socketpair()\n"
+              "proc = subprocess.Popen(sys.argv[1:], stdin=theirs, stdout=theirs, "
+              "stderr=theirs)\n"
+              "theirs.close()\n"
+              "h = nbd.NBD()\n"
+              "h.connect_socket(ours.detach())\n"
+              "print(h.pread(17, 0).decode())\n"
+              "h.shutdown()\n"
+              "print(proc.wait(30))\n")
+    out = libnbd(script, *qcownbd_cmd("serve", "--stdin", "-v", image)).stdout
+    assert out.splitlines() == [BANNER[:17].decode(), "0"]
+
+
+def activate(*options, serve_args) -> subprocess.Popen:
+    """`systemd-socket-activate OPTIONS -l 127.0.0.1:PORT qcownbd serve ARGS`, listening."""
+    port = free_port()
+    proc = subprocess.Popen(["systemd-socket-activate", *options, "-l", f"127.0.0.1:{port}",
+                             "-E", f"PYTHONPATH={qcownbd_env()['PYTHONPATH']}",
+                             *qcownbd_cmd("serve", *serve_args)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "Listening on" in line, line
+    proc.port = port
+    return proc
+
+
+@pytest.mark.parametrize("options, serve_args", [
+    (["--inetd", "--accept"], ["--stdin"]),      # inetd: the connection on stdin
+    (["--accept"], []),                          # Accept=yes: connected fd 3, LISTEN_FDS=1
+])
+def test_an_instance_per_connection(image, options, serve_args):
+    proc = activate(*options, serve_args=[*serve_args, "-r", image])
+    try:
+        for _client in range(2):
+            uri = f"nbd://127.0.0.1:{proc.port}"
+            assert int(run(["nbdinfo", "--size", uri], timeout=30).stdout) == SIZE
+            read = run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x2e 17 495", uri],
+                       timeout=30)
+            assert "read 495/495 bytes" in read.stdout
+        # each instance ended with its connection
+        assert wait_for(lambda: not _children(proc.pid), 20)
+    finally:
+        stop_process(proc)
+        proc.stderr.close()
+
+
+def _children(pid: int) -> list[str]:
+    """The pids of the live children of ``pid``."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return children.read().split()
+
+
+def test_stdin_that_is_not_a_socket_is_one_line(image):
+    line = one_line_error(serve_fails("--stdin", image, stdin=subprocess.DEVNULL), 2)
+    assert "not a socket" in line
+    assert "--listen" in one_line_error(serve_fails("--stdin", "--listen", "1", image), 2)

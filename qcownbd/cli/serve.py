@@ -3,7 +3,7 @@
     qcownbd serve [--listen HOST:PORT]... [-p PORT] [--unix PATH] [-r]
                   [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
-                  [--fork] [--pid-file FILE] [--run CMD]
+                  [--fork] [--pid-file FILE] [--run CMD] [--stdin]
                   [NAME=PATH | PATH]...
 
 Signals and the life cycle of the server are `qcownbd.service`'s.
@@ -84,13 +84,25 @@ def _script_options(group) -> None:
                        help="once listening, run CMD with /bin/sh, $uri (also $nbd), $port, "
                             "$unixsocket and $exportname set; stop when it exits, with its "
                             "status (nbdkit's captive mode)")
+    group.add_argument("--stdin", action="store_true",
+                       help="serve the one connection on standard input and exit when it "
+                            "ends (inetd, systemd Accept=yes, nbdinfo [ CMD ])")
 
 
 def launch_from_args(args) -> Launch:
-    """The Launch of --fork, --pid-file and --run (--run and --fork cannot mix)."""
+    """The Launch of --fork, --pid-file, --run and --stdin, refusing combinations that
+    cannot mean anything."""
     if args.fork and args.run:
         raise UsageError("--run keeps the server in the foreground: drop --fork")
-    return Launch(fork=args.fork, pid_file=args.pid_file, command=args.run)
+    if args.stdin:
+        clash = [option for option, value in (
+            ("--listen", args.listen), ("-p/--port", args.port), ("--unix", args.unix),
+            ("--fork", args.fork), ("--pid-file", args.pid_file), ("--run", args.run))
+            if value]
+        if clash:
+            raise UsageError(f"--stdin serves the connection on standard input, without "
+                             f"listening: drop {', '.join(clash)}")
+    return Launch(fork=args.fork, pid_file=args.pid_file, command=args.run, stdin=args.stdin)
 
 
 #: options that shape the command-line images, and what they are called in errors

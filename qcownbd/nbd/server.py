@@ -233,11 +233,16 @@ class NbdServer:
         log.info("listening on %s", path)
 
     async def adopt(self, sockets: list[socket.socket]) -> None:
-        """Serve on sockets inherited from systemd (socket activation)."""
+        """Serve on inherited sockets: a listening one (systemd socket activation) for
+        every client that comes; a connected one (inetd, --stdin, systemd's Accept=yes)
+        as the one client it is."""
         loop = asyncio.get_running_loop()
         for sock in sockets:
             sock.setblocking(False)
             factory = lambda: NbdConnection(self)  # noqa: E731
+            if not is_listening(sock):
+                await loop.connect_accepted_socket(factory, sock)
+                continue
             if sock.family == socket.AF_UNIX:
                 server = await loop.create_unix_server(factory, sock=sock)
             else:
@@ -248,6 +253,10 @@ class NbdServer:
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
         return [sock.getsockname() for server in self._servers for sock in server.sockets]
+
+    async def wait_idle(self) -> None:
+        """Return once no client is connected."""
+        await self._idle.wait()
 
     # -------------------------------------------------------------- running
 
@@ -301,6 +310,11 @@ def raise_fd_limit() -> int:
         except (ValueError, OSError) as exc:
             log.warning("cannot raise the open-files limit from %d: %s", soft, exc)
     return soft
+
+
+def is_listening(sock: socket.socket) -> bool:
+    """Whether ``sock`` accepts connections (else it is one connection already)."""
+    return bool(sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN))
 
 
 def _sockname(sock) -> str:
