@@ -27,10 +27,10 @@ def image(tmp_path):
     return raw_file(tmp_path / "disk.raw", BANNER, SIZE)
 
 
-def serve_fails(*args, **kwargs) -> subprocess.CompletedProcess:
-    """`qcownbd serve ARGS`, expected to exit by itself."""
-    return run(qcownbd_cmd("serve", *args), timeout=30, check=False, env=qcownbd_env(),
-               **kwargs)
+def serve_exits(*args, env=None, **kwargs) -> subprocess.CompletedProcess:
+    """`qcownbd serve ARGS`, expected to exit by itself (``env``: more variables)."""
+    return run(qcownbd_cmd("serve", *args), timeout=30, check=False,
+               env=qcownbd_env(**(env or {})), **kwargs)
 
 
 def accepts(where) -> bool:
@@ -42,11 +42,11 @@ def accepts(where) -> bool:
 
 
 @contextlib.contextmanager
-def serving(*args, at):
+def serving(*args, at, env=None):
     """`qcownbd serve ARGS` until the block ends, once it accepts ``at`` (a Unix socket
     path or (host, port)); it must then stop cleanly on SIGTERM."""
     proc = subprocess.Popen(qcownbd_cmd("serve", *args), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=qcownbd_env())
+                            stderr=subprocess.PIPE, text=True, env=qcownbd_env(**(env or {})))
     try:
         assert wait_for(lambda: proc.poll() is not None or accepts(at), 20)
         assert proc.poll() is None, proc.stderr.read()
@@ -97,7 +97,7 @@ def test_config_with_a_unix_socket_and_no_listen_binds_no_tcp(tmp_path, image, s
 def test_an_empty_listen_list_alone_is_one_line(tmp_path, image):
     config = tmp_path / "c.toml"
     config.write_text(f'[server]\nlisten = []\n[exports.d]\npath = "{image}"\n')
-    assert "nowhere to listen" in one_line_error(serve_fails("--config", config), 1)
+    assert "nowhere to listen" in one_line_error(serve_exits("--config", config), 1)
 
 
 # -- 7. --listen HOST, :PORT, PORT; a port in use --------------------------------------
@@ -132,7 +132,7 @@ def test_listen_forms_serve_real_clients(image, form, host):
 def test_a_port_in_use_is_named_and_listen_suggested(image):
     port = free_port()
     with serving("-p", port, "-r", f"d={image}", at=("127.0.0.1", port)):
-        line = one_line_error(serve_fails("--listen", f"127.0.0.1:{port}", "-r", f"e={image}",
+        line = one_line_error(serve_exits("--listen", f"127.0.0.1:{port}", "-r", f"e={image}",
                                           "-q"), 1)
     assert f"127.0.0.1:{port}" in line and "--listen" in line
 
@@ -153,11 +153,12 @@ def test_read_only_applies_to_config_exports(tmp_path, image):
     assert image.read_bytes() == before
 
 
-@pytest.mark.parametrize("flag", [["--format", "raw"], ["-x", "name"], ["-D", "text"]])
+@pytest.mark.parametrize("flag", [["--format", "raw"], ["-x", "name"], ["-D", "text"],
+                                  ["-s"]])
 def test_image_flags_without_command_line_images_are_refused(tmp_path, image, flag):
     config = tmp_path / "c.toml"
     config.write_text(f'[exports.c]\npath = "{image}"\n')
-    line = one_line_error(serve_fails("--config", config, *flag), 2)
+    line = one_line_error(serve_exits("--config", config, *flag), 2)
     assert flag[0] in line
 
 
@@ -187,8 +188,8 @@ def test_export_name_description_and_short_read_only(image):
 
 
 def test_export_name_needs_exactly_one_path(image):
-    assert "-x" in one_line_error(serve_fails("-x", "a", image, image), 2)
-    assert "-x" in one_line_error(serve_fails("-x", "a", f"b={image}"), 2)
+    assert "-x" in one_line_error(serve_exits("-x", "a", image, image), 2)
+    assert "-x" in one_line_error(serve_exits("-x", "a", f"b={image}"), 2)
 
 
 # -- 1. --run: nbdkit's captive mode ------------------------------------------------------
@@ -198,7 +199,7 @@ VARIABLES = 'printf "%s\\n" "$uri" "$nbd" "$port" "$unixsocket" "$exportname"'
 
 def test_run_sets_nbdkits_variables_and_exits_with_the_commands_status(image):
     port = free_port()
-    result = serve_fails("-p", port, "-x", "disk 1", image, "-q",
+    result = serve_exits("-p", port, "-x", "disk 1", image, "-q",
                          "--run", f'{VARIABLES}; nbdinfo --size "$uri"; exit 3')
     assert result.returncode == 3, result.stderr
     uri = f"nbd://127.0.0.1:{port}/disk%201"
@@ -207,7 +208,7 @@ def test_run_sets_nbdkits_variables_and_exits_with_the_commands_status(image):
 
 def test_run_over_a_unix_socket(tmp_path, image):
     sock = tmp_path / "nbd.sock"
-    result = serve_fails("--unix", sock, f"d={image}", "-q",
+    result = serve_exits("--unix", sock, f"d={image}", "-q",
                          "--run", f'{VARIABLES}; nbdinfo --size "$uri"')
     assert result.returncode == 0, result.stderr
     uri = f"nbd+unix:///d?socket={sock}"
@@ -218,7 +219,7 @@ def test_run_over_a_unix_socket(tmp_path, image):
 def test_run_stops_with_the_writes_committed(tmp_path):
     qcow = tmp_path / "disk.qcow"
     run(["qemu-img", "create", "-q", "-f", "qcow", qcow, "16M"])
-    result = serve_fails("-p", free_port(), qcow,
+    result = serve_exits("-p", free_port(), qcow,
                          "--run", 'qemu-io -f raw -c "write -P 0x5a 1M 3M" "$uri"')
     assert result.returncode == 0, result.stderr
     assert "stopping" in result.stderr
@@ -243,7 +244,7 @@ def test_a_signal_ends_the_run_command_too(image):
 
 
 def test_run_and_fork_do_not_mix(image):
-    assert "--fork" in one_line_error(serve_fails("--fork", "--run", "true", image), 2)
+    assert "--fork" in one_line_error(serve_exits("--fork", "--run", "true", image), 2)
 
 
 # -- 2 and 3. --pid-file and --fork ---------------------------------------------------------
@@ -299,7 +300,7 @@ def test_fork_with_output_captured_still_returns(tmp_path, image):
 def test_fork_reports_the_childs_error(image):
     port = free_port()
     with serving("-p", port, "-r", image, at=("127.0.0.1", port)):
-        result = serve_fails("--fork", "-q", "-p", port, "-r", image)
+        result = serve_exits("--fork", "-q", "-p", port, "-r", image)
     assert f"127.0.0.1:{port}" in one_line_error(result, 1)
 
 
@@ -381,6 +382,55 @@ def _children(pid: int) -> list[str]:
 
 
 def test_stdin_that_is_not_a_socket_is_one_line(image):
-    line = one_line_error(serve_fails("--stdin", image, stdin=subprocess.DEVNULL), 2)
+    line = one_line_error(serve_exits("--stdin", image, stdin=subprocess.DEVNULL), 2)
     assert "not a socket" in line
-    assert "--listen" in one_line_error(serve_fails("--stdin", "--listen", "1", image), 2)
+    assert "--listen" in one_line_error(serve_exits("--stdin", "--listen", "1", image), 2)
+
+
+# -- 8. -s/--snapshot: throw-away writes -------------------------------------------------
+
+def open_mode(pid: int, path) -> int:
+    """The access mode (os.O_RDONLY...) of the process's descriptor of ``path``."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if os.path.realpath(f"/proc/{pid}/fd/{fd}") == os.path.realpath(path):
+            with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                flags = next(line for line in info if line.startswith("flags:"))
+            return int(flags.split()[1], 8) & os.O_ACCMODE
+    raise AssertionError(f"{path} is not open")
+
+
+def test_snapshot_throws_writes_away_and_leaves_nothing_behind(tmp_path, image):
+    temp, port = tmp_path / "tmp", free_port()
+    temp.mkdir()
+    before = image.read_bytes()
+    uri = f"nbd://127.0.0.1:{port}/disk"
+    with serving("-s", "-p", port, image, at=("127.0.0.1", port),
+                 env={"TMPDIR": str(temp)}) as proc:
+        assert open_mode(proc.pid, image) == os.O_RDONLY
+        (overlay_dir,) = temp.iterdir()
+        assert overlay_dir.stat().st_mode & 0o777 == 0o700
+        assert nbdinfo_json(uri)["is_read_only"] is False
+        run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 1M", uri])
+        # the writes are there for every client until the server stops...
+        run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x5a 0 1M", uri])
+        # ...and the image is not held for writing: QEMU may read it meanwhile
+        run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x2e 17 495", image])
+    assert image.read_bytes() == before
+    assert list(temp.iterdir()) == []
+
+
+def test_snapshot_of_a_qcow1_image_with_a_pinned_format(tmp_path):
+    qcow = tmp_path / "disk.qcow"
+    run(["qemu-img", "create", "-q", "-f", "qcow", qcow, "8M"])
+    run(["qemu-io", "-f", "qcow", "-c", "write -P 0x11 0 2M", qcow])
+    before = qcow.read_bytes()
+    result = serve_exits("-s", "--format", "qcow1", "-p", free_port(), qcow, "--run",
+                         'qemu-io -f raw -c "read -P 0x11 0 2M" -c "write -P 0x22 1M 2M" '
+                         '-c "read -P 0x11 0 1M" -c "read -P 0x22 1M 2M" "$uri"',
+                         env={"TMPDIR": str(tmp_path)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("read ") == 3 and "Pattern verification failed" \
+        not in result.stdout
+    assert qcow.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow"]
+

@@ -1,7 +1,7 @@
 """`qcownbd serve`: run the NBD server for exports named on the command line or in a config.
 
     qcownbd serve [--listen HOST:PORT]... [-p PORT] [--unix PATH] [-r]
-                  [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [--config FILE] [--demo]
+                  [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [-s] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
                   [--fork] [--pid-file FILE] [--run CMD] [--stdin]
                   [NAME=PATH | PATH]...
@@ -12,6 +12,7 @@ Signals and the life cycle of the server are `qcownbd.service`'s.
 import argparse
 import dataclasses
 import os
+import signal
 from pathlib import Path
 
 from qcownbd import service
@@ -20,8 +21,9 @@ from qcownbd.config import (
     check_tls, format_listen, load_config, make_read_only, parse_listen,
 )
 from qcownbd.console import setup_logging
-from qcownbd.errors import ConfigError, UsageError
+from qcownbd.errors import ConfigError, ImageFormatError, UsageError
 from qcownbd.image import formats
+from qcownbd.image.snapshot import ThrowawayOverlays
 from qcownbd.launch import Launch
 from qcownbd.nbd.constants import DEFAULT_PORT
 
@@ -61,6 +63,9 @@ def _export_options(group) -> None:
                        help="name of the one command-line image (default: its file's stem)")
     group.add_argument("-D", "--description", metavar="TEXT",
                        help="description of the command-line images (nbdinfo --list shows it)")
+    group.add_argument("-s", "--snapshot", action="store_true",
+                       help="throw-away writes: serve the command-line images through "
+                            "temporary overlays, deleted at exit; the images never change")
     group.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
     group.add_argument("--demo", action="store_true",
                        help="serve a small demo QCOW1 image as export 'demo'")
@@ -107,7 +112,7 @@ def launch_from_args(args) -> Launch:
 
 #: options that shape the command-line images, and what they are called in errors
 IMAGE_OPTIONS = {"format": "--format", "export_name": "-x/--export-name",
-                 "description": "-D/--description"}
+                 "description": "-D/--description", "snapshot": "-s/--snapshot"}
 
 
 def cli_exports(args) -> dict[str, ExportConfig]:
@@ -115,7 +120,8 @@ def cli_exports(args) -> dict[str, ExportConfig]:
     specs = list(args.exports)
     if args.demo:
         specs.append(f"demo={service.demo_image()}")
-    given = [option for key, option in IMAGE_OPTIONS.items() if getattr(args, key) is not None]
+    given = [option for key, option in IMAGE_OPTIONS.items()
+             if getattr(args, key) not in (None, False)]
     if given and not specs:
         # a flag that would change nothing is refused, never ignored
         raise UsageError(f"{', '.join(given)} shape(s) the command-line images, and there is "
@@ -198,4 +204,27 @@ def run(args) -> int:
     setup_logging(args, "info")
     launch = launch_from_args(args)
     config, cli, load = build_config(args)
-    return service.run(config, cli, load, launch)
+    with ThrowawayOverlays() as overlays:
+        if args.snapshot:
+            # until the server's own handlers are up, SIGTERM must still unwind (and
+            # so delete the overlays), not kill outright
+            signal.signal(signal.SIGTERM, _unwind)
+            cli = {name: throwaway(export, overlays) for name, export in cli.items()}
+        return service.run(config, cli, load, launch)
+
+
+def throwaway(export: ExportConfig, overlays: ThrowawayOverlays) -> ExportConfig:
+    """-s: ``export`` served through a new overlay of its image (opened read-only)."""
+    try:
+        overlay = overlays.overlay(export.path, export.format)
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"export {export.name}: {exc}") from None
+    # the image itself must pass a backing_dirs fence, as the overlay's backing file
+    dirs = export.backing_dirs and (*export.backing_dirs, os.path.realpath(export.path))
+    return dataclasses.replace(
+        export, path=overlay, format=formats.QCOW1.name, backing_dirs=dirs,
+        backing_format=None if export.format == "auto" else export.format)
+
+
+def _unwind(signum, _frame):
+    raise SystemExit(128 + signum)
