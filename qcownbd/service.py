@@ -23,12 +23,13 @@ from qcownbd import systemd
 from qcownbd.config import (
     ExportConfig, ServerConfig, parse_listen, tcp_addresses,
 )
-from qcownbd.errors import ConfigError
-from qcownbd.exports import ExportRegistry, ImageProvider
+from qcownbd.errors import ConfigError, ImageFormatError
+from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
+from qcownbd.image.window import WindowSpec
 from qcownbd.launch import Launch, stdin_socket
 from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
 from qcownbd.nbd.tls import server_context
@@ -41,10 +42,12 @@ DEMO_BANNER = (b"qcownbd demo disk\n"
 
 
 def run(config: ServerConfig, cli: dict[str, ExportConfig],
-        load: Callable[[], ServerConfig] | None, launch: Launch | None = None) -> int:
+        load: Callable[[], ServerConfig] | None, launch: Launch | None = None,
+        window: WindowSpec | None = None) -> int:
     """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop;
-    ``load()`` reads the config file again (SIGHUP), None when there is none.  Returns
-    the exit status (the --run command's, with one).
+    ``load()`` reads the config file again (SIGHUP), None when there is none; of each
+    command-line image only its ``window`` is served.  Returns the exit status (the
+    --run command's, with one).
 
     A command-line export that cannot open is the operator's typo: it fails
     the start; a config file's broken export is logged and refused instead.
@@ -58,12 +61,27 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     registry = ExportRegistry([images, FleetProvider(images)])
     try:
         for export_config in cli.values():
-            registry.add(registry.open_export(export_config))
+            registry.add(open_cli_export(images, export_config, window))
         registry.apply({**cli, **config.exports})
         return asyncio.run(serve(config, cli, registry, load, tls_context, endpoints, launch))
     finally:
         registry.close_all()
         launch.close()
+
+
+def open_cli_export(images: ImageProvider, config: ExportConfig,
+                    window: WindowSpec | None) -> Export:
+    """The export of a command-line image, or of its ``window``."""
+    backend = images.open_backend(config)
+    if window is None:
+        return Export(config, backend)
+    try:
+        part = window.apply(backend)
+    except ImageFormatError as exc:
+        raise ImageFormatError(f"export {config.name}: {config.path}: {exc}") from None
+    log.info("export %s: %s: bytes %d to %d", config.name, window.describe(), part.offset,
+             part.offset + part.size)
+    return Export(config, part)
 
 
 @dataclass

@@ -4,6 +4,7 @@ where it listens, the familiar flags, flags that meet a config file."""
 import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -434,3 +435,126 @@ def test_snapshot_of_a_qcow1_image_with_a_pinned_format(tmp_path):
     assert qcow.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.qcow"]
 
+
+
+# -- 8. --offset/--size and --partition: one part of a disk ------------------------------
+
+MiB = 1 << 20
+
+
+def partitioned_disk(tmp_path, table: str) -> tuple:
+    """A raw disk with partitions 1 (1 MiB) and 2 (3 MiB) of random bytes, laid out by
+    nbdkit's partitioning plugin (an MBR or a GPT): (disk, first, second)."""
+    parts = []
+    for number, size in ((1, MiB), (2, 3 * MiB)):
+        part = tmp_path / f"part{number}"
+        part.write_bytes(random.Random(number).randbytes(size))
+        parts.append(part)
+    disk = tmp_path / f"{table}.raw"
+    run(["nbdkit", "-U", "-", "partitioning", *(f"file={part}" for part in parts),
+         f"partition-type={table}", "--run", f'nbdcopy "$uri" {disk}'])
+    return disk, *parts
+
+
+def binary_output(cmd, env=None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` (bounded, output captured as bytes); it must exit 0."""
+    result = subprocess.run([str(arg) for arg in cmd], capture_output=True, timeout=60,
+                            env=env)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    return result
+
+
+def nbdkit_partition(disk, number: int) -> bytes:
+    """What nbdkit's partition filter serves as partition ``number`` of ``disk``."""
+    return binary_output(["nbdkit", "-U", "-", "--filter=partition", "file", disk,
+                          f"partition={number}", "--run", 'nbdcopy "$uri" -']).stdout
+
+
+@pytest.mark.parametrize("table", ["mbr", "gpt"])
+def test_partition_serves_what_nbdkit_does(tmp_path, table):
+    disk, first, second = partitioned_disk(tmp_path, table)
+    for number, part in ((1, first), (2, second)):
+        served = binary_output(qcownbd_cmd("serve", "-q", "-r", "-p", free_port(),
+                                           "--partition", number, disk,
+                                           "--run", 'nbdcopy "$uri" -'), qcownbd_env()).stdout
+        assert served == part.read_bytes() == nbdkit_partition(disk, number)
+
+
+@pytest.mark.parametrize("table", ["mbr", "gpt"])
+def test_writes_zeroes_and_trims_land_inside_the_partition(tmp_path, table):
+    disk, _first, second = partitioned_disk(tmp_path, table)
+    before = disk.read_bytes()
+    start = before.index(second.read_bytes())
+    end = start + 3 * MiB
+    commands = ["write -P 0xaa 0 64k", "write -P 0xbb 3008k 64k", "write -z 128k 64k",
+                "discard 256k 64k"]
+    result = serve_exits("-q", "-p", free_port(), "--partition", 2, disk, "--run",
+                         "qemu-io -f raw -d unmap " + " ".join(f'-c "{c}"' for c in commands)
+                         + ' "$uri"')
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = disk.read_bytes()
+    assert after[:start] == before[:start] and after[end:] == before[end:]
+    inside = after[start:end]
+    assert inside[:64 << 10] == b"\xaa" * (64 << 10)
+    assert inside[-(64 << 10):] == b"\xbb" * (64 << 10)
+    assert inside[128 << 10:192 << 10] == bytes(64 << 10) == inside[256 << 10:320 << 10]
+    for untouched in (slice(64 << 10, 128 << 10), slice(192 << 10, 256 << 10),
+                      slice(320 << 10, 3008 << 10)):
+        assert inside[untouched] == second.read_bytes()[untouched]
+
+
+def test_offset_and_size_shift_reads_and_block_status(tmp_path):
+    disk = tmp_path / "disk.raw"
+    data = random.Random(7).randbytes(MiB)
+    with open(disk, "wb") as file:
+        file.truncate(8 * MiB)
+        file.seek(2 * MiB)
+        file.write(data)
+        file.seek(5 * MiB)
+        file.write(data[:64 << 10])
+    served = binary_output(qcownbd_cmd(
+        "serve", "-q", "-r", "-p", free_port(), "--offset", "1M", "--size", "6M", disk,
+        "--run", 'nbdinfo --size "$uri"; nbdinfo --map "$uri"; nbdcopy "$uri" -'),
+        qcownbd_env())
+    size, *extents = served.stdout[:-6 * MiB].decode().splitlines()
+    assert int(size) == 6 * MiB
+    starts = [(int(line.split()[0]), "hole" in line) for line in extents]
+    assert starts == [(0, True), (MiB, False), (2 * MiB, True), (4 * MiB, False),
+                      (4 * MiB + (64 << 10), True)]
+    # large reads go out by sendfile, from the shifted file offset
+    assert served.stdout[-6 * MiB:] == disk.read_bytes()[MiB:7 * MiB]
+
+
+def test_a_window_of_a_qcow1_image_with_qemu_io(tmp_path):
+    qcow = tmp_path / "disk.qcow"
+    run(["qemu-img", "create", "-q", "-f", "qcow", qcow, "16M"])
+    result = serve_exits("-q", "-p", free_port(), "--offset", "4M", "--size", "8M", qcow,
+                         "--run", 'nbdinfo --size "$uri"; qemu-io -f raw '
+                                  '-c "write -P 0x33 0 1M" -c "write -P 0x44 7M 1M" "$uri"')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == str(8 * MiB)
+    run(["qemu-io", "-f", "qcow", "-r", "-c", "read -P 0 0 4M", "-c", "read -P 0x33 4M 1M",
+         "-c", "read -P 0x44 11M 1M", "-c", "read -P 0 12M 4M", qcow])
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--offset", "4M"], "past the end"),
+    (["--offset", "1M", "--size", "4M"], "does not fit"),
+    (["--partition", "1"], "no partition table"),
+])
+def test_windows_that_do_not_fit_are_one_line(image, args, needle):
+    assert needle in one_line_error(serve_exits("-q", "-p", free_port(), *args, image), 1)
+
+
+@pytest.mark.parametrize("table, number, needle", [
+    ("mbr", 3, "unused"), ("mbr", 5, "1 to 4"), ("gpt", 3, "unused"),
+])
+def test_missing_partitions_are_one_line(tmp_path, table, number, needle):
+    disk, *_parts = partitioned_disk(tmp_path, table)
+    result = serve_exits("-q", "-r", "-p", free_port(), "--partition", number, disk)
+    assert needle in one_line_error(result, 1)
+
+
+def test_partition_and_offset_do_not_mix(image):
+    assert "--partition" in one_line_error(
+        serve_exits("--partition", "1", "--offset", "1M", image), 2)

@@ -1,7 +1,8 @@
 """`qcownbd serve`: run the NBD server for exports named on the command line or in a config.
 
     qcownbd serve [--listen HOST:PORT]... [-p PORT] [--unix PATH] [-r]
-                  [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [-s] [--config FILE] [--demo]
+                  [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [-s]
+                  [--offset BYTES] [--size BYTES | --partition N] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
                   [--fork] [--pid-file FILE] [--run CMD] [--stdin]
                   [NAME=PATH | PATH]...
@@ -20,10 +21,12 @@ from qcownbd.config import (
     DEFAULT_HOST, DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name,
     check_tls, format_listen, load_config, make_read_only, parse_listen,
 )
+from qcownbd.cli.image import parse_size
 from qcownbd.console import setup_logging
 from qcownbd.errors import ConfigError, ImageFormatError, UsageError
 from qcownbd.image import formats
 from qcownbd.image.snapshot import ThrowawayOverlays
+from qcownbd.image.window import WindowSpec
 from qcownbd.launch import Launch
 from qcownbd.nbd.constants import DEFAULT_PORT
 
@@ -66,6 +69,13 @@ def _export_options(group) -> None:
     group.add_argument("-s", "--snapshot", action="store_true",
                        help="throw-away writes: serve the command-line images through "
                             "temporary overlays, deleted at exit; the images never change")
+    group.add_argument("--offset", type=_bytes, metavar="BYTES",
+                       help="serve the command-line images from this byte on (64M, 1G...)")
+    group.add_argument("--size", type=_bytes, metavar="BYTES",
+                       help="serve only this many bytes of them (default: to the end)")
+    group.add_argument("--partition", type=_partition, metavar="N",
+                       help="serve only partition N of them: an MBR primary partition (1-4) "
+                            "or a GPT entry")
     group.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
     group.add_argument("--demo", action="store_true",
                        help="serve a small demo QCOW1 image as export 'demo'")
@@ -112,7 +122,8 @@ def launch_from_args(args) -> Launch:
 
 #: options that shape the command-line images, and what they are called in errors
 IMAGE_OPTIONS = {"format": "--format", "export_name": "-x/--export-name",
-                 "description": "-D/--description", "snapshot": "-s/--snapshot"}
+                 "description": "-D/--description", "snapshot": "-s/--snapshot",
+                 "offset": "--offset", "size": "--size", "partition": "--partition"}
 
 
 def cli_exports(args) -> dict[str, ExportConfig]:
@@ -202,7 +213,7 @@ def tls_from_args(config: ServerConfig, args) -> None:
 def run(args) -> int:
     """Entry point of `qcownbd serve`."""
     setup_logging(args, "info")
-    launch = launch_from_args(args)
+    launch, window = launch_from_args(args), window_from_args(args)
     config, cli, load = build_config(args)
     with ThrowawayOverlays() as overlays:
         if args.snapshot:
@@ -210,7 +221,35 @@ def run(args) -> int:
             # so delete the overlays), not kill outright
             signal.signal(signal.SIGTERM, _unwind)
             cli = {name: throwaway(export, overlays) for name, export in cli.items()}
-        return service.run(config, cli, load, launch)
+        return service.run(config, cli, load, launch, window)
+
+
+def window_from_args(args) -> WindowSpec | None:
+    """The part of the command-line images to serve (--offset/--size or --partition)."""
+    if args.partition is not None and (args.offset is not None or args.size is not None):
+        raise UsageError("--partition says where the window lies: drop --offset and --size")
+    if args.partition is not None:
+        return WindowSpec(partition=args.partition)
+    if args.offset is None and args.size is None:
+        return None
+    return WindowSpec(offset=args.offset or 0, size=args.size)
+
+
+def _bytes(text: str) -> int:
+    """--offset/--size: bytes, with K, M, G... suffixes; 0 too."""
+    if text.strip() == "0":
+        return 0
+    try:
+        return parse_size(text)
+    except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _partition(text: str) -> int:
+    """--partition N: a partition number, from 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"invalid partition number {text!r} (1, 2, ...)")
+    return int(text)
 
 
 def throwaway(export: ExportConfig, overlays: ThrowawayOverlays) -> ExportConfig:
