@@ -75,7 +75,7 @@ class Launch:
             self.pid_file.write()
         if self._ready_fd is not None:
             if _would_block(2):
-                log.info("detached; stderr is a pipe, so no more log lines "
+                log.info("detached; stderr is a pipe or a socket, so no more log lines "
                          "(start with 2>>FILE to keep them)")
                 _to_devnull(2)
             os.write(self._ready_fd, READY)

@@ -137,14 +137,14 @@ def cli_exports(args) -> dict[str, ExportConfig]:
         # a flag that would change nothing is refused, never ignored
         raise UsageError(f"{', '.join(given)} shape(s) the command-line images, and there is "
                          "none (the config file sets its exports' own)")
-    if args.export_name is not None and (len(specs) != 1 or "=" in specs[0]):
+    named = [_split_spec(spec) for spec in specs]
+    if args.export_name is not None and (len(named) != 1 or named[0][0] is not None):
         raise UsageError("-x/--export-name names the one command-line image given as PATH "
                          "(or write NAME=PATH)")
     exports = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or "/" in name:
-            name, path = args.export_name or Path(spec).stem, spec
+    for spec, (name, path) in zip(specs, named):
+        if name is None:
+            name = args.export_name or Path(path).stem
         if not path:
             raise UsageError(f"export {spec!r} has no path")
         if name in exports:
@@ -155,6 +155,15 @@ def cli_exports(args) -> dict[str, ExportConfig]:
     return exports
 
 
+def _split_spec(spec: str) -> tuple[str | None, str]:
+    """NAME=PATH -> (NAME, PATH); a bare PATH (or one whose "NAME" has a "/") ->
+    (None, PATH)."""
+    name, sep, path = spec.partition("=")
+    if not sep or "/" in name:
+        return None, spec
+    return name, path
+
+
 def config_loader(args):
     """The function that reads the config file (at the start and on SIGHUP) with the
     command line's --read-only applied, or None without --config."""
@@ -163,6 +172,7 @@ def config_loader(args):
     path = os.path.abspath(args.config)
 
     def load() -> ServerConfig:
+        """The config file as it is now, --read-only applied."""
         config = load_config(path)
         if args.read_only:
             make_read_only(config)
