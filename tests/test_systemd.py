@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, free_port, qcownbd_cmd, raw_file, run, stop_process, wait_listening
-from qcownbd.config import ExportConfig, ServerConfig, load_config, parse_config
-from qcownbd.config import FleetConfig
+from qcownbd.config import ExportConfig, ServerConfig, load_config
+from qcownbd.config import FleetConfig, parse_config
 
 UNITS = ("qcownbd.service", "qcownbd.socket", "qcownbd@.service", "qcownbd@.socket")
 INSTALLED_BINARY = "/usr/local/bin/qcownbd"
