@@ -230,6 +230,6 @@ def test_tls_certificates_recipe_serves_nbds(sandbox, tmp_path):
 def test_readme_says_what_read_only_covers_and_where_disks_come_from():
     text = " ".join(README.read_text().split())
     assert "`--read-only` covers every export of that server, those of `--config`" in text
-    assert "fleet's golden image, which is only ever read" in text
+    assert "`--read-only` refuses a config with a fleet" in text
     assert "`debian.qcow2` stands for any bootable disk image you have" in text
     assert "`sudo apt-get install python3-venv` (as root, without `sudo`)" in text
