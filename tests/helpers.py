@@ -7,6 +7,7 @@ The NBD client is in nbdclient.py; the pytest fixtures built on these helpers
 
 import os
 import random
+import shutil
 import signal
 import socket
 import struct
@@ -46,6 +47,14 @@ def qcownbd_cmd(*args) -> list[str]:
 def qcownbd_env(**extra: str) -> dict[str, str]:
     """The environment in which `qcownbd_cmd` runs this checkout, plus ``extra``."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def copy_checkout(dest: Path) -> Path:
+    """A copy of this checkout at ``dest``, without version control, venvs and
+    build or cache litter: what a user unpacks or clones.  Returns ``dest``."""
+    shutil.copytree(REPO, dest, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache"))
+    return dest
 
 
 def free_port() -> int:

@@ -19,7 +19,7 @@ def venv(tmp_path_factory):
     top = tmp_path_factory.mktemp("packaging")
     src = top / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / "qcownbd", src / "qcownbd",
                     ignore=shutil.ignore_patterns("__pycache__"))

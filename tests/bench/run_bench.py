@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Reproduce the README's performance table (on demand; not part of the test run).
 
-Runs the team's side-by-side benchmark, ../shared/bench/nbdbench.py next to
-this repository, with this checkout's qcownbd against qemu-nbd, nbdkit's
-file plugin and the client's ceiling (nbdkit's null plugin, "limit"), then
-prints nbdbench's table followed by the ratios issue 7 sets targets for:
+Runs nbdbench.py (beside this file) with this checkout's qcownbd against
+qemu-nbd, nbdkit's file plugin and the client's ceiling (nbdkit's null
+plugin, "limit"), three rounds, then prints nbdbench's table followed by the
+ratios issue 7 set targets for:
 
     raw vs nbdkit (>= 1.0)     raw vs limit (4k >= 0.9, 1m >= 0.8)
     qcow vs raw (>= 0.85, allocwrite >= 0.5)     qcow vs qemu-nbd (>= 10)
@@ -15,26 +15,21 @@ half-allocated image through qcownbd with --connections=1 and with 4
 (nbdcopy's default, multi-conn), alternated, medians of --multi-conn-reps
 copies each (0 skips it).
 
-Usage:  python3 tests/bench/run_bench.py [--rounds 3] [--multi-conn-reps 15]
-                                         [nbdbench options...]
-Needs fio, qemu-img, qemu-nbd, nbdkit and nbdcopy.  The figures are only
-comparable within one run: the machine's other load moves them all.
+Usage:  python3 tests/bench/run_bench.py [--multi-conn-reps 15] [nbdbench options...]
+About 25 minutes with the defaults; the figures are only comparable within
+one run, since the machine's other load moves them all.
 """
 
-import argparse
-import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-NBDBENCH = REPO.parent / "shared" / "bench" / "nbdbench.py"
-DEFAULTS = ["--servers", "qcownbd,qemu-nbd,nbdkit,limit", "--rounds", "3"]
+import nbdbench
+
+DEFAULTS = {"servers": "qcownbd,qemu-nbd,nbdkit,limit", "rounds": 3}
 #: (label, numerator (format, server), denominator (format, server), target(workload))
 RATIOS = [
     ("raw/nbdkit", ("raw", "qcownbd"), ("raw", "nbdkit"), lambda w: 1.0),
@@ -48,45 +43,23 @@ RATIOS = [
 RSS_LIMIT_MIB = 64
 
 
-def run_nbdbench(args: list[str], json_path: str) -> int:
-    """nbdbench with this checkout's qcownbd; its table goes to our stdout."""
-    template = (f"{sys.executable} -m qcownbd serve --listen 127.0.0.1:{{port}} "
-                f"{{export}}={{image}}")
-    options = DEFAULTS + args     # nbdbench's argparse: a later option wins
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(NBDBENCH), f"qcownbd={template}", *options, "--json", json_path]
-    return subprocess.run(cmd, env=env, check=False).returncode
-
-
-def load_nbdbench():
-    """nbdbench.py as a module: its image maker and server start/stop are reused."""
-    spec = importlib.util.spec_from_file_location("nbdbench", NBDBENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def multi_conn_lines(reps: int, size_mib: int) -> list[str]:
+def multi_conn_lines(reps: int, size_mib: int, workdir_parent: str | None) -> list[str]:
     """Median nbdcopy MiB/s through qcownbd with 1 and with 4 connections, per format."""
-    nbdbench = load_nbdbench()
-    template = f"{sys.executable} -m qcownbd serve --listen 127.0.0.1:{{port}} {{export}}={{image}}"
     lines = [f"{'multi-conn':14} {'1 conn MiB/s':>14} {'4 conns MiB/s':>14} {'4 vs 1':>8}"]
-    os.environ["PYTHONPATH"] = str(REPO)
-    shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
-    with tempfile.TemporaryDirectory(prefix="run-bench-", dir=shm) as workdir:
+    with tempfile.TemporaryDirectory(prefix="run-bench-", dir=workdir_parent) as workdir:
         for fmt in ("raw", "qcow"):
             fdir = os.path.join(workdir, fmt)
-            os.makedirs(fdir)
+            os.mkdir(fdir)
             image = nbdbench.make_images(fdir, size_mib, fmt)["half"]
-            proc, uri = nbdbench.start_server("qcownbd", template, image, fmt, fdir)
+            proc, uri = nbdbench.start_server(nbdbench.SERVERS["qcownbd"], image, fmt,
+                                              os.path.join(fdir, "qcownbd.log"))
             seconds = {1: [], 4: []}
             try:
                 for _ in range(reps):
-                    for connections in seconds:
+                    for connections, times in seconds.items():
                         start = time.monotonic()
-                        subprocess.run(["nbdcopy", f"--connections={connections}", uri, "null:"],
-                                       check=True, timeout=300)
-                        seconds[connections].append(time.monotonic() - start)
+                        nbdbench.run_copy(uri, size_mib, connections)
+                        times.append(time.monotonic() - start)
             finally:
                 nbdbench.stop_server(proc)
             one, four = (size_mib / statistics.median(seconds[c]) for c in (1, 4))
@@ -96,7 +69,7 @@ def multi_conn_lines(reps: int, size_mib: int) -> list[str]:
 
 
 def ratio_table(rows: list[dict]) -> list[str]:
-    """Lines of the target ratios (and peak RSS) per workload."""
+    """Lines of the target ratios (and qcownbd's peak RSS) per workload."""
     by_key = {(r["format"], r["workload"], r["server"]): r for r in rows if "error" not in r}
     workloads = list(dict.fromkeys(r["workload"] for r in rows))
     lines = [f"{'workload':14} " + " ".join(f"{label:>17}" for label, *_ in RATIOS)
@@ -118,29 +91,28 @@ def ratio_table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main() -> int:
-    if not NBDBENCH.exists():
-        print(f"run_bench: {NBDBENCH} not found (the shared/ tree beside the repo)", file=sys.stderr)
-        return 2
-    ours = argparse.ArgumentParser(add_help=False)
-    ours.add_argument("--multi-conn-reps", type=int, default=15)
-    ours, nbdbench_args = ours.parse_known_args()
-    shared = argparse.ArgumentParser(add_help=False)     # read, and passed on to nbdbench
-    shared.add_argument("--size", type=int, default=512)
-    size_mib = shared.parse_known_args(nbdbench_args)[0].size
-    with tempfile.NamedTemporaryFile(suffix=".json") as results:
-        status = run_nbdbench(nbdbench_args, results.name)
-        try:
-            with open(results.name) as f:
-                rows = json.load(f)
-        except (OSError, ValueError):
-            return status or 1
+def main(argv: list[str] | None = None) -> int:
+    """nbdbench's table, the target ratios, the multi-conn comparison; 1 on a failed
+    measurement."""
+    p = nbdbench.parser()
+    p.description = __doc__
+    p.set_defaults(**DEFAULTS)
+    p.add_argument("--multi-conn-reps", type=int, default=15,
+                   help="nbdcopy runs per connection count (default 15; 0 skips them)")
+    args = p.parse_args(argv)
+    nbdbench.check_args(p, args)
+    rows = nbdbench.run(args)
+    nbdbench.add_ratios(rows, args.reference)
+    print("\n".join(nbdbench.table(rows, args.reference)))
+    if args.json:
+        with open(args.json, "w") as out:
+            json.dump(rows, out, indent=1)
     print()
     print("\n".join(ratio_table(rows)))
-    if ours.multi_conn_reps > 0:
+    if args.multi_conn_reps > 0:
         print()
-        print("\n".join(multi_conn_lines(ours.multi_conn_reps, size_mib)))
-    return status
+        print("\n".join(multi_conn_lines(args.multi_conn_reps, args.size, args.dir)))
+    return 1 if any("error" in row for row in rows) else 0
 
 
 if __name__ == "__main__":
