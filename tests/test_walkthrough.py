@@ -30,8 +30,9 @@ from helpers import REPO, copy_checkout, free_port, run, stop_process, wait_for,
 
 README = REPO / "README.md"
 MARKED = re.compile(r"^<!-- walkthrough: ([\w-]+) -->\n```sh\n(.*?)^```$", re.M | re.S)
-#: A server started in the foreground: the walkthrough adds --fork --pid-file.
-FOREGROUND_SERVE = re.compile(r"(\S*qcownbd serve)(?![^\n]*--fork)")
+#: A server started in the foreground: the walkthrough adds --fork --pid-file
+#: (not to one that forks already, or runs its client with --run).
+FOREGROUND_SERVE = re.compile(r"(\S*qcownbd serve)(?![^\n]*--(?:fork|run))")
 #: README sections whose shell blocks are not run here, and why.
 NOT_WALKED = {
     "Command two: the whole test suite": "it is the suite this test is part of",
@@ -195,6 +196,16 @@ def test_create_and_convert_paste_as_a_whole(sandbox, tmp_path):
     assert run(["qemu-img", "compare", "-f", "raw", tmp_path / "disk.raw",
                 "-F", "qcow", tmp_path / "disk.qcow"]).returncode == 0
     assert os.stat(tmp_path / "disk.raw").st_blocks == 0, "the raw copy stays sparse"
+
+
+@pytest.mark.timeout(120)
+def test_script_recipe_forks_waits_and_runs_a_captive_client(sandbox, tmp_path):
+    bin_dir = sandbox.installed()
+    out = sandbox.bash(readme_blocks()["scripts"], env=sandbox.env(tmp_path / "home", bin_dir),
+                       cwd=tmp_path)
+    assert "export-size: 67108864" in out
+    assert not (tmp_path / "qcownbd.pid").exists() and not (tmp_path / "q.sock").exists()
+    assert (tmp_path / "disk.raw").stat().st_size == 64 << 20
 
 
 @pytest.mark.timeout(120)
