@@ -1,17 +1,25 @@
-"""What the server's log says of each client.
+"""What the server's log says of each client, and how journald files it.
 
 Every connection gets one line for its negotiation: "attached" with what was
 agreed, the moment it enters transmission, or "not attached" with why (an
-unknown name, an allow list, TLS, a limit, a client that gave up).  The
-clients are nbdinfo, qemu-io and the tests' raw client.
+unknown name, an allow list, TLS, a limit, a client that gave up).  Under
+journald each line carries its sd-daemon(3) priority prefix.  The clients are
+nbdinfo, qemu-io and the tests' raw client; no journald runs here, so the
+journal's side is the format it reads.
 """
 
+import os
 import re
+import signal
 import ssl
+import subprocess
+import sys
+import time
 
 import pytest
 
-from helpers import LoggedServer, raw_file, run, wait_for
+from helpers import (REPO, LoggedServer, free_port, qcownbd_cmd, qcownbd_env, raw_file, run,
+                     stop_process, wait_for, wait_listening)
 from nbdclient import (ERR_TLS_REQD, ERR_UNKNOWN, OPT_ABORT, OPT_EXPORT_NAME, OPT_GO,
                        OPT_STARTTLS, REP_ACK, NbdClient, go_payload)
 
@@ -189,3 +197,103 @@ def test_tls_required_and_tls_agreed_are_logged(tmp_path, certificate):
         assert outcomes(server.log, who) == [
             "attached export=d replies=simple contexts=- tls=yes read-only=no"]
         secure.close()
+
+
+# -- journald priorities ---------------------------------------------------------------
+
+PRIORITIES = {"DEBUG": "7", "INFO": "6", "WARNING": "4", "ERROR": "3", "CRITICAL": "2"}
+
+
+def serve_with_stderr(tmp_path, journal: str | None) -> list[str]:
+    """Run a server (an export that serves, one that cannot open) with stderr in a file,
+    JOURNAL_STREAM set to ``journal`` ("file": that file's device:inode), refuse one
+    client and serve another, stop it; the lines of its stderr."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.d]\npath = "{raw_file(tmp_path / "d.raw", b"", SIZE)}"\n'
+                      f'[exports.broken]\npath = "{tmp_path / "missing.raw"}"\n')
+    port = free_port()
+    with open(tmp_path / "stderr", "w+") as stderr:
+        st = os.fstat(stderr.fileno())
+        env = qcownbd_env()
+        env.pop("JOURNAL_STREAM", None)
+        if journal is not None:
+            env["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}" if journal == "file" else journal
+        proc = subprocess.Popen(qcownbd_cmd("serve", "--listen", f"127.0.0.1:{port}", "--config",
+                                            config), stdout=subprocess.DEVNULL, stderr=stderr,
+                                env=env)
+        try:
+            wait_listening(port, proc)
+            run(["nbdinfo", f"nbd://127.0.0.1:{port}/nope"], check=False)
+            run(["nbdinfo", f"nbd://127.0.0.1:{port}/d"])
+            time.sleep(0.5)
+        finally:
+            assert stop_process(proc) == 0
+        stderr.seek(0)
+        return stderr.read().splitlines()
+
+
+def test_lines_carry_their_priority_when_stderr_is_the_journal(tmp_path):
+    lines = serve_with_stderr(tmp_path, "file")
+    levels = set()
+    for line in lines:
+        match = re.fullmatch(r"<(\d)>(DEBUG|INFO|WARNING|ERROR|CRITICAL) .*", line)
+        assert match and match.group(1) == PRIORITIES[match.group(2)], line
+        levels.add(match.group(2))
+    assert levels == {"INFO", "WARNING", "ERROR"}, lines
+    assert any("export broken" in line for line in lines if line.startswith("<3>"))
+    assert any("not attached: no export named 'nope'" in line
+               for line in lines if line.startswith("<4>"))
+
+
+@pytest.mark.parametrize("journal", [None, "8:123456"])
+def test_no_priority_prefix_when_stderr_is_not_the_journal(tmp_path, journal):
+    lines = serve_with_stderr(tmp_path, journal)
+    assert any("not attached: no export named 'nope'" in line for line in lines)
+    assert not any(line.startswith("<") for line in lines), lines
+
+
+def test_a_failed_command_is_an_error_line_under_journald(tmp_path):
+    with open(tmp_path / "stderr", "w+") as stderr:
+        st = os.fstat(stderr.fileno())
+        result = subprocess.run(
+            qcownbd_cmd("info", tmp_path / "missing.qcow"), stderr=stderr,
+            stdout=subprocess.DEVNULL, timeout=60,
+            env=qcownbd_env(JOURNAL_STREAM=f"{st.st_dev}:{st.st_ino}"))
+        stderr.seek(0)
+        text = stderr.read()
+    assert result.returncode == 1
+    assert re.fullmatch(r"<3>qcownbd: error: \S+missing\.qcow: no such file\n", text), text
+
+
+# every level, and a record of several lines (a traceback): each line its own entry
+CHILD = r"""
+import argparse, logging, os, sys
+st = os.fstat(2)
+os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+from qcownbd.console import setup_logging
+setup_logging(argparse.Namespace(log_level=None, verbose=True, quiet=False))
+log = logging.getLogger("qcownbd.test")
+log.debug("debug event")
+log.info("info event")
+log.warning("warning event")
+log.error("error event")
+log.critical("critical event")
+try:
+    raise ValueError("boom")
+except ValueError:
+    log.exception("with a traceback")
+"""
+
+
+def test_every_level_and_every_line_of_a_record_has_its_priority(tmp_path):
+    with open(tmp_path / "stderr", "w+") as stderr:
+        subprocess.run([sys.executable, "-c", CHILD], stderr=stderr, timeout=30, check=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+        stderr.seek(0)
+        lines = stderr.read().splitlines()
+    assert lines[:5] == ["<7>DEBUG debug event", "<6>INFO info event",
+                         "<4>WARNING warning event", "<3>ERROR error event",
+                         "<2>CRITICAL critical event"]
+    assert lines[5] == "<3>ERROR with a traceback"
+    assert len(lines) > 7 and all(line.startswith("<3>") for line in lines[5:]), lines
+    assert lines[-1] == "<3>ValueError: boom"

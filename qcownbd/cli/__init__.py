@@ -7,15 +7,18 @@ on stderr and a non-zero exit.
 """
 
 import argparse
+import logging
 import os
 import sys
 
 from qcownbd import __version__
 from qcownbd.cli import fleet, image, serve
+from qcownbd.console import journal_prefix
 from qcownbd.errors import QcownbdError, UsageError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -70,15 +73,20 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except UsageError as exc:
-        print(f"qcownbd: {exc}", file=sys.stderr)
+        _say(f"qcownbd: {exc}")
         return EXIT_USAGE
     except QcownbdError as exc:
-        print(f"qcownbd: error: {exc}", file=sys.stderr)
+        _say(f"qcownbd: error: {exc}")
         return EXIT_ERROR
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"qcownbd: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _say(f"qcownbd: error: {exc.strerror or exc}{where}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("qcownbd: interrupted", file=sys.stderr)
-        return 130
+        _say("qcownbd: interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _say(line: str) -> None:
+    """A failure's one line on stderr (an error, under journald too)."""
+    print(journal_prefix(logging.ERROR) + line, file=sys.stderr)
