@@ -6,6 +6,7 @@ The NBD client is in nbdclient.py; the pytest fixtures built on these helpers
 """
 
 import os
+import pty
 import random
 import signal
 import socket
@@ -46,6 +47,25 @@ def qcownbd_cmd(*args) -> list[str]:
 def qcownbd_env(**extra: str) -> dict[str, str]:
     """The environment in which `qcownbd_cmd` runs this checkout, plus ``extra``."""
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
+
+
+def on_terminal(*args) -> tuple[int, bytes]:
+    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
+                            env=qcownbd_env())
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return proc.wait(30), output
 
 
 def free_port() -> int:
