@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from helpers import on_terminal, qcownbd_cmd, qcownbd_env, run
+from helpers import (free_port, on_terminal, qcownbd_cmd, qcownbd_env, qemu_img, raw_file,
+                     run)
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -35,4 +36,27 @@ def test_convert_progress_moves_with_the_bytes_copied(tmp_path):
     shown = [float(p) for p in re.findall(rb"\((\d+\.\d\d)/100%\)", output)]
     assert shown == sorted(shown) and shown[-1] == 100.0, output
     assert len({p for p in shown if 0 < p < 100}) >= 10, output
+
+
+# -- create: the limit every open applies -----------------------------------------------
+
+def test_create_refuses_what_info_and_serve_refuse_with_the_same_message(tmp_path):
+    big = tmp_path / "qemu-made.qcow"
+    qemu_img("create", "-q", "-f", "qcow", big, "100T")
+    info = qcownbd("info", big, status=1).stderr
+    served = qcownbd("serve", "--listen", f"127.0.0.1:{free_port()}", f"d={big}",
+                     status=1).stderr
+    new = tmp_path / "new.qcow"
+    created = qcownbd("create", new, "100T", status=1).stderr
+    assert not new.exists()
+    reason = info.split(f"{big}: ", 1)[1]
+    assert reason.startswith("image too large: L1 table of ") and "at most 64 TiB" in reason
+    assert created == f"qcownbd: error: {new}: {reason}"
+    assert served.endswith(f"{big}: {reason}")
+    # an overlay's geometry has the same reach; up to the limit, create goes on
+    raw_file(tmp_path / "base.raw")
+    qcownbd("create", "-b", "base.raw", "-F", "raw", tmp_path / "over.qcow", "100T", status=1)
+    qcownbd("create", tmp_path / "edge.qcow", str(64 * (1 << 40) + 512), status=1)
+    qcownbd("create", tmp_path / "largest.qcow", "64T")
+    assert not (tmp_path / "over.qcow").exists() and not (tmp_path / "edge.qcow").exists()
 
