@@ -6,8 +6,9 @@ import re
 
 import pytest
 
-from helpers import (free_port, on_terminal, qcownbd_cmd, qcownbd_env, qemu_img, raw_file,
-                     run)
+from helpers import (LoggedServer, free_port, on_terminal, qcownbd_cmd, qcownbd_env, qemu_img,
+                     raw_file, run)
+from nbdclient import NbdClient
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -59,4 +60,51 @@ def test_create_refuses_what_info_and_serve_refuse_with_the_same_message(tmp_pat
     qcownbd("create", tmp_path / "edge.qcow", str(64 * (1 << 40) + 512), status=1)
     qcownbd("create", tmp_path / "largest.qcow", "64T")
     assert not (tmp_path / "over.qcow").exists() and not (tmp_path / "edge.qcow").exists()
+
+
+# -- images in use ---------------------------------------------------------------------
+
+def test_image_in_use_says_how_to_read_it_anyway_where_the_command_can(tmp_path):
+    image = tmp_path / "disk.qcow"
+    qemu_img("create", "-q", "-f", "qcow", image, "4M")
+    with LoggedServer(f"d={image}") as server:
+        NbdClient.connect(server.port, "d").close()
+        for command in ("info", "map"):
+            refused = qcownbd(command, image, status=1).stderr
+            assert "image is in use by another process" in refused
+            assert "-U (--force-share)" in refused
+            qcownbd(command, "-U", image)
+        # no -U here: the message says only what does help
+        for args in (["check", image], ["convert", image, tmp_path / "copy.raw"]):
+            refused = qcownbd(*args, status=1).stderr
+            assert "image is in use by another process" in refused and "-U" not in refused
+
+
+def test_two_exports_of_one_image_name_each_other(tmp_path):
+    image = raw_file(tmp_path / "disk.raw")
+    refused = qcownbd("serve", "--listen", f"127.0.0.1:{free_port()}", f"a={image}",
+                      f"b={image}", status=1).stderr
+    assert refused.startswith(f"qcownbd: error: export b: same image as export a ({image})")
+    assert "another process" not in refused
+    os.link(image, tmp_path / "link.raw")
+    raw_file(tmp_path / "base.raw")
+    qemu_img("create", "-q", "-f", "qcow", "-b", "base.raw", "-F", "raw",
+             tmp_path / "over.qcow")
+    raw_file(tmp_path / "shared.raw", b"shared")
+    config = tmp_path / "c.toml"
+    config.write_text(f'[exports.a]\npath = "{image}"\n'
+                      f'[exports.b]\npath = "{tmp_path / "link.raw"}"\n'
+                      f'[exports.over]\npath = "{tmp_path / "over.qcow"}"\nformat = "qcow1"\n'
+                      f'[exports.base]\npath = "{tmp_path / "base.raw"}"\n'
+                      f'[exports.ro1]\npath = "{tmp_path / "shared.raw"}"\nread_only = true\n'
+                      f'[exports.ro2]\npath = "{tmp_path / "shared.raw"}"\nread_only = true\n')
+    with LoggedServer("--config", config) as server:
+        for name in ("b", "base"):
+            assert run(["nbdinfo", server.uri(name)], check=False).returncode != 0
+        for name in ("a", "over", "ro1", "ro2"):
+            run(["nbdinfo", server.uri(name)])
+        log = server.log
+    assert f"export b: same image as export a ({tmp_path / 'link.raw'})" in log
+    assert "export base: same image as a backing file of export over" in log
+    assert "another process" not in log
 

@@ -17,6 +17,7 @@ from qcownbd.image import formats
 from qcownbd.image.convert import convert_to_new
 from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
 from qcownbd.image.layout import merge_map
+from qcownbd.image.locking import ImageInUse
 from qcownbd.image.probe import open_backing_file, open_image
 from qcownbd.image.qcow1 import create_qcow1
 
@@ -130,8 +131,12 @@ def _backing_size(image: str, name: str, backing_format: str | None) -> int:
 # -- info ----------------------------------------------------------------------
 
 def _open_for_reading(args):
-    return open_image(args.image, fmt=args.format, read_only=True,
-                      lock=not getattr(args, "force_share", False))
+    """Open IMAGE for info and map, which have -U for an image in use."""
+    try:
+        return open_image(args.image, fmt=args.format, read_only=True, lock=not args.force_share)
+    except ImageInUse as exc:
+        raise ImageInUse(f"{exc}, or add -U (--force-share) to read it anyway "
+                         "(what it shows may be stale)") from None
 
 
 def cmd_info(args) -> int:
