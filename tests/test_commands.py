@@ -1,14 +1,18 @@
 """The command line as a whole: progress, limits, messages, names and exit statuses
 that are the same from one command to the next."""
 
+import argparse
 import os
 import re
+import shlex
 
 import pytest
 
 from helpers import (LoggedServer, free_port, on_terminal, qcownbd_cmd, qcownbd_env, qemu_img,
                      raw_file, run)
 from nbdclient import NbdClient
+from qcownbd.cli import build_parser
+from qcownbd.config import parse_config
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -108,3 +112,102 @@ def test_two_exports_of_one_image_name_each_other(tmp_path):
     assert "export base: same image as a backing file of export over" in log
     assert "another process" not in log
 
+
+# -- one vocabulary ---------------------------------------------------------------------
+
+def format_options(parser, command=()):
+    """{(command..., option): choices} of every option of the parser tree that names a format."""
+    found = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                found.update(format_options(sub, (*command, name)))
+        elif action.dest.endswith("format") and action.option_strings:
+            found[(*command, action.option_strings[0])] = set(action.choices)
+    return found
+
+
+def test_every_format_option_takes_the_same_names():
+    names = {"raw", "qcow1", "qcow"}
+    found = format_options(build_parser())
+    probed = {("serve", "--format"), ("info", "-f"), ("map", "-f"), ("check", "-f"),
+              ("convert", "-f"), ("create", "-F"), ("convert", "-F")}
+    written = {("create", "-f"), ("convert", "-O"), ("fleet", "commit", "-O")}
+    assert set(found) == probed | written
+    for option in probed:
+        assert found[option] == names | {"auto"}, option
+    for option in written:
+        assert found[option] == names, option
+    for name in ("raw", "qcow1", "qcow", "auto"):
+        assert parse_config({"exports": {"d": {"path": "x", "format": name}}})
+
+
+@pytest.mark.parametrize("fmt", ["qcow", "qcow1"])
+def test_qemu_name_and_ours_work_in_every_command(tmp_path, fmt):
+    image, base = tmp_path / "disk.img", tmp_path / "base.img"
+    qcownbd("create", "-f", fmt, base, "1M")
+    qcownbd("create", "-f", fmt, "-b", "base.img", "-F", fmt, image)
+    for command in ("info", "map", "check"):
+        qcownbd(command, "-f", fmt, image)
+    qcownbd("convert", "-f", fmt, "-O", fmt, "-B", "base.img", "-F", fmt, image,
+            tmp_path / "copy.img")
+    qcownbd("create", "-f", "raw", tmp_path / "scratch.raw", "1M")
+    qcownbd("create", "-f", "raw", "-b", "base.img", tmp_path / "no.raw", status=2)
+    with LoggedServer("--format", fmt, f"d={image}") as server:
+        run(["nbdinfo", server.uri("d")])
+
+
+def test_options_are_never_abbreviated(tmp_path):
+    image = raw_file(tmp_path / "disk.raw")
+    for args in (["serve", "--list", f"127.0.0.1:{free_port()}", f"d={image}"],
+                 ["info", "--js", image],
+                 ["convert", "--output", "qcow1", image, tmp_path / "copy.qcow"],
+                 ["fleet", "list", "--js", tmp_path]):
+        refused = qcownbd(*args, status=2, timeout=20).stderr
+        assert "unrecognized arguments: --" in refused
+    assert not (tmp_path / "copy.qcow").exists()
+
+
+# -- one set of exit statuses ------------------------------------------------------------
+
+def test_fleet_failures_exit_1_and_command_line_mistakes_2(tmp_path):
+    golden = raw_file(tmp_path / "golden.raw")
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[exports.fleet]\ngolden = "{golden}"\ngolden_format = "raw"\n'
+                      f'overlay_dir = "{tmp_path / "overlays"}"\n')
+    (tmp_path / "overlays").mkdir()
+    for args in (["list", tmp_path / "missing.toml"], ["info", config, "nope"],
+                 ["info", config, "other/vm1"], ["delete", config, "nope"],
+                 ["commit", config, "nope", tmp_path / "new.raw"],
+                 ["list", tmp_path / "golden.raw"]):
+        qcownbd("fleet", *args, status=1)
+    for args in ([], ["list"], ["info", config, "fleet/.."], ["delete", config, "vm 1"], ["commit", config, "vm1"],
+                 ["list", "--bogus", config]):
+        qcownbd("fleet", *args, status=2)
+
+
+HELPED = ["", "serve", "create", "info", "map", "check", "convert", "fleet", "fleet list",
+          "fleet info", "fleet delete", "fleet commit"]
+
+
+def help_section(text: str, title: str) -> list[str]:
+    """The lines of the help section that starts with ``title``, up to a blank line."""
+    lines = text.split(f"\n{title}", 1)[1].split("\n\n", 1)[0].splitlines()
+    return [line.strip() for line in lines[1:]]
+
+
+@pytest.mark.parametrize("command", HELPED)
+def test_help_ends_with_examples_that_parse_and_the_exit_statuses(command):
+    text = qcownbd(*command.split(), "--help").stdout
+    examples = [shlex.split(line, comments=True) for line in help_section(text, "examples:")]
+    assert examples
+    parser = build_parser()
+    for example in examples:
+        assert example[0] == "qcownbd" and " ".join(example[1:]).startswith(command), example
+        parser.parse_args(example[1:])
+    statuses = help_section(text, "exit status")
+    codes = [line.split()[0] for line in statuses if line[:1].isdigit()]
+    if command == "check":
+        assert codes == ["0", "1", "2", "3", "63", "130"]
+    else:
+        assert codes == ["0", "1", "2", "130"]
