@@ -198,11 +198,16 @@ class ExportRegistry:
         self._members: list[Export] = []
 
     def open_export(self, config, opened: Iterable[Export] = ()) -> Export:
-        """Open one export with the provider of its kind; refused (naming the other)
-        when an open export, or one of ``opened``, has the same image and one of the
-        two may write it."""
-        _refuse_shared_image(config, [*self._still_open(), *opened])
+        """Open one export with the provider of its kind, once `check_image_free`
+        (with the exports of ``opened`` too) lets it."""
+        self.check_image_free(config, opened)
         return self._providers[config.kind].open(config)
+
+    def check_image_free(self, config, opened: Iterable[Export] = ()) -> None:
+        """ImageFormatError, naming the other export, when an open export (or one of
+        ``opened``) has ``config``'s image and one of the two may write it: call it
+        before opening an export some other way than `open_export`."""
+        _refuse_shared_image(config, [*self._still_open(), *opened])
 
     def _still_open(self) -> list[Export]:
         """The exports whose backends are open, read without changing the registry
