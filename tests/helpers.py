@@ -49,25 +49,6 @@ def qcownbd_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), **extra}
 
 
-def on_terminal(*args) -> tuple[int, bytes]:
-    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
-                            env=qcownbd_env())
-    os.close(slave)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:                # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(master)
-    return proc.wait(30), output
-
-
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
@@ -109,6 +90,25 @@ def stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def on_terminal(*args) -> tuple[int, bytes]:
+    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
+                            env=qcownbd_env())
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return proc.wait(30), output
 
 
 # -- servers -------------------------------------------------------------------------
