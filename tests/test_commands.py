@@ -181,8 +181,8 @@ def test_fleet_failures_exit_1_and_command_line_mistakes_2(tmp_path):
                  ["commit", config, "nope", tmp_path / "new.raw"],
                  ["list", tmp_path / "golden.raw"]):
         qcownbd("fleet", *args, status=1)
-    for args in ([], ["list"], ["info", config, "fleet/.."], ["delete", config, "vm 1"], ["commit", config, "vm1"],
-                 ["list", "--bogus", config]):
+    for args in ([], ["list"], ["info", config, "fleet/.."], ["delete", config, "vm 1"],
+                 ["commit", config, "vm1"], ["list", "--bogus", config]):
         qcownbd("fleet", *args, status=2)
 
 
