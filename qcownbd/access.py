@@ -10,11 +10,9 @@ unless the export says ``allow_unix = false``.
 
 import functools
 import ipaddress
-import logging
 from dataclasses import dataclass
 
 from qcownbd.errors import NoSuchExport
-
 
 
 @dataclass
@@ -58,15 +56,11 @@ def allowed(config, address) -> bool:
 
 
 class PeerExports:
-    """The export registry as one client sees it (``lookup`` and ``listing``).
+    """The export registry as one client sees it (``lookup`` and ``listing``)."""
 
-    ``log`` is the server's `RateLimitedLog`: refusals are per-connection lines.
-    """
-
-    def __init__(self, registry, client: Client, log):
+    def __init__(self, registry, client: Client):
         self.registry = registry
         self.client = client
-        self.log = log
 
     def lookup(self, name: str):
         """The export named ``name``; NoSuchExport when missing or not for this client."""
@@ -84,10 +78,9 @@ class PeerExports:
 
     def _check(self, export, name: str) -> None:
         if not allowed(export.config, self.client.address):
-            self.log.log(logging.WARNING, "refused by an allow list",
-                         "%s: export %r refused by its allow list", self.client.label,
-                         export.name)
-            raise NoSuchExport(f"no export named {name!r}")
+            # the client reads what a name never configured reads; the log says why
+            raise NoSuchExport(f"export {export.name!r} refused by its allow list",
+                               public=f"no export named {name!r}")
 
     def listing(self) -> list[tuple[str, str]]:
         """(name, description) of the exports this client may use."""

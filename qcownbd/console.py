@@ -8,9 +8,50 @@ import logging
 import os
 import sys
 
+#: sd-daemon(3) priorities of the log levels: journald files each line under its
+#: "<N>" prefix, so `journalctl -p err` finds the errors
+JOURNAL_PRIORITIES = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4,
+                      logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is the journal's stream: JOURNAL_STREAM names its device:inode
+    (systemd.exec(5)), which a redirection or a pipe to another program would change."""
+    try:
+        device, inode = (int(part) for part in os.environ["JOURNAL_STREAM"].split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (KeyError, ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+def _priority(level: int) -> int:
+    """The priority of a log level; one between two standard levels takes the lower's."""
+    for standard in (logging.CRITICAL, logging.ERROR, logging.WARNING, logging.INFO):
+        if level >= standard:
+            return JOURNAL_PRIORITIES[standard]
+    return JOURNAL_PRIORITIES[logging.DEBUG]
+
+
+def journal_prefix(level: int) -> str:
+    """The "<N>" that gives a line written to stderr its priority under journald,
+    "" when stderr is not the journal."""
+    return f"<{_priority(level)}>" if stderr_is_journal() else ""
+
+
+class JournalFormatter(logging.Formatter):
+    """Lines with sd-daemon(3) priority prefixes, every line of a record (a
+    traceback's too: journald makes an entry of each)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record's text, each line prefixed with its priority."""
+        prefix = f"<{_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in super().format(record).splitlines())
+
 
 def setup_logging(args, default_level: str = "warning") -> None:
-    """One line per event; no timestamps of our own under journald (JOURNAL_STREAM)."""
+    """One line per event; no timestamps of our own under journald (JOURNAL_STREAM),
+    and priority prefixes when stderr is the journal itself."""
     if args.log_level:
         level = args.log_level
     elif args.verbose:
@@ -19,11 +60,16 @@ def setup_logging(args, default_level: str = "warning") -> None:
         level = "error"
     else:
         level = default_level
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(message)s"
+    handler = logging.StreamHandler(sys.stderr)
+    if stderr_is_journal():
+        handler.setFormatter(JournalFormatter("%(levelname)s %(message)s"))
+    elif os.environ.get("JOURNAL_STREAM"):
+        # set by systemd for the unit: what we write most likely ends in the journal
+        # anyway (through a pipe), which stamps the time itself
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     else:
-        fmt = "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def human_size(size: int) -> str:

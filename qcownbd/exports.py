@@ -7,7 +7,10 @@ of presentation (description, allow lists) applies to the open export; a
 changed image is opened first and then takes the name over, the old export
 closing with its last connection; a change that needs the very image file
 the old export holds for writing waits until that export is idle.  A
-failed open leaves the old export serving.
+failed open leaves the old export serving.  An image file is in one
+export only, unless every export that has it (as its image or as a backing
+file) only reads it: the registry says which export has it, where the
+image locks would only blame "another process".
 
 Each kind of export config (its ``kind``: "image", "fleet") has a provider
 that opens it and finds its members: the export a client names
@@ -16,6 +19,7 @@ that opens it and finds its members: the export a client names
 
 import logging
 import os
+import stat
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
@@ -51,6 +55,12 @@ class Export:
         self.connections = 0
         self.retired = False
         self.closed = False
+        #: `file_identity` of the image and of each backing file under it, top first
+        self.files = []
+        level = backend
+        while level is not None:
+            self.files.append(file_identity(level.path))
+            level = level.backing
 
     def claim(self) -> None:
         """A client takes the export for transmission, before it is told so: the last
@@ -138,6 +148,35 @@ class ImageProvider:
         export.config, export.description = config, config.description
 
 
+def file_identity(path) -> tuple[int, int] | None:
+    """What makes two paths one image: (st_dev, st_ino), or a block device's number
+    (two device nodes, one disk); None when the path cannot be looked at."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    if stat.S_ISBLK(st.st_mode):
+        return -1, st.st_rdev
+    return st.st_dev, st.st_ino
+
+
+def _refuse_shared_image(config, exports: Iterable[Export]) -> None:
+    """ImageFormatError when an open export has ``config``'s image (as its own, or as a
+    backing file) and one of the two may write it; the error names that export."""
+    identity = file_identity(config.path)
+    if identity is None:
+        return      # the open itself says what is wrong with the path
+    for export in exports:
+        for depth, held in enumerate(export.files):
+            written = depth == 0 and not export.read_only
+            if held == identity and (written or not config.read_only):
+                other = f"export {export.name}" if depth == 0 else \
+                    f"a backing file of export {export.name}"
+                raise ImageFormatError(
+                    f"export {config.name}: same image as {other} ({config.path}); an image "
+                    "can be in several exports only if none of them writes it")
+
+
 def _holds_for_writing(export: Export, config) -> bool:
     """Whether ``config`` needs the image file ``export`` has open, with a writer on
     either side: image locks then keep the two from being open at once."""
@@ -158,9 +197,23 @@ class ExportRegistry:
         #: members handed out by lookups (a fleet's overlays), until they close
         self._members: list[Export] = []
 
-    def open_export(self, config) -> Export:
-        """Open one export with the provider of its kind."""
+    def open_export(self, config, opened: Iterable[Export] = ()) -> Export:
+        """Open one export with the provider of its kind, once `check_image_free`
+        (with the exports of ``opened`` too) lets it."""
+        self.check_image_free(config, opened)
         return self._providers[config.kind].open(config)
+
+    def check_image_free(self, config, opened: Iterable[Export] = ()) -> None:
+        """ImageFormatError, naming the other export, when an open export (or one of
+        ``opened``) has ``config``'s image and one of the two may write it: call it
+        before opening an export some other way than `open_export`."""
+        _refuse_shared_image(config, [*self._still_open(), *opened])
+
+    def _still_open(self) -> list[Export]:
+        """The exports whose backends are open, read without changing the registry
+        (`open_all` calls this from a worker thread)."""
+        every = (*self._exports.values(), *self._retired, *self._members)
+        return [export for export in every if not export.closed]
 
     def add(self, export: Export) -> None:
         """Serve an already opened export."""
@@ -223,7 +276,9 @@ class ExportRegistry:
         opened = {}
         for name, config in configs.items():
             try:
-                opened[name] = (config, self.open_export(config))
+                exports = [result for _config, result in opened.values()
+                           if isinstance(result, Export)]
+                opened[name] = (config, self.open_export(config, exports))
             except ImageFormatError as exc:
                 opened[name] = (config, exc)
         return opened

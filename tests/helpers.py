@@ -6,6 +6,7 @@ The NBD client is in nbdclient.py; the pytest fixtures built on these helpers
 """
 
 import os
+import pty
 import random
 import shutil
 import signal
@@ -114,6 +115,25 @@ def stop_process(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 20
             proc.kill()
             proc.wait()
     return proc.returncode
+
+
+def on_terminal(*args) -> tuple[int, bytes]:
+    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
+                            env=qcownbd_env())
+    os.close(slave)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(master, 4096)
+        except OSError:                # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(master)
+    return proc.wait(30), output
 
 
 # -- servers -------------------------------------------------------------------------

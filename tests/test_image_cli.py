@@ -2,13 +2,12 @@
 
 import json
 import os
-import pty
 import struct
 import subprocess
 
 import pytest
 
-from helpers import qcownbd_cmd, qcownbd_env, qemu_img, qemu_io, run
+from helpers import on_terminal, qcownbd_cmd, qcownbd_env, qemu_img, qemu_io, run
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -277,25 +276,6 @@ def test_convert_errors_leave_no_output(tmp_path, chain, unwritable_dir):
     res = qcownbd("convert", bad, tmp_path / "half.raw", ok=False)
     assert res.returncode == 1 and res.stderr.count("\n") == 1
     assert not (tmp_path / "half.raw").exists()
-
-
-def on_terminal(*args) -> tuple[int, bytes]:
-    """Run qcownbd with stderr on a pseudo-terminal: (exit status, what it showed there)."""
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(qcownbd_cmd(*args), stdout=subprocess.DEVNULL, stderr=slave,
-                            env=qcownbd_env())
-    os.close(slave)
-    output = b""
-    while True:
-        try:
-            chunk = os.read(master, 4096)
-        except OSError:                # EIO: the child closed the terminal
-            break
-        if not chunk:
-            break
-        output += chunk
-    os.close(master)
-    return proc.wait(30), output
 
 
 def test_convert_progress_only_on_a_terminal(tmp_path):

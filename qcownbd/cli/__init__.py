@@ -3,23 +3,39 @@
 The subcommands register themselves here (`serve`, the image commands
 create/info/map/check/convert, `fleet`); each only parses its arguments
 and calls the code it drives.  Every failure reaches the user as one line
-on stderr and a non-zero exit.
+on stderr and a non-zero exit: 1 when the command failed, 2 when its
+command line is wrong (`helptext` writes them down under every --help).
 """
 
 import argparse
+import logging
 import os
 import sys
 
 from qcownbd import __version__
-from qcownbd.cli import fleet, image, serve
+from qcownbd.cli import fleet, helptext, image, serve
+from qcownbd.console import journal_prefix
 from qcownbd.errors import QcownbdError, UsageError
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports mistakes as one line (exit 2), like our other errors."""
+    """argparse that reports mistakes as one line (exit 2), like our other errors,
+    takes no abbreviated options (`serve --list` is not `--listen`), and ends its
+    help with the command's examples and exit statuses."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def format_help(self) -> str:
+        """argparse's help, then the examples and exit statuses as written."""
+        text = super().format_help()
+        notes = helptext.epilog(self.prog)
+        return f"{text}\n{notes}" if notes else text
 
     def error(self, message):
         # main() already says "qcownbd: "; name only the subcommand, if any
@@ -70,15 +86,20 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_ERROR
     except UsageError as exc:
-        print(f"qcownbd: {exc}", file=sys.stderr)
+        _say(f"qcownbd: {exc}")
         return EXIT_USAGE
     except QcownbdError as exc:
-        print(f"qcownbd: error: {exc}", file=sys.stderr)
+        _say(f"qcownbd: error: {exc}")
         return EXIT_ERROR
     except OSError as exc:
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"qcownbd: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        _say(f"qcownbd: error: {exc.strerror or exc}{where}")
         return EXIT_ERROR
     except KeyboardInterrupt:
-        print("qcownbd: interrupted", file=sys.stderr)
-        return 130
+        _say("qcownbd: interrupted")
+        return EXIT_INTERRUPTED
+
+
+def _say(line: str) -> None:
+    """A failure's one line on stderr (an error, under journald too)."""
+    print(journal_prefix(logging.ERROR) + line, file=sys.stderr)

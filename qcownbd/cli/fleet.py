@@ -9,7 +9,9 @@ SOURCE is the server's TOML config (its fleet exports are the tables with
 a `golden` key) or one overlay directory.  OVERLAY is an overlay's ID, or
 EXPORT/ID as clients name it (needed when the config has several fleets).
 Overlays a client is using are locked by the server: delete and commit
-refuse them, list and info show them as in use.
+refuse them, list and info show them as in use.  A fleet, an overlay or a
+file that is not there exits 1, like any failure; 2 is for a command line
+that is malformed in itself.
 """
 
 import argparse
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from qcownbd.config import OVERLAY_MODES, FleetConfig, load_config
 from qcownbd.console import Progress, human_size, setup_logging
-from qcownbd.errors import ImageFormatError, UsageError
+from qcownbd.errors import ConfigError, ImageFormatError, UsageError
 from qcownbd.fleet import (
     OverlayDir, describe_overlay, is_overlay_id, remove_unless_in_use,
 )
@@ -94,33 +96,34 @@ def fleets_of(source: str) -> list[FleetFiles]:
     if os.path.isdir(source):
         return [FleetFiles(None, OverlayDir(source))]
     if not os.path.exists(source):
-        raise UsageError(f"fleet: {source}: no such config file or overlay directory")
+        raise ConfigError(f"fleet: {source}: no such config file or overlay directory")
     fleets = [FleetFiles(c.name, OverlayDir(c.overlay_dir), c.golden_format)
               for c in load_config(source).exports.values() if isinstance(c, FleetConfig)]
     if not fleets:
-        raise UsageError(f"fleet: {source} has no fleet export (a table with a golden key)")
+        raise ConfigError(f"fleet: {source} has no fleet export (a table with a golden key)")
     return fleets
 
 
 def find_overlay(source: str, overlay: str) -> tuple[FleetFiles, str, str]:
-    """(fleet, ID, path) of the overlay named OVERLAY; UsageError if there is none."""
-    fleets = fleets_of(source)
+    """(fleet, ID, path) of the overlay named OVERLAY; ImageFormatError if there is none
+    (ConfigError when SOURCE has no such fleet, UsageError for a malformed name)."""
     export, slash, ident = overlay.rpartition("/")
+    if not is_overlay_id(ident):
+        raise UsageError(f"fleet: bad overlay name {overlay!r}")
+    fleets = fleets_of(source)
     if slash:
         fleets = [f for f in fleets if f.name == export]
         if not fleets:
-            raise UsageError(f"fleet: {source} has no fleet named {export!r}")
+            raise ConfigError(f"fleet: {source} has no fleet named {export!r}")
     elif len(fleets) > 1:
         names = ", ".join(f.name for f in fleets)
-        raise UsageError(f"fleet: {source} has several fleets ({names}): write EXPORT/ID")
-    if not is_overlay_id(ident):
-        raise UsageError(f"fleet: bad overlay name {overlay!r}")
+        raise ConfigError(f"fleet: {source} has several fleets ({names}): write EXPORT/ID")
     fleet = fleets[0]
     for ephemeral in (False, True):
         path = fleet.dir.path(ident, ephemeral)
         if os.path.exists(path):
             return fleet, ident, path
-    raise UsageError(f"fleet: no overlay {fleet.label(ident)} in {fleet.dir.directory}")
+    raise ImageFormatError(f"fleet: no overlay {fleet.label(ident)} in {fleet.dir.directory}")
 
 
 def overlay_info(fleet: FleetFiles, ident: str, ephemeral: bool, path: str) -> dict:

@@ -17,8 +17,8 @@ from qcownbd.image import formats
 from qcownbd.image.convert import convert_to_new
 from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
 from qcownbd.image.layout import merge_map
+from qcownbd.image.locking import ImageInUse
 from qcownbd.image.probe import open_backing_file, open_image
-from qcownbd.image.qcow1 import create_qcow1
 
 #: qemu-img's exit statuses for `check`
 CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
@@ -53,10 +53,13 @@ def register(sub, common) -> None:
 
 def _register_create(sub, common) -> None:
     p = sub.add_parser("create", parents=[common],
-                       help="create a QCOW1 image (byte-identical to qemu-img create -f qcow)")
+                       help="create an empty QCOW1 (or raw) image, as qemu-img create does")
+    p.add_argument("-f", "--format", default=formats.QCOW1.name, choices=formats.choices(),
+                   help="format of IMAGE (default: qcow1, byte-identical to qemu-img "
+                        "create -f qcow)")
     p.add_argument("-b", "--backing", metavar="BACKING",
                    help="backing file name, stored as given (relative to IMAGE's directory)")
-    p.add_argument("-F", "--backing-format", choices=formats.choices(),
+    p.add_argument("-F", "--backing-format", choices=formats.choices(auto=True),
                    help="format of BACKING (default: probe QCOW1, else raw)")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("size", metavar="SIZE", nargs="?",
@@ -94,7 +97,7 @@ def _register_convert(sub, common) -> None:
     p.add_argument("-B", "--backing", metavar="BACKING",
                    help="make DST a QCOW1 overlay of BACKING (name stored as given, "
                         "relative to DST's directory); only differences are copied")
-    p.add_argument("-F", "--backing-format", choices=formats.choices(),
+    p.add_argument("-F", "--backing-format", choices=formats.choices(auto=True),
                    help="format of BACKING (default: probe QCOW1, else raw)")
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
@@ -104,8 +107,12 @@ def _register_convert(sub, common) -> None:
 # -- create --------------------------------------------------------------------
 
 def cmd_create(args) -> int:
-    """`qcownbd create`: an empty QCOW1 image, optionally over a backing file."""
+    """`qcownbd create`: an empty image, a QCOW1 one optionally over a backing file."""
     setup_logging(args)
+    fmt = formats.FORMATS[normalise_format(args.format, "format")]
+    if args.backing is not None and not fmt.supports_backing:
+        raise UsageError(f"create: -b needs -f {' or -f '.join(formats.with_backing())} "
+                         f"(a {fmt.name} image has no backing file)")
     size = parse_size(args.size) if args.size is not None else None
     if args.backing is not None:
         backing_size = _backing_size(args.image, args.backing, args.backing_format)
@@ -114,7 +121,7 @@ def cmd_create(args) -> int:
         raise UsageError("create: SIZE is required without -b BACKING")
     if os.path.lexists(args.image):
         raise ImageFormatError(f"{args.image}: already exists")
-    create_qcow1(args.image, size, args.backing)
+    fmt.create(args.image, size, args.backing)
     return 0
 
 
@@ -130,8 +137,12 @@ def _backing_size(image: str, name: str, backing_format: str | None) -> int:
 # -- info ----------------------------------------------------------------------
 
 def _open_for_reading(args):
-    return open_image(args.image, fmt=args.format, read_only=True,
-                      lock=not getattr(args, "force_share", False))
+    """Open IMAGE for info and map, which have -U for an image in use."""
+    try:
+        return open_image(args.image, fmt=args.format, read_only=True, lock=not args.force_share)
+    except ImageInUse as exc:
+        raise ImageInUse(f"{exc}, or add -U (--force-share) to read it anyway "
+                         "(what it shows may be stale)") from None
 
 
 def cmd_info(args) -> int:

@@ -52,19 +52,21 @@ def _create(path: str, out_format: str, size: int, backing, backing_format):
 
 
 def copy_image(src, dst, backed: bool, progress: Callable[[int], None]) -> None:
-    """Copy every byte of ``src`` that ``dst`` does not already read the same."""
+    """Copy every byte of ``src`` that ``dst`` does not already read the same;
+    ``progress`` hears of every chunk (one extent may be the whole disk)."""
     buf = memoryview(bytearray(CHUNK))
     old = memoryview(bytearray(CHUNK)) if backed else None
     pos = 0
     while pos < src.size:
         for extent in src.block_status(pos, src.size - pos):
             if not (extent.zero and not backed):
-                _copy_run(src, dst, pos, extent.length, extent.zero, buf, old)
+                _copy_run(src, dst, pos, extent.length, extent.zero, buf, old, progress)
             pos += extent.length
             progress(pos)
 
 
-def _copy_run(src, dst, offset: int, length: int, zero: bool, buf, old) -> None:
+def _copy_run(src, dst, offset: int, length: int, zero: bool, buf, old,
+              progress: Callable[[int], None]) -> None:
     end = offset + length
     while offset < end:
         view = buf[:min(CHUNK, end - offset)]
@@ -78,6 +80,7 @@ def _copy_run(src, dst, offset: int, length: int, zero: bool, buf, old) -> None:
             dst.read_into(offset, base)    # a fresh overlay reads its backing file
         _write_changes(dst, offset, view, base)
         offset += len(view)
+        progress(offset)
 
 
 def _write_changes(dst, offset: int, view, base) -> None:

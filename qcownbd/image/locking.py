@@ -41,6 +41,11 @@ PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write",
 NO_LOCK_SUPPORT = frozenset({errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
+class ImageInUse(ImageFormatError):
+    """Another process's locks exclude us from the image (a command that can read
+    it anyway, `info -U`, says so)."""
+
+
 def _flock(fd: int, cmd: int, kind: int, byte: int) -> int:
     """One fcntl on a one-byte range; returns the l_type the kernel hands back."""
     request = FLOCK.pack(kind, 0, byte, 1, 0)
@@ -76,7 +81,7 @@ def lock_image(fd: int, writable: bool) -> bool:
         raise ImageFormatError(f"cannot lock image: {exc.strerror}") from None
     if conflict:
         unlock_image(fd)
-        raise ImageFormatError(f"image is in use by another process ({conflict})")
+        raise ImageInUse(f"image is in use by another process ({conflict})")
     return True
 
 

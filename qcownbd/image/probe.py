@@ -149,7 +149,8 @@ class BackingPolicy:
         try:
             return self.open(resolved, fmt, True, depth)
         except ImageFormatError as exc:
-            raise ImageFormatError(f"{overlay}: backing file: {exc}") from None
+            # the same class: a backing file in use is still an image in use
+            raise type(exc)(f"{overlay}: backing file: {exc}") from None
 
     def resolve(self, overlay: str, name: bytes, depth: int) -> str:
         """The path ``name`` designates, or ImageFormatError when the policy refuses it."""
@@ -205,8 +206,10 @@ def lock_or_explain(fd: int, path: str, writable: bool) -> None:
     """lock_image, with the file named in the error and the way out suggested."""
     try:
         locking.lock_image(fd, writable)
+    except locking.ImageInUse as exc:
+        raise locking.ImageInUse(f"{path}: {exc}; stop the other user first") from None
     except ImageFormatError as exc:
-        raise ImageFormatError(f"{path}: {exc}; stop the other user first") from None
+        raise ImageFormatError(f"{path}: {exc}") from None
 
 
 def probe_format(fd: int, path: str) -> str:

@@ -10,6 +10,7 @@ import os
 import struct
 from dataclasses import dataclass
 
+from ..console import human_size
 from ..errors import ImageFormatError
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,18 @@ def _check_geometry(path, hdr: Qcow1Header, max_l1_entries: int) -> None:
         _fail(path, f"invalid encryption method {hdr.crypt_method} in qcow header")
     if hdr.size > (1 << 64) - 1 - (1 << hdr.l1_shift):
         _fail(path, f"image too large (size {hdr.size})")
+    check_l1_size(path, hdr.l1_size, hdr.cluster_bits, hdr.l2_bits, max_l1_entries)
+
+
+def check_l1_size(path, l1_size: int, cluster_bits: int, l2_bits: int,
+                  max_l1_entries: int = DEFAULT_MAX_L1_ENTRIES) -> None:
+    """Refuse an L1 table longer than an open allows: the one limit of `create`
+    and of every open, so that no image is made that could not be served."""
     limit = min(QEMU_MAX_L1_ENTRIES, max_l1_entries)
-    if hdr.l1_size > limit:
-        _fail(path, f"image too large: L1 table of {hdr.l1_size} entries exceeds {limit}")
+    if l1_size > limit:
+        _fail(path, f"image too large: L1 table of {l1_size} entries exceeds {limit} "
+                    f"(at most {human_size(limit << (cluster_bits + l2_bits))} with "
+                    f"{1 << cluster_bits}-byte clusters)")
 
 
 def _overlaps(a_start: int, a_len: int, b_start: int, b_len: int) -> bool:
@@ -211,8 +221,7 @@ def create_qcow1(path, size: int, backing_name=None, *, overwrite: bool = False)
         name = b""
     l1_offset = (HEADER_SIZE + len(name) + 7) & ~7
     l1_size = -(-size // (1 << (cluster_bits + l2_bits)))
-    if l1_size > QEMU_MAX_L1_ENTRIES:
-        raise ImageFormatError(f"{path}: image too large ({size} bytes)")
+    check_l1_size(path, l1_size, cluster_bits, l2_bits)
     header = struct.pack(HEADER_FORMAT, MAGIC, 1, HEADER_SIZE if name else 0, len(name), 0,
                          size, cluster_bits, l2_bits, 0, 0, l1_offset)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)

@@ -98,19 +98,19 @@ class NbdConnection(asyncio.BufferedProtocol):
         self.client = client_from_peername(transport.get_extra_info("peername"))
         if not self.server.register(self):
             self.server.log.log(logging.WARNING, "connection limit",
-                                "%s: refused: too many connections", self.client.label)
+                                "%s: not attached: too many connections", self.client.label)
             self.phase = Phase.CLOSED
             transport.abort()
             return
         transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
         self._timer = asyncio.get_running_loop().call_later(
             self.server.handshake_timeout, self.abort, "handshake timed out")
-        exports = PeerExports(self.server.exports, self.client, self.server.log)
-        self.negotiation = Negotiation(exports, self.server.tls)
+        self.negotiation = Negotiation(PeerExports(self.server.exports, self.client),
+                                       self.server.tls)
         transport.write(protocol.greeting())
 
     def connection_lost(self, exc):
-        """Release the export and write the connection's log line."""
+        """Release the export and write the connection's last log line."""
         if self.phase is Phase.CLOSED:
             return
         self.phase = Phase.CLOSED
@@ -124,8 +124,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         if not self.server.unregister(self):
             return
         self._release_export()
-        log.info("%s: closed export=%s %s", self.client.label,
-                 self.export.name if self.export else "-", self.stats)
+        if self.export is not None:
+            log.info("%s: closed export=%s %s", self.client.label, self.export.name, self.stats)
+        else:
+            level, kind, why = self.negotiation.unattached()
+            self.server.log.log(level, kind, "%s: not attached: %s", self.client.label, why)
 
     def _release_export(self):
         # a flush in a worker, or a request in pieces, keeps the export (and its backend) open
@@ -159,8 +162,11 @@ class NbdConnection(asyncio.BufferedProtocol):
         line's ``kind`` (default: the reason itself) is what its rate limit counts."""
         if self.phase is Phase.CLOSED:
             return
-        self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing",
-                            self.client.label, reason)
+        if self.export is None:     # said in the one line of a connection that never attached
+            self.negotiation.refuse(kind or reason, reason)
+        else:
+            self.server.log.log(logging.WARNING, kind or reason, "%s: %s; closing",
+                                self.client.label, reason)
         self.reader.stop()
         self._cancel_timer()
         if self.phase is Phase.TRANSMITTING:
@@ -251,7 +257,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         if dispatcher.inflight < Dispatcher.MAX_INFLIGHT:
             self._unpause(PAUSE_INFLIGHT)
         self._maybe_close()
-
 
     @property
     def payload_received(self) -> int:
@@ -353,9 +358,7 @@ class NbdConnection(asyncio.BufferedProtocol):
         raw = self.transport
         tls, failure = await start_server_tls(raw, self, self.server.tls_context)
         if tls is None:
-            self.server.log.log(logging.WARNING, "TLS handshake failed",
-                                "%s: TLS handshake failed: %s; closing", self.client.label, failure)
-            raw.abort()
+            self.abort(f"TLS handshake failed: {failure}", kind="TLS handshake failed")
             # asyncio does not report a connection lost during the TLS handshake
             self.connection_lost(None)
             return
@@ -391,8 +394,8 @@ class NbdConnection(asyncio.BufferedProtocol):
                                      on_async_done=self.request_done, log=self.server.log,
                                      zero_copy=self.server.zero_copy)
         self.phase = Phase.TRANSMITTING
-        log.debug("%s: export %r, %s replies", self.client.label, export.name,
-                  session.mode.name.lower())
+        log.info("%s: attached export=%s %s", self.client.label, export.name,
+                 session.summary(export.read_only))
 
     # --------------------------------------------------------- transmission
 

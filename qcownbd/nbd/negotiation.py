@@ -3,13 +3,15 @@
 The connection reads an option, hands it to `Negotiation.option`, sends the
 replies it gets back and does what the result's action says.  Tests drive
 it with bytes alone.  What was agreed when transmission starts is one small
-value, the `Session`.
+value, the `Session`; a negotiation that ends without one says why in
+`Negotiation.unattached` (the connection's one log line).
 """
 
+import logging
 from dataclasses import dataclass, field
 from enum import Enum
 
-from qcownbd.errors import ExportOpening, NoSuchExport
+from qcownbd.errors import ExportOpening, NoSuchExport, QcownbdError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import (
     MAX_REQUEST_SIZE, MAX_STRING, META_CONTEXT_IDS, ClientFlag, Info, Opt, Rep,
@@ -21,6 +23,9 @@ MAX_OPTION_PAYLOAD = 2 * MAX_STRING + 1024
 #: ... and above this the connection closes: skipping gigabytes of junk would only
 #: keep a connection slot busy (qemu-nbd and nbdkit close at once too)
 MAX_SKIPPED_OPTION = 1024 * 1024
+#: the rate-limit kind of a refusal's log line, by the error reply it got
+REFUSAL_KINDS = {Rep.ERR_UNKNOWN: "export refused", Rep.ERR_TLS_REQD: "TLS required",
+                 Rep.ERR_POLICY: "TLS not offered"}
 
 
 class Action(Enum):
@@ -44,6 +49,21 @@ class Session:
     contexts: dict[int, str]
     no_zeroes: bool
     tls: bool
+
+    def summary(self, read_only: bool) -> str:
+        """What was agreed, for the log: "replies=structured contexts=base:allocation ..."."""
+        contexts = ",".join(self.contexts.values()) or "-"
+        return (f"replies={self.mode.name.lower()} contexts={contexts} "
+                f"tls={'yes' if self.tls else 'no'} read-only={'yes' if read_only else 'no'}")
+
+
+class Refused(BadOption):
+    """A refusal whose log text (``str()``) says more than the client may read
+    (``public``): an allow list's refusal reads as an unknown name to the client."""
+
+    def __init__(self, rep: int, public: str, detail: str):
+        QcownbdError.__init__(self, detail, public=public)
+        self.rep = rep
 
 
 @dataclass
@@ -85,10 +105,27 @@ class Negotiation:
         #: context id -> name, valid for ``context_export`` only
         self.contexts: dict[int, str] = {}
         self.context_export: str | None = None
+        #: (rate-limit kind, reason) of the last option refused, for the log
+        self.refusal: tuple[str, str] | None = None
+        #: whether the client listed the exports (LIST), for the log
+        self.listed = False
 
     def restarted_over_tls(self) -> "Negotiation":
         """The negotiation that starts after STARTTLS: nothing agreed before TLS holds."""
         return Negotiation(self.exports, self.tls, tls_active=True, no_zeroes=self.no_zeroes)
+
+    def refuse(self, kind: str, reason: str) -> None:
+        """Remember why the client was refused (``kind``: its log line's rate-limit kind)."""
+        self.refusal = (kind, reason)
+
+    def unattached(self) -> tuple[int, str, str]:
+        """(log level, rate-limit kind, why) of a connection that ends before
+        transmission: the last refusal, else what the client did ask."""
+        if self.refusal is not None:
+            return logging.WARNING, *self.refusal
+        if self.listed:
+            return logging.INFO, "client left", "client left after listing the exports"
+        return logging.INFO, "client left", "client left without choosing an export"
 
     def session(self, export) -> Session:
         """The agreed state for transmission on ``export`` (after TRANSMIT)."""
@@ -104,34 +141,42 @@ class Negotiation:
         """An option whose payload is too big to read: refused, and skipped (CONTINUE)
         when it is modestly big, else the connection closes."""
         if option == Opt.EXPORT_NAME:
-            return OptionResult(action=Action.CLOSE)
-        reply = protocol.option_error(option, Rep.ERR_TOO_BIG,
-                                      f"option payload of {length} bytes is too big")
+            return self._closing("option refused", f"EXPORT_NAME of {length} bytes")
+        result = self._error(option, Rep.ERR_TOO_BIG,
+                             f"option payload of {length} bytes is too big")
         if length > MAX_SKIPPED_OPTION:
-            return OptionResult([reply], Action.CLOSE)
-        return OptionResult([reply])
+            result.action = Action.CLOSE
+        return result
 
     def option(self, option: int, payload: bytes) -> OptionResult:
         """Answer one option."""
         if self.tls == "require" and not self.tls_active \
                 and option not in (Opt.STARTTLS, Opt.ABORT):
             if option == Opt.EXPORT_NAME:
-                return OptionResult(action=Action.CLOSE)
-            return self._error(option, Rep.ERR_TLS_REQD, "TLS is required: use STARTTLS")
+                return self._closing("TLS required", "TLS is required; the client sent "
+                                     "EXPORT_NAME without STARTTLS")
+            return self._error(option, Rep.ERR_TLS_REQD, "TLS is required: use STARTTLS",
+                               "TLS is required; the client did not use STARTTLS")
         handler = self._HANDLERS.get(option)
         if handler is None:
             return self._error(option, Rep.ERR_UNSUP, f"option {option} is not supported")
         try:
             return handler(self, option, payload)
         except BadOption as exc:
-            return self._error(option, exc.rep, str(exc))
+            return self._error(option, exc.rep, exc.public, str(exc))
         except ExportOpening as exc:
             # handlers change nothing before their lookup: the option can be asked again
             return OptionResult(action=Action.WAIT, pending=exc.pending)
 
-    @staticmethod
-    def _error(option: int, rep: int, message: str) -> OptionResult:
+    def _error(self, option: int, rep: int, message: str, detail: str = "") -> OptionResult:
+        """The error reply ``message``; ``detail`` (default: the message) is the log's."""
+        self.refuse(REFUSAL_KINDS.get(rep, "option refused"), detail or message)
         return OptionResult([protocol.option_error(option, rep, message)])
+
+    def _closing(self, kind: str, reason: str) -> OptionResult:
+        """End the connection without a reply (EXPORT_NAME cannot be refused politely)."""
+        self.refuse(kind, reason)
+        return OptionResult(action=Action.CLOSE)
 
     @staticmethod
     def _require_empty(payload: bytes) -> None:
@@ -146,21 +191,21 @@ class Negotiation:
                 export.claim()
             return export
         except NoSuchExport as exc:
-            raise BadOption(Rep.ERR_UNKNOWN, exc.public) from None
+            raise Refused(Rep.ERR_UNKNOWN, exc.public, str(exc)) from None
 
     # ------------------------------------------------------------ handlers
 
     def _export_name(self, option, payload) -> OptionResult:
         if self.mode == ReplyMode.EXTENDED:
-            # the spec: a client that negotiated extended headers must use GO;
-            # EXPORT_NAME cannot be refused politely, so the connection ends
-            return OptionResult(action=Action.CLOSE)
+            # the spec: a client that negotiated extended headers must use GO
+            return self._closing("option refused", "EXPORT_NAME after extended headers")
         try:
             export = self.exports.lookup(payload.decode())
             export.claim()
-        except (NoSuchExport, UnicodeDecodeError):
-            # EXPORT_NAME cannot be refused politely: the spec says close
-            return OptionResult(action=Action.CLOSE)
+        except NoSuchExport as exc:
+            return self._closing("export refused", str(exc))
+        except UnicodeDecodeError:
+            return self._closing("export refused", "export name is not UTF-8")
         self._drop_contexts_unless(export.name)
         reply = protocol.export_name_reply(export.size, transmission_flags(export),
                                            self.no_zeroes)
@@ -174,12 +219,14 @@ class Negotiation:
         replies = [protocol.option_reply(option, Rep.SERVER, protocol.server_entry(name, desc))
                    for name, desc in self.exports.listing()]
         replies.append(protocol.option_reply(option, Rep.ACK))
+        self.listed = True
         return OptionResult(replies)
 
     def _starttls(self, option, payload) -> OptionResult:
         self._require_empty(payload)
         if self.tls == "off":
-            return self._error(option, Rep.ERR_POLICY, "TLS is not configured on this server")
+            return self._error(option, Rep.ERR_POLICY, "TLS is not configured on this server",
+                               "the client asked for TLS, which is off on this server")
         if self.tls_active:
             return self._error(option, Rep.ERR_INVALID, "TLS is already in use")
         return OptionResult([protocol.option_reply(option, Rep.ACK)], Action.STARTTLS)
