@@ -61,6 +61,7 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     registry = ExportRegistry([images, FleetProvider(images)])
     try:
         for export_config in cli.values():
+            registry.check_image_free(export_config)
             registry.add(open_cli_export(images, export_config, window))
         registry.apply({**cli, **config.exports})
         return asyncio.run(serve(config, cli, registry, load, tls_context, endpoints, launch))

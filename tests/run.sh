@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
     qemu-utils qemu-system-x86 qemu-system-data
     libnbd-bin python3-libnbd nbd-client nbd-server nbdkit
-    fio systemd procps e2fsprogs strace openssl
+    fio systemd procps e2fsprogs strace openssl groff-base man-db iproute2
 )
 # Whole-run bound (seconds) and per-test bound for pytest-timeout.
 SUITE_TIMEOUT=1800

@@ -36,7 +36,9 @@ _EXAMPLES = {
   qcownbd serve --listen 0.0.0.0:10809 vm1=/srv/images/vm1.qcow
   qcownbd serve --read-only base=base.qcow scratch=scratch.raw
   qcownbd serve --format raw --unix /run/qcownbd.sock disk=disk.img
-  qcownbd serve --config /etc/qcownbd/exports.toml""",
+  qcownbd serve --config /etc/qcownbd/exports.toml
+  qcownbd serve --fork --pid-file /run/qcownbd.pid disk.qcow   # returns once listening
+  qcownbd serve -p 10810 disk.qcow --run 'nbdinfo "$uri"'""",
     "qcownbd create": """\
   qcownbd create disk.qcow 10G              # the bytes qemu-img create -f qcow writes
   qcownbd create -b base.qcow -F qcow1 overlay.qcow   # the size of its backing file
@@ -82,7 +84,8 @@ _SIGNALS = """signals:
 _AFTER = {
     "qcownbd": f"{FORMATS}\n\n{EXIT_STATUS}\n  (check has exit statuses of its own: "
                "qcownbd check --help)",
-    "qcownbd serve": f"{_SIGNALS}\n\n{EXIT_STATUS}",
+    "qcownbd serve": f"{_SIGNALS}\n\n{EXIT_STATUS}\n  with --run: the command's own status "
+                     "(128+N when signal N ended it)",
     "qcownbd check": CHECK_EXIT_STATUS,
 }
 
