@@ -43,7 +43,6 @@ def test_nbdbench_measures_qcownbd_and_the_ceiling_side_by_side(tmp_path):
 def test_run_bench_uses_the_benchmark_in_the_repository(tmp_path):
     out = run([sys.executable, BENCH / "run_bench.py", *TINY, "--multi-conn-reps", "1"],
               timeout=160, cwd=tmp_path)
-    text = out.stdout
     lines = out.stdout.splitlines()
     assert "shared" not in (BENCH / "run_bench.py").read_text()
     ratios = lines.index(next(line for line in lines if line.startswith("workload ")))

@@ -10,7 +10,6 @@ journal's side is the format it reads.
 
 import os
 import re
-import signal
 import ssl
 import subprocess
 import sys
