@@ -275,9 +275,11 @@ def qemu_raw(image, out, fmt="qcow") -> bytes:
         return f.read()
 
 
-def qemu_compare(image, raw, fmt="qcow") -> subprocess.CompletedProcess:
-    """`qemu-img compare -f FMT IMAGE -F raw RAW` (exit 0 = identical), not checked."""
-    return run(["qemu-img", "compare", "-f", fmt, image, "-F", "raw", raw], check=False)
+def qemu_compare(image, raw, fmt="qcow", live=False) -> subprocess.CompletedProcess:
+    """`qemu-img compare -f FMT IMAGE -F raw RAW` (exit 0 = identical), not checked;
+    ``live``: the image is served right now (-U: QEMU's lock would refuse it)."""
+    return run(["qemu-img", "compare", *(["-U"] if live else []), "-f", fmt, image,
+                "-F", "raw", raw], check=False)
 
 
 def qcownbd_check(image) -> subprocess.CompletedProcess:

@@ -1,6 +1,7 @@
-"""Crash safety of QCOW1 writes (qcow1.md §5.3).
+"""Crash safety of QCOW1 writes, and of freeing and reusing clusters (qcow1.md §5.3).
 
-Every pwrite/pwritev/fdatasync on the image fd is recorded.  The ordering
+Every pwrite/pwritev/fdatasync on the image fd is recorded, and the punches
+(holes: zeros) and truncations that give freed clusters back.  The ordering
 test replays the log on a simulated file and checks that each pointer write
 (into the L1 table or into an L2 table the on-disk L1 already reaches) only
 points at bytes written before an earlier fdatasync.  The power-loss test
@@ -17,6 +18,7 @@ import struct
 import pytest
 
 from helpers import make_qcow1, open_image, read_all
+from qcownbd.image import backend
 
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
@@ -44,17 +46,33 @@ class IoLog:
             if fd == self.fd:
                 self.events.append(("sync",))
 
+        real_punch, real_truncate = backend.punch_hole, os.ftruncate
+
+        def punch_hole(fd, offset, length):
+            if fd == self.fd:
+                self.events.append(("punch", offset, bytes(length)))
+            return real_punch(fd, offset, length)
+
+        def ftruncate(fd, length):
+            if fd == self.fd:
+                self.events.append(("truncate", length))
+            return real_truncate(fd, length)
+
         monkeypatch.setattr(os, "pwritev", pwritev)
         monkeypatch.setattr(os, "pwrite", pwrite)
         monkeypatch.setattr(os, "fdatasync", fdatasync)
         monkeypatch.setattr(os, "fsync", fdatasync)
+        monkeypatch.setattr(backend, "punch_hole", punch_hole)
+        monkeypatch.setattr(os, "ftruncate", ftruncate)
 
     def mark(self, label, payload=None):
         self.events.append(("mark", label, payload))
 
 
 def _workload(image, log, ref: bytearray, seed: int, ops: int):
-    """Random writes with flushes; log marks "flushed" with a snapshot of the reference."""
+    """Random writes, and (without a backing file) trims and zero writes that free clusters
+    the writes after them reuse, with flushes; log marks "flushed" with a snapshot of the
+    reference."""
     rnd = random.Random(seed)
     cluster = image.cluster_size
     for _ in range(ops):
@@ -65,8 +83,17 @@ def _workload(image, log, ref: bytearray, seed: int, ops: int):
         offset = rnd.choice([rnd.randrange(image.size),
                              rnd.randrange(image.size // cluster) * cluster])
         length = min(rnd.choice([1, 700, cluster, 3 * cluster + 5, 20000]), image.size - offset)
-        data = rnd.randbytes(length)
-        image.write(offset, data)
+        if image.backing is None and rnd.random() < 0.3:
+            if rnd.random() < 0.5:
+                image.trim(offset, length)      # whole clusters read zeros after it
+                start, end = -(-offset // cluster) * cluster, (offset + length) // cluster * cluster
+                offset, length = start, max(0, end - start)
+            else:
+                image.write_zeroes(offset, length)
+            data = bytes(length)
+        else:
+            data = rnd.randbytes(length)
+            image.write(offset, data)
         ref[offset:offset + length] = data
         log.mark("wrote", (offset, data))
 
@@ -94,6 +121,14 @@ def _apply(file: bytearray, offset: int, data: bytes) -> None:
     file[offset:offset + len(data)] = data
 
 
+def _apply_event(file: bytearray, event) -> None:
+    """Apply a recorded write, punch (it reads zeros after) or truncation."""
+    if event[0] == "truncate":
+        del file[event[1]:]
+    else:
+        _apply(file, event[1], event[2])
+
+
 def _u64s(data: bytes, first_offset: int):
     """(file offset, value) of the whole 8-byte words inside a write."""
     skip = -first_offset % 8
@@ -115,6 +150,9 @@ def test_no_pointer_before_the_barrier_after_its_data(tmp_path, monkeypatch, bac
         if event[0] == "sync":
             written_before_sync += pending
             pending = []
+            continue
+        if event[0] in ("truncate", "punch"):
+            _apply_event(file, event)
             continue
         if event[0] != "write":
             continue
@@ -143,8 +181,8 @@ def _crash_states(initial: bytes, events, rnd, subsets: int):
     durable = bytearray(initial)
     unsynced, flushed_ref, since_flush = [], None, []
     for event in events + [("sync",)]:
-        if event[0] == "write":
-            unsynced.append(event[1:])
+        if event[0] in ("write", "punch", "truncate"):
+            unsynced.append(event)
             continue
         if event[0] == "mark":
             if event[1] == "flushed":
@@ -155,14 +193,24 @@ def _crash_states(initial: bytes, events, rnd, subsets: int):
         # a crash between the previous sync and this one: any sector subset of unsynced writes
         for _ in range(subsets):
             state = bytearray(durable)
-            for offset, data in unsynced:
+            for change in unsynced:
+                if change[0] == "truncate":
+                    if rnd.random() < 0.5:
+                        _apply_event(state, change)
+                    continue
+                _kind, offset, data = change
                 for pos in range(0, len(data), 512):
                     if rnd.random() < 0.5:
                         _apply(state, offset + pos, data[pos:pos + 512])
             yield bytes(state), flushed_ref, list(since_flush)
-        for offset, data in unsynced:
-            _apply(durable, offset, data)
+        for change in unsynced:
+            _apply_event(durable, change)
         unsynced = []
+
+
+def punched_before(events, index):
+    """The (start, end) ranges punched before event ``index``."""
+    return [(e[1], e[1] + len(e[2])) for e in events[:index] if e[0] == "punch"]
 
 
 def _assert_holds_flushed_data(got: bytes, flushed_ref: bytes, later_writes):
@@ -182,6 +230,11 @@ def _assert_holds_flushed_data(got: bytes, flushed_ref: bytes, later_writes):
 @pytest.mark.parametrize("backing", [False, True])
 def test_power_loss_at_every_sync_point(tmp_path, monkeypatch, backing):
     img, initial, events, _hdr = _record(tmp_path, monkeypatch, backing, seed=9, ops=60)
+    if not backing:     # the workload did free clusters and write into them again
+        punched = [(e[1], e[1] + len(e[2])) for e in events if e[0] == "punch"]
+        reused = [e for i, e in enumerate(events) if e[0] == "write" and any(
+            start <= e[1] < end for start, end in punched_before(events, i))]
+        assert punched and reused
     rnd = random.Random(99)
     states = 0
     for state, flushed_ref, later in _crash_states(initial, events, rnd, subsets=3):
@@ -195,3 +248,57 @@ def test_power_loss_at_every_sync_point(tmp_path, monkeypatch, backing):
         finally:
             image.close()
     assert states > 20
+
+
+def _host_of(image, offset: int) -> int:
+    """Where in the file guest ``offset``'s cluster lies."""
+    [(_start, _length, kind, host, _depth)] = list(image.map_extents(offset, 1))
+    assert kind == "data"
+    return host
+
+
+def test_a_freed_cluster_is_reused_only_after_the_commit_that_freed_it(tmp_path, monkeypatch):
+    """Trim guest cluster A, then write B before any flush: B must not get A's cluster
+    (a crash would leave A's durable pointer and B's data at the same bytes). After the
+    flush that wrote A's freeing, the next allocation takes it; every crash state of
+    the sequence opens clean and holds the flushed data."""
+    img, ref = make_qcow1(tmp_path, False, MiB)
+    initial = open(img, "rb").read()
+    image = open_image(img, read_only=False)
+    cluster = image.cluster_size
+    log = IoLog(monkeypatch, image.fd)
+    log.mark("flushed", bytes(ref))
+    try:
+        steps = [("write", 0, b"A" * cluster), ("flush",), ("trim", 0, cluster),
+                 ("write", 8 * cluster, b"B" * cluster), ("flush",),
+                 ("write", 16 * cluster, b"C" * cluster), ("flush",)]
+        hosts = {}
+        for step in steps:
+            if step[0] == "flush":
+                image.flush()
+                log.mark("flushed", bytes(ref))
+                continue
+            offset, data = step[1], step[2]
+            if step[0] == "trim":
+                hosts["A"] = _host_of(image, offset)
+                image.trim(offset, data)
+                data = bytes(data)
+            else:
+                image.write(offset, data)
+                hosts[chr(data[0])] = _host_of(image, offset)
+            ref[offset:offset + len(data)] = data
+            log.mark("wrote", (offset, data))
+    finally:
+        image.close()
+        monkeypatch.undo()
+    assert hosts["B"] != hosts["A"], "reused before the freeing was durable"
+    assert hosts["C"] == hosts["A"], "not reused after the freeing was durable"
+    for state, flushed_ref, later in _crash_states(initial, log.events, random.Random(5), 8):
+        with open(img, "wb") as f:
+            f.write(state)
+        reopened = open_image(img, read_only=False)
+        try:
+            assert reopened.check().corruptions == []
+            _assert_holds_flushed_data(read_all(reopened), flushed_ref, later)
+        finally:
+            reopened.close()

@@ -10,10 +10,46 @@ Threading: every method is called from the event-loop thread, except
 goes on reading and writing.  Implementations make that one overlap safe.
 """
 
+import ctypes
+import errno
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from .faults import syscalls
+
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
+#: errnos that mean "this kind of fallocate/ioctl is not available here"
+UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
+                         errno.ENOTTY, errno.EINVAL})
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate64 = _libc.fallocate64
+_fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate64.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) (the standard library has no binding); raises OSError with its errno."""
+    if _fallocate64(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Give the range's blocks back to the filesystem (it reads zeros after);
+    False where the filesystem cannot, which changes nothing."""
+    try:
+        fallocate(fd, PUNCH_HOLE, offset, length)
+    except OSError as exc:
+        if exc.errno in UNSUPPORTED:
+            return False
+        raise
+    return True
 
 
 def pread_filling(fd: int, view: memoryview, offset: int) -> None:

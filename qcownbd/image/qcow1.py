@@ -14,10 +14,12 @@ from collections import OrderedDict
 from ..errors import ImageFormatError, ImageIOError
 from .backend import Backend, Extent, pread_filling
 from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
-from .qcow1_header import (DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1, is_qcow1,
-                           read_exact_at, read_header)
+from .qcow1_header import (COMPRESSED, DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1,
+                           is_qcow1, read_exact_at, read_header)
+from .qcow1_free import (CompressedClusters, FreeClusters, cluster_pointers, released_runs,
+                          scatter)
 from .qcow1_map import DATA, INVALID, PACKED, UNALLOCATED, ClusterMap
-from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables, pwrite_all, to_big_endian
+from .qcow1_tables import BAD, Qcow1Tables, pwrite_all, to_big_endian
 
 __all__ = ["Qcow1Image", "Qcow1Header", "CheckReport", "create_qcow1", "is_qcow1"]
 
@@ -91,8 +93,13 @@ class Qcow1Image(Backend):
                 f"{self.path}: corrupt metadata, refusing read-write: {report.corruptions[0]} "
                 f"({report.corruption_count} problem(s); 'qcownbd check --repair' drops bad pointers)")
         self._corrupt = bool(report.corruption_count)
-        mask = self._cluster_mask
-        self._tables.next_free = (max(file_size, report.max_end) + mask) & ~mask
+        mask, tables = self._cluster_mask, self._tables
+        tables.next_free = (max(file_size, report.max_end) + mask) & ~mask
+        # what the scan found unreferenced is free: no durable pointer reaches it
+        tables.free = FreeClusters(self.cluster_size)
+        for start, end in zip(report.free_starts, report.free_ends):
+            tables.free.add(start, end)
+        tables.compressed = CompressedClusters.from_runs(self.cluster_size, report.compressed)
 
     # -- reading --------------------------------------------------------
 
@@ -235,28 +242,41 @@ class Qcow1Image(Backend):
         if entries.count(0) != count and any(
                 entry and not entry & COMPRESSED for entry in entries):
             return False
-        host = tables.reserve(count * self.cluster_size)
-        self._pwrite(self._cluster_buffers(pos, data, entries), host)
-        tables.set_entries(index, first, self._pointers(host, count))
+        runs = tables.reserve_runs(count * self.cluster_size)
+        self._write_runs(runs, self._cluster_buffers(pos, data, entries))
+        # a compressed cluster rewritten leaves its old bytes to the free clusters
+        tables.set_entries(index, first, cluster_pointers(runs, self.cluster_size), freed=self._released(entries))
         return True
 
     def _allocate_with_table(self, pos: int, data: memoryview, entries: array) -> None:
-        """New clusters and the new L2 table mapping them, back to back in one write."""
+        """New clusters and the new L2 table mapping them (in one write when both come
+        from the end of the file, back to back)."""
         hdr, tables = self.header, self._tables
         index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
         slot = -(-hdr.l2_table_bytes // self.cluster_size) * self.cluster_size
-        table_offset = tables.reserve(slot + len(entries) * self.cluster_size)
+        table_offset = tables.reserve(slot)
+        runs = tables.reserve_runs(len(entries) * self.cluster_size)
         table = array("Q", bytes(hdr.l2_table_bytes))
-        table[first:first + len(entries)] = self._pointers(table_offset + slot, len(entries))
+        table[first:first + len(entries)] = cluster_pointers(runs, self.cluster_size)
         # unreachable until the commit links it in L1 behind a data barrier (§5.3)
-        self._pwrite([to_big_endian(table), _ZEROS[:slot - hdr.l2_table_bytes],
-                      *self._cluster_buffers(pos, data, entries)], table_offset)
+        head = [to_big_endian(table), _ZEROS[:slot - hdr.l2_table_bytes]]
+        buffers = self._cluster_buffers(pos, data, entries)
+        if len(runs) == 1 and runs[0][0] == table_offset + slot:
+            self._pwrite(head + buffers, table_offset)
+        else:
+            self._pwrite(head, table_offset)
+            self._write_runs(runs, buffers)
         tables.link_new_table(index, table_offset, table)
 
-    def _pointers(self, host: int, count: int) -> array:
-        """L2 entries of ``count`` clusters allocated back to back from ``host``."""
-        size = self.cluster_size
-        return array("Q", range(host, host + count * size, size))
+    def _write_runs(self, runs, buffers) -> None:
+        """Write ``buffers`` (whole clusters, back to back) into the pieces ``runs``."""
+        for offset, piece in scatter(runs, buffers):
+            self._pwrite(piece, offset)
+
+    def _released(self, entries) -> list[tuple[int, int]]:
+        if not any(entries):        # the usual allocation: nothing mapped before
+            return []
+        return released_runs(entries, self.header.cluster_bits, self._tables.compressed)
 
     def _cluster_buffers(self, pos: int, data: memoryview, entries) -> list:
         """Whole clusters covering ``data``: partial ends merged with their old contents."""
@@ -325,8 +345,10 @@ class Qcow1Image(Backend):
                 first = (pos >> cb) & l2_mask
                 count = ((stop - 1) >> cb) - (pos >> cb) + 1
                 with tables.alloc_lock:
-                    if tables.table(index)[first:first + count].count(0) != count:
-                        tables.set_entries(index, first, array("Q", bytes(8 * count)))
+                    entries = tables.table(index)[first:first + count]
+                    if entries.count(0) != count:
+                        tables.set_entries(index, first, array("Q", bytes(8 * count)),
+                                           freed=self._released(entries))
             pos = stop
 
     def write_zeroes(self, offset: int, length: int, may_trim: bool = True,
@@ -436,6 +458,10 @@ class Qcow1Image(Backend):
                 tables.reload()
                 self._inflated.clear()
                 self._scan_for_writing(file_size, allow_corrupt=True)
+            if repair and report.leaked_bytes:
+                # leaked clusters are free: their bytes go back to the filesystem
+                tables.reclaim(tables.free.runs())
+                report.add_repair(f"gave {report.leaked_bytes} leaked bytes back to the file system")
             return report
 
     # -- durability -----------------------------------------------------

@@ -7,6 +7,7 @@ two ranges that overlap (aliasing, metadata written through by the guest).
 Its ``max_end`` starts the allocator past everything referenced.
 """
 
+import errno
 import heapq
 import logging
 import os
@@ -18,8 +19,8 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 
 from ..errors import ImageIOError
-from .qcow1_header import HEADER_SIZE, Qcow1Header, read_exact_at
-from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables, nonzero_indices, to_host_order
+from .qcow1_header import COMPRESSED, HEADER_SIZE, Qcow1Header, read_exact_at
+from .qcow1_tables import BAD, Qcow1Tables, nonzero_indices, to_host_order
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,11 @@ class CheckReport:
     bad_l2: array = field(default_factory=lambda: array("Q"))
     #: the on-disk L1 table the scan used
     l1: object = None
+    #: runs of whole clusters nothing references (the leaks, as `free_runs` yields them)
+    free_starts: array = field(default_factory=lambda: array("Q"))
+    free_ends: array = field(default_factory=lambda: array("Q"))
+    #: (start, end) of every compressed run, for the count of runs per cluster
+    compressed: list = field(default_factory=list)
 
     def add_corruption(self, message: str, pointer) -> None:
         """Record one problem and the pointer, ("l1", i) or ("l2", i, pos), a repair drops."""
@@ -184,7 +190,13 @@ def scan(fd: int, hdr: Qcow1Header, file_size: int, progress=None) -> CheckRepor
             time.sleep(_PAUSE)
     _find_overlaps(ranges.in_order(), report, hdr)
     report.max_end = ranges.max_end()
-    report.leaked_bytes = _leaked(hdr, ranges.in_order(), file_size)
+    for start, end in free_runs(hdr, ranges.in_order(), file_size):
+        report.free_starts.append(start)
+        report.free_ends.append(end)
+        report.leaked_bytes += _stored_bytes(fd, start, min(end, file_size))
+    for start, end, kind, _owner in ranges.others:
+        if kind == _COMPRESSED:
+            report.compressed.append((start, end))
     return report
 
 
@@ -316,20 +328,39 @@ def _loser(first, second):
     return second if second[3] > first[3] else first
 
 
-def _leaked(hdr: Qcow1Header, ranges, file_size: int) -> int:
-    """File bytes in clusters that no range (sorted by start) touches; padding is not a leak."""
+def free_runs(hdr: Qcow1Header, ranges, file_size: int):
+    """Yield the (start, end) runs of whole clusters below the file's (cluster-aligned)
+    end that no range (sorted by start) touches; L1 padding is not free."""
     size = hdr.cluster_size
-    # qemu-img writes the L1 table padded with zeros to a multiple of 512 bytes: not a leak
+    # qemu-img writes the L1 table padded with zeros to a multiple of 512 bytes
     padded_l1 = (hdr.l1_table_offset, hdr.l1_table_offset + -(-hdr.l1_bytes // 512) * 512)
     spans = heapq.merge(((start, end) for start, end, _kind, _owner in ranges), [padded_l1])
-    units = ((start // size, -(-end // size)) for start, end in spans)
-    covered, reach = 0, 0
-    for first, stop in units:
-        first = max(first, reach)
-        if stop > first:
-            covered += min(stop * size, file_size) - min(first * size, file_size)
-        reach = max(reach, stop)
-    return max(0, file_size - covered)
+    reach, file_end = 0, -(-file_size // size) * size
+    for start, end in spans:
+        first = start // size * size
+        if first > reach and reach < file_end:
+            yield reach, min(first, file_end)
+        reach = max(reach, -(-end // size) * size)
+    if reach < file_end:
+        yield reach, file_end
+
+
+def _stored_bytes(fd: int, start: int, end: int) -> int:
+    """Bytes of [start, end) the file really stores: a punched-out range wastes nothing."""
+    stored, pos = 0, start
+    try:
+        while pos < end:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+            if data >= end:
+                break
+            hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+            stored += hole - data
+            pos = hole
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:       # no data after pos
+            return stored
+        return end - start                  # no SEEK_DATA here: count it all
+    return stored
 
 
 def drop_pointers(fd: int, hdr: Qcow1Header, report: CheckReport) -> None:

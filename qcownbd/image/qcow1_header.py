@@ -19,6 +19,8 @@ MAGIC = 0x514649FB
 HEADER_FORMAT = ">IIQIIQBBHIQ"
 HEADER_SIZE = struct.calcsize(HEADER_FORMAT)  # 48
 MAX_BACKING_NAME = 1023
+#: flag bit of a compressed L2 entry
+COMPRESSED = 1 << 63
 #: QEMU's effective L1 limit: one read of the table is capped at 2 GiB - 512 (qcow1.md §3.1 #9)
 QEMU_MAX_L1_ENTRIES = 268_435_392
 #: default memory cap for the L1 table: 256 MiB = 64 TiB of disk at 2 MiB per entry

@@ -8,8 +8,8 @@ from its backing file.
 
 from array import array
 
-from .qcow1_header import Qcow1Header
-from .qcow1_tables import BAD, COMPRESSED, Qcow1Tables
+from .qcow1_header import COMPRESSED, Qcow1Header
+from .qcow1_tables import BAD, Qcow1Tables
 
 UNALLOCATED, DATA, PACKED, INVALID = "unallocated", "data", "compressed", "invalid"
 #: `ClusterMap.allocation` stops after this many L2 entries looked at, or this many

@@ -7,6 +7,12 @@ in-memory tables at once, so reads see them, but reach the file only in
 pending L2 entries → pending L1 entries → fdatasync (qcow1.md §5.3).  Every
 pointer reachable from the on-disk L1 therefore points at durable bytes.
 
+The allocator takes free clusters (`qcow1_free`) before growing the file.  A
+cluster whose pointer was dropped becomes free only after the commit that
+wrote the dropping is complete, and after its bytes were punched out of the
+file: a crash can then never leave a stale pointer and a new one at the
+same bytes.  A free run at the file's end is cut off.
+
 Threading: the event-loop thread reads and changes the tables; `commit` may
 run in a worker thread.  It only touches the pending maps (under
 `_pending_lock`) and the file; commits are serialised by `_commit_lock`.
@@ -19,12 +25,14 @@ from array import array
 from bisect import bisect_left, insort
 from collections import OrderedDict
 
+import os
+
 from ..errors import ImageIOError
+from . import backend
 from .faults import syscalls
+from .qcow1_free import CompressedClusters, FreeClusters
 from .qcow1_header import Qcow1Header, read_exact_at
 
-#: flag bit of a compressed L2 entry
-COMPRESSED = 1 << 63
 #: in-memory sentinel for an entry that failed validation (read-only images):
 #: never a real entry (odd, no flag), every access gives EIO
 BAD = 1
@@ -88,6 +96,12 @@ class Qcow1Tables:
         self.on_load = None
         #: next free byte of the file for allocations (set after the open scan)
         self.next_free = 0
+        #: free clusters below next_free (the open scan's leaks, then freed ones)
+        self.free = FreeClusters(header.cluster_size)
+        #: compressed runs per cluster (set after the open scan)
+        self.compressed = CompressedClusters(header.cluster_size)
+        #: past this file size a pending commit is taken before growing (`make_room`)
+        self.growth_limit = self._growth_limit()
         #: tables read from the file so far (work bounds count them: a load costs)
         self.loads = 0
         self.alloc_lock = threading.RLock()
@@ -97,6 +111,8 @@ class Qcow1Tables:
         #: (their values are the cached table's: a span, not a copy, keeps this small)
         self._pending_l2: dict[int, list[int]] = {}
         self._pending_l1: dict[int, int] = {}
+        #: (start, end) runs whose pointers the pending updates drop: free after the commit
+        self._pending_free: list[tuple[int, int]] = []
         self._committing: set[int] = set()
         self.reload()
 
@@ -165,14 +181,58 @@ class Qcow1Tables:
     # -- allocation and pending pointers --------------------------------
 
     def reserve(self, nbytes: int) -> int:
-        """Reserve ``nbytes`` (rounded up to clusters) at the end of the file; caller holds alloc_lock."""
+        """``nbytes`` (rounded up to clusters) in one piece: a free run long enough, else
+        the end of the file; caller holds alloc_lock."""
+        nbytes = self._whole(nbytes)
+        self.make_room(nbytes)
+        pieces = self.free.take(nbytes)
+        if len(pieces) == 1 and pieces[0][1] == nbytes:
+            return pieces[0][0]
+        for start, length in pieces:        # not one piece: give them back
+            self.free.add(start, start + length)
+        return self._grow(nbytes)
+
+    def reserve_runs(self, nbytes: int) -> list[tuple[int, int]]:
+        """``nbytes`` (rounded up to clusters) as (offset, length) pieces: free clusters
+        first (one piece if a run is long enough), then the end of the file; caller
+        holds alloc_lock."""
+        nbytes = self._whole(nbytes)
+        if self.free.total < nbytes:
+            self.make_room(nbytes)
+        pieces = self.free.take(nbytes)
+        missing = nbytes - sum(length for _start, length in pieces)
+        if missing:
+            pieces.append((self._grow(missing), missing))
+        return pieces
+
+    def _whole(self, nbytes: int) -> int:
         cluster = self.header.cluster_size
+        return -(-nbytes // cluster) * cluster
+
+    def _grow(self, nbytes: int) -> int:
         offset = self.next_free
-        self.next_free += -(-nbytes // cluster) * cluster
+        self.next_free += nbytes
         return offset
 
-    def set_entries(self, index: int, first: int, values) -> None:
-        """Point L2 entries ``first..`` of table ``index`` at new values (pending until commit)."""
+    def _growth_limit(self) -> int:
+        """The file size that holds every cluster and table the disk can need: header
+        and L1 table, a slot per L2 table, a cluster per guest cluster."""
+        hdr = self.header
+        slot = self._whole(hdr.l2_table_bytes)
+        return (self._whole(hdr.l1_table_offset + hdr.l1_bytes) + hdr.l1_size * slot
+                + self._whole(hdr.size))
+
+    def make_room(self, nbytes: int) -> None:
+        """Before growing the file past ``growth_limit``: commit now, so the clusters that
+        pending updates free can be taken instead (a guest that discards and rewrites
+        faster than the commit timer runs must not grow the file without bound).
+        Caller holds alloc_lock."""
+        if self.next_free + nbytes > self.growth_limit and self._pending_free:
+            self.commit()
+
+    def set_entries(self, index: int, first: int, values, freed=()) -> None:
+        """Point L2 entries ``first..`` of table ``index`` at new values (pending until
+        commit); ``freed``: the (start, end) runs nothing references once they are."""
         table, values = self.table(index), array("Q", values)
         stop = first + len(values)
         with self._pending_lock:
@@ -182,6 +242,8 @@ class Qcow1Tables:
                 self._pending_l2[index] = [first, stop]
             else:
                 span[0], span[1] = min(span[0], first), max(span[1], stop)
+            # in the same step as the entries: a commit takes both or neither
+            self._pending_free.extend(freed)
 
     def link_new_table(self, index: int, offset: int, table: array) -> None:
         """Enter a freshly written L2 table at L1 slot ``index`` (pending until commit)."""
@@ -198,8 +260,8 @@ class Qcow1Tables:
 
     @property
     def has_pending(self) -> bool:
-        """True when pointer updates wait for a commit."""
-        return bool(self._pending_l2 or self._pending_l1)
+        """True when pointer updates (or the clusters they free) wait for a commit."""
+        return bool(self._pending_l2 or self._pending_l1 or self._pending_free)
 
     def commit(self) -> None:
         """Make everything written so far durable, then the pending pointers (§5.3).
@@ -212,8 +274,8 @@ class Qcow1Tables:
         """
         with self._commit_lock:
             with self._pending_lock:
-                spans, l1 = self._pending_l2, self._pending_l1
-                self._pending_l2, self._pending_l1 = {}, {}
+                spans, l1, freed = self._pending_l2, self._pending_l1, self._pending_free
+                self._pending_l2, self._pending_l1, self._pending_free = {}, {}, []
                 self._committing = set(spans)
                 l2 = {index: (first, self._cache[index][first:stop])
                       for index, (first, stop) in spans.items()}
@@ -223,11 +285,34 @@ class Qcow1Tables:
                     self._write_pointers(l2, l1)
                     syscalls.fdatasync(self.fd)
             except OSError as exc:
-                self._restore_pending(spans, l1)
+                self._restore_pending(spans, l1, freed)
                 raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None
             finally:
                 with self._pending_lock:
                     self._committing = set()
+        # outside the commit lock: a commit of the loop's thread may wait for it while
+        # holding the allocation lock, which this takes
+        self.reclaim(freed)
+
+    def reclaim(self, runs) -> None:
+        """Make ``runs``, referenced by no durable pointer, free: their bytes punched out
+        first (nobody can have reused them yet), then the file's free end cut off."""
+        for start, end in runs:
+            try:
+                backend.punch_hole(self.fd, start, end - start)
+            except OSError:
+                pass    # the blocks stay allocated: space, not data, is what is lost
+        with self.alloc_lock:
+            for start, end in runs:
+                self.free.add(start, end)
+            end = self.free.take_tail(self.next_free)
+            if end < self.next_free:
+                try:
+                    os.ftruncate(self.fd, end)
+                except OSError:
+                    self.free.add(end, self.next_free)
+                    return
+                self.next_free = end
 
     def _write_pointers(self, l2: dict, l1: dict) -> None:
         for index in sorted(l2):
@@ -237,9 +322,10 @@ class Qcow1Tables:
         for first, values in _runs(l1):
             pwrite_all(self.fd, [to_big_endian(values)], self.header.l1_table_offset + 8 * first)
 
-    def _restore_pending(self, spans: dict, l1: dict) -> None:
+    def _restore_pending(self, spans: dict, l1: dict, freed: list) -> None:
         """Put back what a failed commit took (the tables hold the newest values)."""
         with self._pending_lock:
+            self._pending_free[:0] = freed
             for index, (first, stop) in spans.items():
                 span = self._pending_l2.setdefault(index, [first, stop])
                 span[0], span[1] = min(span[0], first), max(span[1], stop)

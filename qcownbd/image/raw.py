@@ -7,7 +7,6 @@ allocation map (SEEK_DATA/SEEK_HOLE).  Trim and zero writes use fallocate
 supports it, and fall back to writing zeros otherwise.
 """
 
-import ctypes
 import errno
 import fcntl
 import os
@@ -15,39 +14,18 @@ import stat
 import struct
 
 from qcownbd.errors import ImageFormatError, ImageIOError
-from qcownbd.image.backend import Backend, Extent, pread_filling
+from qcownbd.image.backend import (
+    PUNCH_HOLE, UNSUPPORTED, ZERO_RANGE, Backend, Extent, fallocate, pread_filling,
+)
 from qcownbd.image.faults import syscalls
-
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
-PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
-ZERO_RANGE = FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE
 
 BLKSSZGET = 0x1268        # _IO(0x12, 104): logical sector size of a block device
 BLKDISCARD = 0x1277       # _IO(0x12, 119): discard a byte range
-
-#: errnos that mean "this kind of fallocate/ioctl is not available here"
-UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS,
-                         errno.ENOTTY, errno.EINVAL})
 
 #: bound on the buffer used when zeros must really be written
 ZERO_CHUNK = 1 << 20
 #: most extents one block_status call returns (the client asks again for more)
 MAX_EXTENTS = 1024
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate64 = _libc.fallocate64
-_fallocate64.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate64.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2); raises OSError with the call's errno."""
-    if _fallocate64(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
 
 def _io_error(exc: OSError, path: str, what: str) -> ImageIOError:
     """The ImageIOError a backend raises for a failed system call."""
