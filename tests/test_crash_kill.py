@@ -5,11 +5,14 @@ L2 cache (evictions commit pointers in the middle of writes).  Each round
 restarts `qcownbd serve` on the same QCOW1 image (so the
 read-write open and its full metadata scan must accept what the last crash
 left), checks that our reads equal QEMU's, runs a pipelined writer (random
-sector-aligned writes, some with FUA, FLUSH every few requests) and kills
-the server at a random moment.  Then: `qcownbd check` exits 0 or 3, QEMU
+sector-aligned writes, some with FUA, FLUSH every few requests, and
+WRITE_ZEROES and cluster-aligned TRIMs that free clusters for later writes
+to reuse) and kills the server at a random moment.  Then: `qcownbd check` exits 0 or 3, QEMU
 reads the image, and every 512-byte sector holds the newest durable write
 to it or some later write to it (or the pre-round bytes) - never garbage,
-never an older value than a completed FLUSH/FUA guaranteed.
+never an older value than a completed FLUSH/FUA guaranteed.  A zeroed or
+trimmed sector counts as written with zeros: a freed cluster reused too early
+would show another sector's bytes there.
 """
 
 import random
@@ -22,6 +25,9 @@ import pytest
 
 from helpers import SECTOR, LoggedServer, make_qcow1, qcownbd_check, qemu_raw
 from nbdclient import CMD_FLUSH, CMD_WRITE, FLAG_FUA, NbdClient
+
+CMD_TRIM, CMD_WRITE_ZEROES = 4, 6
+CLUSTER = 4096
 
 MiB = 1 << 20
 SIZE = 64 * MiB
@@ -45,17 +51,18 @@ class PipelinedWriter:
     write a completed FLUSH (or its FUA) made durable.
     """
 
-    def __init__(self, port: int, seed: int, window_start: int):
+    def __init__(self, port: int, seed: int, window_start: int, can_trim: bool):
         self.seed, self.rnd = seed, random.Random(seed)
-        self.window_start = window_start
+        self.window_start, self.can_trim = window_start, can_trim
         self.client = NbdClient.connect(port, "d", timeout=30)
-        self.writes: dict[int, tuple[int, int, int]] = {}   # cookie -> offset, length, id
+        #: cookie -> offset, length, id, command (a zeroing one writes zeros)
+        self.writes: dict[int, tuple[int, int, int, int]] = {}
         self.history: dict[int, list[int]] = defaultdict(list)
         self.durable: dict[int, int] = {}
         self.busy: set[int] = set()
         self.inflight: dict[int, object] = {}   # cookie -> "write" or the writes a FLUSH covers
         self.unflushed: list[int] = []
-        self.acked = self.durable_writes = 0
+        self.acked = self.durable_writes = self.zeroed = 0
         self.failure: AssertionError | None = None
 
     def run(self) -> None:
@@ -81,14 +88,20 @@ class PipelinedWriter:
             first = (self.window_start + self.rnd.randrange(WINDOW - length)) // SECTOR
         else:
             first = self.rnd.randrange((SIZE - length) // SECTOR)
+        command = self.rnd.choices([CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM], [85, 8, 7])[0]
+        if command == CMD_TRIM:
+            if not self.can_trim:
+                return
+            first -= first % (CLUSTER // SECTOR)   # whole clusters: the server unmaps them all
+            length = -(-length // CLUSTER) * CLUSTER
         sectors = range(first, first + length // SECTOR)
         if any(s in self.busy for s in sectors):
             return  # never two overlapping writes in flight: their order would be unknown
         write_id = len(self.writes)
         flags = FLAG_FUA if self.rnd.random() < 0.1 else 0
-        cookie = self.client.submit(CMD_WRITE, first * SECTOR, length, flags,
-                                    payload(self.seed, write_id, length))
-        self.writes[cookie] = (first * SECTOR, length, write_id)
+        data = payload(self.seed, write_id, length) if command == CMD_WRITE else b""
+        cookie = self.client.submit(command, first * SECTOR, length, flags, data)
+        self.writes[cookie] = (first * SECTOR, length, write_id, command)
         self.busy.update(sectors)
         for s in sectors:
             self.history[s].append(cookie)
@@ -99,9 +112,10 @@ class PipelinedWriter:
         assert error == 0, f"request {cookie} failed with errno {error}"
         kind = self.inflight.pop(cookie)
         if kind in ("write", "fua"):
-            offset, length, _id = self.writes[cookie]
+            offset, length, _id, command = self.writes[cookie]
             self.busy.difference_update(range(offset // SECTOR, (offset + length) // SECTOR))
             self.acked += 1
+            self.zeroed += command != CMD_WRITE
             if kind == "fua":
                 self._made_durable([cookie])
             else:
@@ -111,7 +125,7 @@ class PipelinedWriter:
 
     def _made_durable(self, cookies) -> None:
         for cookie in cookies:
-            offset, length, _id = self.writes[cookie]
+            offset, length, _id, _command = self.writes[cookie]
             self.durable_writes += 1
             for s in range(offset // SECTOR, (offset + length) // SECTOR):
                 index = self.history[s].index(cookie)
@@ -123,7 +137,10 @@ class PipelinedWriter:
         newest = self.durable.get(sector, -1)
         choices = [] if newest >= 0 else [before]
         for cookie in cookies[max(newest, 0):]:
-            offset, length, write_id = self.writes[cookie]
+            offset, length, write_id, command = self.writes[cookie]
+            if command != CMD_WRITE:
+                choices.append(bytes(SECTOR))
+                continue
             pos = sector * SECTOR - offset
             choices.append(payload(self.seed, write_id, length)[pos:pos + SECTOR])
         return choices
@@ -167,7 +184,7 @@ def crash_rounds(tmp_path, backing: bool, rounds: int, seed: int,
         with LoggedServer(*serve_args(tmp_path, image, cache_tables)) as server:
             assert _read_through_server(server.port) == before, "qcownbd and QEMU disagree"
             writer = PipelinedWriter(server.port, seed * 1000 + round_no,
-                                     round_no * WINDOW % SIZE)
+                                     round_no * WINDOW % SIZE, can_trim=not backing)
             thread = threading.Thread(target=writer.run, daemon=True)
             thread.start()
             time.sleep(rnd.uniform(0.3, 1.5))
@@ -177,6 +194,7 @@ def crash_rounds(tmp_path, backing: bool, rounds: int, seed: int,
         assert "Traceback" not in server.stderr
         assert writer.failure is None, writer.failure
         assert writer.acked > 0 and writer.durable_writes > 0, "no heavy writes before the kill"
+        assert writer.zeroed > 0, "no WRITE_ZEROES or TRIM before the kill"
         qcownbd_check(image)
         got = qemu_raw(image, tmp_path / "got.raw")
         writer.verify(got, before)
