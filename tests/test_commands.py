@@ -131,7 +131,7 @@ def test_every_format_option_takes_the_same_names():
     names = {"raw", "qcow1", "qcow"}
     found = format_options(build_parser())
     probed = {("serve", "--format"), ("info", "-f"), ("map", "-f"), ("check", "-f"),
-              ("convert", "-f"), ("create", "-F"), ("convert", "-F")}
+              ("convert", "-f"), ("create", "-F"), ("convert", "-F"), ("commit", "-F")}
     written = {("create", "-f"), ("convert", "-O"), ("fleet", "commit", "-O")}
     assert set(found) == probed | written
     for option in probed:

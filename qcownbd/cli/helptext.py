@@ -57,6 +57,9 @@ _EXAMPLES = {
   qcownbd convert -O qcow1 disk.raw disk.qcow       # zeros skipped, stays sparse
   qcownbd convert -O raw disk.qcow disk.raw
   qcownbd convert -O qcow -B base.qcow vm.raw vm.qcow   # only what differs from base""",
+    "qcownbd commit": """\
+  qcownbd commit vm1.qcow                   # vm1's writes go into its backing file
+  qcownbd commit -F raw overlay.qcow        # the backing file is raw, never probed""",
     "qcownbd fleet": """\
   qcownbd fleet list /etc/qcownbd/exports.toml
   qcownbd fleet info /etc/qcownbd/exports.toml fleet/vm42

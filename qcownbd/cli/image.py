@@ -1,4 +1,4 @@
-"""Image subcommands: create, info, map, check, convert.
+"""Image subcommands: create, info, map, check, convert, commit.
 
 They mirror the qemu-img commands of the same names for the formats
 qcownbd serves (`qcow1`, which QEMU calls `qcow`, and `raw`), and open
@@ -14,6 +14,7 @@ import sys
 from qcownbd.console import Progress, human_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.image import formats
+from qcownbd.image.commit import commit_overlay
 from qcownbd.image.convert import convert_to_new
 from qcownbd.image.formats import chain_map, chain_of, describe, normalise_format
 from qcownbd.image.layout import merge_map
@@ -49,6 +50,7 @@ def register(sub, common) -> None:
     _register_create(sub, common)
     _register_readers(sub, common)
     _register_convert(sub, common)
+    _register_commit(sub, common)
 
 
 def _register_create(sub, common) -> None:
@@ -102,6 +104,16 @@ def _register_convert(sub, common) -> None:
     p.add_argument("src", metavar="SRC")
     p.add_argument("dst", metavar="DST")
     p.set_defaults(func=cmd_convert)
+
+
+def _register_commit(sub, common) -> None:
+    p = sub.add_parser("commit", parents=[common],
+                       help="write a QCOW1 overlay's data into its backing file, then empty "
+                            "the overlay (as qemu-img commit does)")
+    p.add_argument("-F", "--backing-format", choices=formats.choices(auto=True),
+                   help="format of the backing file (default: probe QCOW1, else raw)")
+    p.add_argument("image", metavar="OVERLAY")
+    p.set_defaults(func=cmd_commit)
 
 
 # -- create --------------------------------------------------------------------
@@ -270,4 +282,25 @@ def cmd_convert(args) -> int:
         bar.finish()
     finally:
         src.close()
+    return 0
+
+
+# -- commit --------------------------------------------------------------------
+
+def cmd_commit(args) -> int:
+    """`qcownbd commit`: the overlay's clusters into its backing file, crash-safe order."""
+    setup_logging(args)
+    enabled, bars = sys.stderr.isatty() and not args.quiet, []
+
+    def show(done: int, total: int) -> None:
+        if not bars:
+            bars.append(Progress(total, enabled))
+        bars[0].update(done)
+
+    committed, backing = commit_overlay(args.image, backing_format=args.backing_format,
+                                        progress=show)
+    if bars:
+        bars[0].finish()
+    print(f"Image committed: {human_size(committed)} written into {backing}; "
+          f"{args.image} is empty now.")
     return 0

@@ -83,6 +83,15 @@ class Extent:
     depth: int
 
 
+def append_extent(extents: list, extent: Extent) -> None:
+    """Append, merging with the previous extent when the state is equal."""
+    if extents and (extents[-1].hole, extents[-1].zero, extents[-1].depth) == (
+            extent.hole, extent.zero, extent.depth):
+        last = extents.pop()
+        extent = Extent(last.length + extent.length, extent.hole, extent.zero, extent.depth)
+    extents.append(extent)
+
+
 class Backend(ABC):
     """An open image exported as a flat disk of ``size`` bytes."""
 

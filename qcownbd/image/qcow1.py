@@ -12,7 +12,7 @@ from array import array
 from collections import OrderedDict
 
 from ..errors import ImageFormatError, ImageIOError
-from .backend import Backend, Extent, pread_filling
+from .backend import Backend, Extent, append_extent, pread_filling
 from .qcow1_check import CheckReport, drop_pointers, scan, validate_lazily
 from .qcow1_header import (COMPRESSED, DEFAULT_MAX_L1_ENTRIES, Qcow1Header, create_qcow1,
                            is_qcow1, read_exact_at, read_header)
@@ -387,7 +387,7 @@ class Qcow1Image(Backend):
         extents: list[Extent] = []
         for allocated, start, stop in self._map.allocation(offset, length):
             if allocated:
-                _append(extents, Extent(stop - start, False, False, 1))
+                append_extent(extents, Extent(stop - start, False, False, 1))
             elif self._lower_status(start, stop - start, extents) < stop - start:
                 break       # the backing file answered part: enough for one call
             if len(extents) >= MAX_STATUS_EXTENTS:
@@ -407,13 +407,13 @@ class Qcow1Image(Backend):
                 raise ImageIOError(errno.EIO, f"{self.path}: backing file returned no extent")
             for ext in found:
                 ext_length = min(ext.length, end - pos)
-                _append(extents, Extent(ext_length, ext.hole, ext.zero,
+                append_extent(extents, Extent(ext_length, ext.hole, ext.zero,
                                         ext.depth + 1 if ext.depth else 0))
                 pos += ext_length
         if pos == end and pos < start + length:
             # past a shorter backing file's end QEMU still reports the backing's depth
             depth = 2 if self.backing is not None else 0
-            _append(extents, Extent(start + length - pos, True, True, depth))
+            append_extent(extents, Extent(start + length - pos, True, True, depth))
             pos = start + length
         return pos - start
 
@@ -464,6 +464,12 @@ class Qcow1Image(Backend):
                 report.add_repair(f"gave {report.leaked_bytes} leaked bytes back to the file system")
             return report
 
+    def drop_all(self) -> None:
+        """Unmap every cluster durably (`qcownbd commit`, once they are copied down)."""
+        self._check_writable()
+        self._tables.drop_all()
+        self._inflated.clear()
+
     # -- durability -----------------------------------------------------
 
     @property
@@ -488,11 +494,3 @@ class Qcow1Image(Backend):
             if self.backing is not None:
                 self.backing.close()
 
-
-def _append(extents: list, extent: Extent) -> None:
-    """Append, merging with the previous extent when the state is equal."""
-    if extents and (extents[-1].hole, extents[-1].zero, extents[-1].depth) == (
-            extent.hole, extent.zero, extent.depth):
-        last = extents.pop()
-        extent = Extent(last.length + extent.length, extent.hole, extent.zero, extent.depth)
-    extents.append(extent)

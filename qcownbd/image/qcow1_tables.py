@@ -314,6 +314,28 @@ class Qcow1Tables:
                     return
                 self.next_free = end
 
+    def drop_all(self) -> None:
+        """Unmap every cluster, durably: the zeroed L1 table is synced before the file is
+        cut back to header and L1 table, so a crash in between leaves leaks, never a
+        pointer to a cut-off cluster."""
+        hdr, zeros = self.header, bytes(1 << 20)
+        with self.alloc_lock:
+            self.commit()
+            end = hdr.l1_table_offset + -(-hdr.l1_bytes // 512) * 512   # qemu-img create's size
+            try:
+                for pos in range(0, hdr.l1_bytes, len(zeros)):
+                    pwrite_all(self.fd, [zeros[:hdr.l1_bytes - pos]], hdr.l1_table_offset + pos)
+                syscalls.fdatasync(self.fd)
+                os.ftruncate(self.fd, end)
+                syscalls.fdatasync(self.fd)
+            except OSError as exc:
+                raise ImageIOError(exc.errno, f"{self.path}: emptying failed: {exc.strerror}") \
+                    from None
+            self.reload()
+            self.free = FreeClusters(hdr.cluster_size)
+            self.compressed = CompressedClusters(hdr.cluster_size)
+            self.next_free = -(-end // hdr.cluster_size) * hdr.cluster_size
+
     def _write_pointers(self, l2: dict, l1: dict) -> None:
         for index in sorted(l2):
             table_offset = l1.get(index) or self.l1[index]
