@@ -18,8 +18,9 @@ from time import perf_counter
 from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError
 from qcownbd.nbd import protocol
-from qcownbd.nbd.constants import MAX_REQUEST_SIZE
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
+from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_INFLIGHT,
+                              PayloadReception)
 from qcownbd.nbd.negotiation import MAX_OPTION_PAYLOAD, Action, Negotiation
 from qcownbd.nbd.reader import (
     ClientFlags, Option, OversizedOption, Payload, PayloadNeeded, RequestReader, Violation,
@@ -36,8 +37,6 @@ WRITE_LOW_WATER = 1024 * 1024
 #: may be negotiating at once
 HANDSHAKE_HIGH_WATER = 64 * 1024
 HANDSHAKE_LOW_WATER = 16 * 1024
-#: an oversized WRITE payload up to this size is read and thrown away; above it we close
-MAX_DISCARD = 2 * MAX_REQUEST_SIZE
 
 
 class Phase(enum.Enum):
@@ -50,15 +49,9 @@ class Phase(enum.Enum):
     CLOSED = "closed"
 
 
-# Why reading is paused: bits of ``NbdConnection.paused`` (plain ints: the
-# request loop tests them at every step, and an enum.Flag's truth is Python code)
-PAUSE_BACKLOG = 1       # the client does not read its replies
-PAUSE_BUDGET = 2        # a large payload waits for the server's payload budget
-PAUSE_INFLIGHT = 4      # too many flushes in flight
-PAUSE_BUSY = 8          # a long request runs in pieces, or an export opens: wait
 
 
-class NbdConnection(asyncio.BufferedProtocol):
+class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
     """The protocol object of one client (handshake, then transmission).
 
     ``server`` is the `NbdServer`: ``exports``, the timeouts, ``tls`` and
@@ -86,8 +79,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         self._continue_pending = False  # a later turn of _process is scheduled
         self._timer = None              # handshake deadline, or a stalled payload's check
         self._tls_task = None           # the TLS handshake (referenced while it runs)
-        self._payload_buffer = None     # pooled buffer of a payload being received
-        self._payload_seen = 0          # its bytes when the stall timer last looked
         self._export_released = False
 
     # ------------------------------------------------------------ lifecycle
@@ -257,17 +248,6 @@ class NbdConnection(asyncio.BufferedProtocol):
         if dispatcher.inflight < Dispatcher.MAX_INFLIGHT:
             self._unpause(PAUSE_INFLIGHT)
         self._maybe_close()
-
-    @property
-    def payload_received(self) -> int:
-        """Bytes of the WRITE payload being received into its own buffer."""
-        return self.reader.payload_received
-
-    def budget_revoked(self, rate: float):
-        """PayloadBudget: our payload arrives too slowly while others wait for budget."""
-        self._drop_payload()
-        self.abort(f"WRITE payload arriving at {rate:.0f} bytes/s while others wait "
-                    "for the payload budget", kind="slow WRITE payload")
 
     def budget_available(self):
         """PayloadBudget: bytes were released; try the waiting request again."""
@@ -446,53 +426,3 @@ class NbdConnection(asyncio.BufferedProtocol):
     def _continue(self):
         self._continue_pending = False
         self._process()
-
-    def _payload_needed(self, req):
-        """A request with a payload: refuse and skip it, run it, or receive it first."""
-        error, reason = self.dispatcher.check(req)
-        if error:
-            self.dispatcher.refuse(req, error, reason)
-            if req.length > MAX_DISCARD:
-                self.abort(f"payload of {req.length} bytes is too big to skip",
-                            send_queued=True, kind="payload too big to skip")
-            else:
-                self.reader.skip(req.length)
-            return
-        data = self.reader.payload_in_buffer()
-        if data is not None:
-            self.dispatcher.run(req, data)
-            return
-        if not self.server.payloads.reserve(req.length, self):
-            self._pause(PAUSE_BUDGET)     # this event comes again once bytes are released
-            return
-        buffer = self.server.buffers.take(req.length)
-        self._payload_buffer = buffer
-        self.reader.receive_payload(memoryview(buffer)[:req.length])
-        self._payload_seen = self.reader.payload_received
-        self._timer = asyncio.get_running_loop().call_later(
-            self.server.payload_timeout, self._check_payload_progress)
-
-    def _payload_received(self, event):
-        buffer = self._payload_buffer
-        self._drop_payload()
-        self.dispatcher.run(event.request, event.data)
-        # the write is done (writes never run in pieces): the buffer may take the next payload
-        self.server.buffers.give_back([buffer])
-
-    def _drop_payload(self):
-        """Forget the payload being received (complete or abandoned) and its reservation."""
-        if self._payload_buffer is None:
-            return
-        self.server.payloads.release(self)
-        self._payload_buffer = None
-        self._cancel_timer()
-
-    def _check_payload_progress(self):
-        received = self.reader.payload_received
-        if received == self._payload_seen:
-            self.abort(f"no byte of a WRITE payload for {self.server.payload_timeout:g}s",
-                        kind="stalled WRITE payload")
-            return
-        self._payload_seen = received
-        self._timer = asyncio.get_running_loop().call_later(
-            self.server.payload_timeout, self._check_payload_progress)
