@@ -162,6 +162,8 @@ class ServerConfig:
     #: TCP addresses; None: not said (see `tcp_addresses`), [] none at all
     listen: list[str] | None = None
     unix: str | None = None
+    #: the control socket (`qcownbd status`, `snapshot`); None: none
+    control_socket: str | None = None
     max_connections: int = 256
     handshake_timeout: float = 30.0
     payload_timeout: float = 30.0
@@ -176,7 +178,7 @@ class ServerConfig:
     exports: dict[str, ExportConfig | FleetConfig] = field(default_factory=dict)
 
 
-_SERVER_KEYS = {"listen": list, "unix": str, "max_connections": int,
+_SERVER_KEYS = {"listen": list, "unix": str, "control_socket": str, "max_connections": int,
                 "handshake_timeout": (int, float), "payload_timeout": (int, float),
                 "max_handshakes": int,
                 "max_connections_per_client": int, "tls": str, "tls_cert": str,
@@ -374,8 +376,9 @@ def parse_config(data: dict, base_dir: str = ".") -> ServerConfig:
             raise ConfigError("[server]: listen must be a list of strings")
         parse_listen(address)
         config.listen.append(address)
-    if "unix" in server:
-        config.unix = config_path(server["unix"], "[server]", "unix", base_dir)
+    for key in ("unix", "control_socket"):
+        if key in server:
+            setattr(config, key, config_path(server[key], "[server]", key, base_dir))
     config.max_connections = server.get("max_connections", config.max_connections)
     config.handshake_timeout = float(server.get("handshake_timeout", config.handshake_timeout))
     config.payload_timeout = float(server.get("payload_timeout", config.payload_timeout))

@@ -64,7 +64,8 @@ class NoSuchExport(QcownbdError, LookupError):
 
 class ExportOpening(QcownbdError):
     """The export a client named is being opened off the event loop (a fleet's
-    overlay scans its tables first): ask again once ``pending``, a
+    overlay scans its tables first, a live snapshot switches its image): ask
+    again once ``pending``, a
     `concurrent.futures.Future`, is done."""
 
     def __init__(self, pending):
@@ -84,3 +85,8 @@ class ConfigError(QcownbdError):
 
 class UsageError(QcownbdError):
     """A command-line mistake: reported as one line, exit status 2."""
+
+
+class ControlError(QcownbdError):
+    """A control-socket request could not be carried out (`qcownbd.control`); its
+    text is the one line the asking command prints."""

@@ -21,9 +21,10 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
 from typing import Protocol
 
-from qcownbd.errors import ImageFormatError, NoSuchExport, QcownbdError
+from qcownbd.errors import ExportOpening, ImageFormatError, NoSuchExport, QcownbdError
 from qcownbd.image.backend import Backend
 from qcownbd.image.probe import open_image
 
@@ -55,6 +56,8 @@ class Export:
         self.connections = 0
         self.retired = False
         self.closed = False
+        #: set while a live snapshot switches the image: new clients wait for it
+        self._thawed: Future | None = None
         #: `file_identity` of the image and of each backing file under it, top first
         self.files = []
         level = backend
@@ -65,8 +68,25 @@ class Export:
     def claim(self) -> None:
         """A client takes the export for transmission, before it is told so: the last
         moment to refuse (NoSuchExport), e.g. when a new overlay cannot be named."""
+        if self._thawed is not None:
+            raise ExportOpening(self._thawed)   # asked again once the snapshot is done
         if self._on_claim is not None:
             self._on_claim(self)
+
+    def freeze(self) -> None:
+        """A live snapshot begins: clients choosing the export now wait for `thaw`."""
+        self._thawed = Future()
+
+    def thaw(self) -> None:
+        """The snapshot is over: the waiting clients go on."""
+        thawed, self._thawed = self._thawed, None
+        if thawed is not None:
+            thawed.set_result(None)
+
+    def switch_backend(self, backend: Backend) -> None:
+        """Serve ``backend`` (the same disk, through a new overlay) from now on."""
+        self.backend = backend
+        self.preferred_block_size = backend.preferred_block_size
 
     def attach(self) -> None:
         """A connection entered transmission on this export."""
@@ -328,6 +348,17 @@ class ExportRegistry:
         if member not in self._members:
             self._members.append(member)
         return member
+
+    def served(self, name: str) -> Export:
+        """The export served under exactly ``name`` (no lone-export or member lookup)."""
+        export = self._exports.get(name)
+        if export is None:
+            raise NoSuchExport(f"no export named {name!r}")
+        return export
+
+    def unavailable(self) -> list[tuple[str, str]]:
+        """(name, why) of the configured exports that could not be opened."""
+        return [(name, reason) for name, (_config, reason) in self._broken.items()]
 
     def listing(self) -> list[tuple[str, str]]:
         """(name, description) of every export that can be used."""

@@ -23,6 +23,8 @@ from qcownbd import systemd
 from qcownbd.config import (
     ExportConfig, ServerConfig, parse_listen, tcp_addresses,
 )
+from qcownbd.control import ControlServer
+from qcownbd.control_commands import ControlCommands
 from qcownbd.errors import ConfigError, ImageFormatError
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
@@ -64,7 +66,8 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
             registry.check_image_free(export_config)
             registry.add(open_cli_export(images, export_config, window))
         registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, load, tls_context, endpoints, launch))
+        return asyncio.run(serve(config, cli, registry, images, load, tls_context, endpoints,
+                                 launch))
     finally:
         registry.close_all()
         launch.close()
@@ -151,8 +154,8 @@ def tls_context_for(config: ServerConfig):
 
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
-                load: Callable[[], ServerConfig] | None, tls_context, endpoints: Endpoints,
-                launch: Launch) -> int:
+                images: ImageProvider, load: Callable[[], ServerConfig] | None, tls_context,
+                endpoints: Endpoints, launch: Launch) -> int:
     """Listen, serve until SIGTERM/SIGINT (or the --run command or the handed-over
     connection ends), then stop cleanly; the exit status."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
@@ -166,8 +169,14 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
     tasks = [loop.create_task(server.commit_metadata_forever()),
              loop.create_task(report_status(server, reloads))]
+    control = None
+    if config.control_socket:
+        commands = ControlCommands(server, registry, images, reloads.lock)
+        control = ControlServer(config.control_socket, commands.handlers())
     try:
         await endpoints.open(server)
+        if control is not None:
+            await control.start()
         await launch.listening(server.addresses(), first_export(cli, config), config.tls)
         systemd.notify(f"READY=1\nSTATUS={server.status()}")
         await _until_stop(stopping, server, endpoints, launch)
@@ -177,6 +186,8 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
         launch.interrupt_command()
         for task in tasks:
             task.cancel()
+        if control is not None:
+            await control.close()
         await server.stop()
     return await launch.command_status()
 
@@ -221,7 +232,8 @@ class Reloader:
         self.load, self.config = load, config
         #: what the file said of the settings that apply only at a start
         self._start_only = _start_only(load)
-        self._lock = asyncio.Lock()
+        #: held by a reload, and by a live snapshot (which must keep its export)
+        self.lock = asyncio.Lock()
         self._tasks: set[asyncio.Task] = set()
 
     def start(self) -> None:
@@ -232,7 +244,7 @@ class Reloader:
 
     async def reload(self) -> None:
         """One reload; whatever happens, systemd hears READY=1 again."""
-        async with self._lock:
+        async with self.lock:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
             try:
@@ -249,9 +261,9 @@ class Reloader:
 
     async def apply_pending(self) -> None:
         """Open the changed exports whose old image waited for its clients to leave."""
-        if self._lock.locked():
+        if self.lock.locked():
             return
-        async with self._lock:
+        async with self.lock:
             ready = self.registry.ready_pending()
             if ready:
                 await self._open_and_install(ready)
@@ -264,9 +276,10 @@ class Reloader:
     def _apply_server_settings(self, new: ServerConfig) -> None:
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
-        if self.load and (new.listen, new.unix, new.tls) != self._start_only:
-            log.warning("reload: listen addresses, the Unix socket and the TLS mode apply "
-                        "at the next start")
+        if self.load and (new.listen, new.unix, new.tls,
+                          new.control_socket) != self._start_only:
+            log.warning("reload: listen addresses, the Unix and control sockets and the TLS "
+                        "mode apply at the next start")
 
     def _reload_tls(self) -> None:
         if self.server.tls_context is None:
@@ -279,12 +292,14 @@ class Reloader:
 
 
 def _start_only(load) -> tuple | None:
-    """(listen, unix, tls) as the config file says them (the command line may not)."""
+    """(listen, unix, tls, control_socket) as the config file says them (the command
+    line may not)."""
     try:
         config = load() if load else None
     except ConfigError:
         return None
-    return None if config is None else (config.listen, config.unix, config.tls)
+    return None if config is None else (config.listen, config.unix, config.tls,
+                                        config.control_socket)
 
 
 async def report_status(server: NbdServer, reloads: Reloader) -> None:

@@ -10,6 +10,7 @@ import json
 import contextlib
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -22,11 +23,12 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    REPO, free_port, listening_tcp_ports, qcownbd_cmd, raw_file, run, stop_process,
-    wait_listening,
+    REPO, free_port, listening_tcp_ports, qcownbd_cmd, qcownbd_env, raw_file, run,
+    stop_process, wait_for, wait_listening,
 )
 from qcownbd.config import ExportConfig, ServerConfig, load_config
 from qcownbd.config import FleetConfig, parse_config
+from qcownbd.control import DEFAULT_PATH
 
 UNITS = ("qcownbd.service", "qcownbd.socket", "qcownbd@.service", "qcownbd@.socket")
 INSTALLED_BINARY = "/usr/local/bin/qcownbd"
@@ -324,5 +326,39 @@ def test_server_works_under_memory_deny_write_execute(raw_image):
         run(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 128k", "-c", "discard 0 64k",
              "-c", "read -P 0 0 64k", "-c", "read -P 0x5a 64k 64k",
              f"nbd://127.0.0.1:{port}/disk"], timeout=30)
+    finally:
+        assert stop(proc) == 0
+
+
+def test_units_give_the_control_socket_a_runtime_directory():
+    paths = {}
+    for name in ("qcownbd.service", "qcownbd@.service"):
+        settings = unit_settings(name)
+        command = shlex.split(settings["ExecStart"][0])
+        paths[name] = command[command.index("--control") + 1]
+        # the socket's directory is the service's own, created for its transient user
+        assert os.path.dirname(paths[name]) == "/run/" + settings["RuntimeDirectory"][0]
+        assert settings["RuntimeDirectoryMode"] == ["0700"]
+    assert paths["qcownbd.service"] == DEFAULT_PATH, "qcownbd status finds it unasked"
+    assert "%i" in paths["qcownbd@.service"]
+
+
+@pytest.mark.timeout(60)
+def test_the_units_server_command_answers_status_on_its_control_socket(raw_image, tmp_path):
+    # ExecStart of qcownbd.service, with /etc and /run moved into tmp_path
+    command = shlex.split(unit_settings("qcownbd.service")["ExecStart"][0])[1:]
+    config = tmp_path / "exports.toml"
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{free_port()}"]\n'
+                      f'[exports.d]\npath = "{raw_image}"\nformat = "raw"\n')
+    (tmp_path / "run/qcownbd/control").mkdir(parents=True, mode=0o700)
+    args = [arg.replace("/etc/qcownbd/exports.toml", str(config)).replace("/run", f"{tmp_path}/run")
+            for arg in command]
+    proc = subprocess.Popen(qcownbd_cmd(*args), env=qcownbd_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        socket_path = tmp_path / "run/qcownbd/control/socket"
+        assert wait_for(socket_path.exists, 20), proc.stderr.read() if proc.poll() else ""
+        out = run(qcownbd_cmd("status", "--control", str(socket_path)), env=qcownbd_env())
+        assert "d" in out.stdout.split() and str(raw_image) in out.stdout
     finally:
         assert stop(proc) == 0

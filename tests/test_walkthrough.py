@@ -208,6 +208,20 @@ def test_script_recipe_forks_waits_and_runs_a_captive_client(sandbox, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_snapshot_recipe_keeps_the_monday_disk_and_commits(sandbox, tmp_path):
+    bin_dir = sandbox.installed()
+    out = sandbox.bash(readme_blocks()["snapshots"], env=sandbox.env(tmp_path / "home", bin_dir),
+                       cwd=tmp_path)
+    assert "vm-monday.qcow" in out and "Image committed" in out
+    assert re.search(r"^vm +\S+vm\.qcow +qcow1 +1 GiB +rw", out, re.M), "qcownbd status"
+    # the snapshot holds Monday's disk plus the commit; the overlay is empty again
+    run(["qemu-io", "-f", "qcow", "-r", "-c", "read -P 2 0 64k", "-c", "read -P 1 64k 960k",
+         tmp_path / "vm-monday.qcow"])
+    run(["qemu-img", "compare", "-f", "qcow", tmp_path / "vm.qcow", "-F", "qcow",
+         tmp_path / "vm-monday.qcow"])
+
+
+@pytest.mark.timeout(120)
 def test_tls_certificates_recipe_serves_nbds(sandbox, tmp_path):
     bin_dir = sandbox.installed()
     env = sandbox.env(tmp_path / "home", bin_dir)

@@ -1,7 +1,8 @@
 """The `qcownbd` command: one argparse front for every subcommand.
 
 The subcommands register themselves here (`serve`, the image commands
-create/info/map/check/convert, `fleet`); each only parses its arguments
+create/info/map/check/convert/commit, `fleet`, and `status`/`snapshot`,
+which ask a running server); each only parses its arguments
 and calls the code it drives.  Every failure reaches the user as one line
 on stderr and a non-zero exit: 1 when the command failed, 2 when its
 command line is wrong (`helptext` writes them down under every --help).
@@ -13,7 +14,7 @@ import os
 import sys
 
 from qcownbd import __version__
-from qcownbd.cli import fleet, helptext, image, serve
+from qcownbd.cli import control, fleet, helptext, image, serve
 from qcownbd.console import journal_prefix
 from qcownbd.errors import QcownbdError, UsageError
 
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.register(sub, common)
     image.register(sub, common)
     fleet.register(sub, common)
+    control.register(sub, common)
     return parser
 
 

@@ -60,6 +60,12 @@ _EXAMPLES = {
     "qcownbd commit": """\
   qcownbd commit vm1.qcow                   # vm1's writes go into its backing file
   qcownbd commit -F raw overlay.qcow        # the backing file is raw, never probed""",
+    "qcownbd status": """\
+  qcownbd status                            # the systemd unit's server
+  qcownbd status --control /run/qcownbd/control-NAME/socket --json""",
+    "qcownbd snapshot": """\
+  qcownbd snapshot vm1                      # vm1.qcow stays the live disk, over the snapshot
+  qcownbd snapshot --name vm1-before-upgrade.qcow --control /tmp/q.control vm1""",
     "qcownbd fleet": """\
   qcownbd fleet list /etc/qcownbd/exports.toml
   qcownbd fleet info /etc/qcownbd/exports.toml fleet/vm42

@@ -55,6 +55,9 @@ def _listen_options(group) -> None:
     group.add_argument("--unix", metavar="PATH",
                        help="listen on this Unix socket (alone, unless --listen, -p or "
                             "the config's listen)")
+    group.add_argument("--control", metavar="PATH",
+                       help="answer qcownbd status and qcownbd snapshot on this Unix socket "
+                            "(owner-only; default: the config's control_socket, else none)")
 
 
 def _export_options(group) -> None:
@@ -194,6 +197,8 @@ def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig], object]:
                          for address in args.listen or [DEFAULT_HOST]]
     if args.unix:
         config.unix = os.path.abspath(args.unix)
+    if args.control:
+        config.control_socket = os.path.abspath(args.control)
     tls_from_args(config, args)
     if not cli and not config.exports:
         raise UsageError("nothing to serve: give NAME=PATH, --config FILE or --demo")

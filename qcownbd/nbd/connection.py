@@ -19,8 +19,8 @@ from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
-from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_INFLIGHT,
-                              PayloadReception)
+from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_FROZEN,
+                              PAUSE_INFLIGHT, PayloadReception)
 from qcownbd.nbd.negotiation import MAX_OPTION_PAYLOAD, Action, Negotiation
 from qcownbd.nbd.reader import (
     ClientFlags, Option, OversizedOption, Payload, PayloadNeeded, RequestReader, Violation,
@@ -248,6 +248,22 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
         if dispatcher.inflight < Dispatcher.MAX_INFLIGHT:
             self._unpause(PAUSE_INFLIGHT)
         self._maybe_close()
+
+    def freeze(self):
+        """Run no request until `thaw` (the export's image is being switched); those
+        running finish, and READ replies that would send from its file read it now."""
+        self._pause(PAUSE_FROZEN)
+        self.replies.materialize_files()
+
+    @property
+    def settled(self) -> bool:
+        """Nothing of this connection runs against the export's image (frozen ones)."""
+        return not (self.dispatcher.inflight or self.dispatcher.busy)
+
+    def thaw(self):
+        """Go on, with whatever image the export has now."""
+        self.dispatcher.backend = self.export.backend
+        self._unpause(PAUSE_FROZEN)
 
     def budget_available(self):
         """PayloadBudget: bytes were released; try the waiting request again."""

@@ -67,6 +67,13 @@ class ConnectionStats:
         self.started = time.monotonic()
         self.requests = self.bytes_read = self.bytes_written = self.errors = 0
 
+    def add(self, other: "ConnectionStats") -> None:
+        """Count ``other``'s requests, bytes and errors in these too."""
+        self.requests += other.requests
+        self.bytes_read += other.bytes_read
+        self.bytes_written += other.bytes_written
+        self.errors += other.errors
+
     def __str__(self) -> str:
         return (f"duration={time.monotonic() - self.started:.1f}s requests={self.requests} "
                 f"read={self.bytes_read} written={self.bytes_written} errors={self.errors}")

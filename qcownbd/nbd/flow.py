@@ -18,6 +18,7 @@ PAUSE_BACKLOG = 1       # the client does not read its replies
 PAUSE_BUDGET = 2        # a large payload waits for the server's payload budget
 PAUSE_INFLIGHT = 4      # too many flushes in flight
 PAUSE_BUSY = 8          # a long request runs in pieces, or an export opens: wait
+PAUSE_FROZEN = 16       # the export's image is being switched (a live snapshot)
 
 #: an oversized WRITE payload up to this size is read and thrown away; above it we close
 MAX_DISCARD = 2 * MAX_REQUEST_SIZE

@@ -16,8 +16,9 @@ import socket
 import stat
 import time
 
-from qcownbd.errors import ConfigError
-from qcownbd.nbd.connection import NbdConnection
+from qcownbd.errors import ConfigError, ControlError
+from qcownbd.nbd.connection import NbdConnection, Phase
+from qcownbd.nbd.dispatch import ConnectionStats
 from qcownbd.nbd.replies import BufferPool
 from qcownbd.ratelimit import RateLimitedLog
 
@@ -145,6 +146,9 @@ class NbdServer:
         self._idle = asyncio.Event()
         self._idle.set()
         self._committing: set[int] = set()
+        #: what the connections that ended did, summed (`qcownbd status`)
+        self.ended = ConnectionStats()
+        self.ended_connections = 0
 
     # ------------------------------------------------------- connection hub
 
@@ -184,6 +188,8 @@ class NbdServer:
             return False
         self.connections.discard(conn)
         self._negotiating.pop(conn, None)
+        self.ended_connections += 1
+        self.ended.add(conn.stats)
         left = self._per_client[conn.client.address] - 1
         if left:
             self._per_client[conn.client.address] = left
@@ -198,6 +204,35 @@ class NbdServer:
         served, broken = self.exports.counts()
         text = f"{len(self.connections)} connection(s), {served} export(s)"
         return text + (f", {broken} unavailable" if broken else "")
+
+    # ------------------------------------------------------- live snapshots
+
+    async def freeze(self, export, timeout: float) -> None:
+        """Hold every request on ``export`` (its clients' and those that choose it now)
+        and return once none runs and no metadata commit of its image does;
+        ControlError, everything thawed again, after ``timeout`` seconds."""
+        export.freeze()
+        for conn in self._transmitting(export):
+            conn.freeze()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(conn.settled for conn in self._transmitting(export)) \
+                or id(export.backend) in self._committing:
+            if loop.time() > deadline:
+                self.thaw(export)
+                raise ControlError(f"export {export.name}: requests still running after "
+                                   f"{timeout:g} s; nothing was changed")
+            await asyncio.sleep(0.002)
+
+    def thaw(self, export) -> None:
+        """Let ``export``'s clients go on (with its backend as it is now)."""
+        for conn in self._transmitting(export):
+            conn.thaw()
+        export.thaw()
+
+    def _transmitting(self, export) -> list[NbdConnection]:
+        return [conn for conn in self.connections if conn.export is export
+                and conn.phase in (Phase.TRANSMITTING, Phase.CLOSING)]
 
     # ------------------------------------------------------------ listening
 

@@ -1,0 +1,83 @@
+"""What a running server answers on its control socket: ``status`` and ``snapshot``.
+
+The answers are plain JSON-able data; `qcownbd.cli.control` turns them into
+what a person reads.  Both run on the event loop, between requests, and a
+snapshot takes the reload lock, so a SIGHUP cannot swap the export under it.
+"""
+
+import os
+import time
+
+from qcownbd import __version__
+from qcownbd.errors import ControlError
+from qcownbd.live_snapshot import take_snapshot
+
+
+class ControlCommands:
+    """The handlers of `qcownbd.control.ControlServer` for one server."""
+
+    def __init__(self, server, registry, images, reload_lock):
+        self.server, self.registry, self.images = server, registry, images
+        self.reload_lock = reload_lock
+        self.started = time.monotonic()
+
+    def handlers(self) -> dict:
+        """{command: handler} for the control server."""
+        return {"status": self.status, "snapshot": self.snapshot}
+
+    async def status(self, _request: dict) -> dict:
+        """Exports, clients and what the ended clients did."""
+        server, ended = self.server, self.server.ended
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.monotonic() - self.started, 3),
+            "listening": [_address(a) for a in server.addresses()],
+            "exports": [_export(e) for e in self.registry.open_exports()],
+            "unavailable": [{"name": name, "reason": reason}
+                            for name, reason in self.registry.unavailable()],
+            "clients": [_client(c) for c in sorted(server.connections,
+                                                   key=lambda c: c.stats.started)],
+            "ended": {"clients": server.ended_connections, "requests": ended.requests,
+                      "bytes_read": ended.bytes_read, "bytes_written": ended.bytes_written,
+                      "errors": ended.errors},
+        }
+
+    async def snapshot(self, request: dict) -> dict:
+        """A live snapshot of ``request["export"]`` (named ``request.get("name")``)."""
+        name, snapshot_name = request.get("export"), request.get("name")
+        if not isinstance(name, str) or not name:
+            raise ControlError("snapshot: give the name of an export")
+        if snapshot_name is not None and not isinstance(snapshot_name, str):
+            raise ControlError("snapshot: the snapshot's name must be a string")
+        async with self.reload_lock:
+            export = self.registry.served(name)
+            return await take_snapshot(self.server, export, self.images.open_backend,
+                                       snapshot_name)
+
+
+def _address(address) -> str:
+    if isinstance(address, str):
+        return address
+    host, port = address[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _export(export) -> dict:
+    backend = export.backend
+    return {"name": export.name, "kind": export.config.kind,
+            "image": getattr(backend, "path", None), "format": backend.format_name,
+            "backing": getattr(backend, "backing_name", None),
+            "size": export.size, "read_only": export.read_only,
+            "clients": export.connections, "description": export.description}
+
+
+def _client(conn) -> dict:
+    stats = conn.stats
+    return {"client": conn.client.label, "export": conn.export.name if conn.export else None,
+            "phase": conn.phase.value,
+            "tls": conn.session.tls if conn.session is not None else None,
+            "certificate": conn.client.certificate,
+            "seconds": round(time.monotonic() - stats.started, 3),
+            "requests": stats.requests, "bytes_read": stats.bytes_read,
+            "bytes_written": stats.bytes_written, "errors": stats.errors}
