@@ -325,7 +325,7 @@ def rss_and_pss(pid: int) -> tuple[int, int]:
                     rss = int(line.split()[1])
                 elif line.startswith("Pss:"):
                     pss = int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
+    except OSError:  # gone, or not ours to read
         pass
     return rss, pss
 
