@@ -107,25 +107,24 @@ def make_golden(path: str, size_mib: int) -> list[int]:
     return extents
 
 
-def make_trace(client: int, size: int, data_extents: list[int],
+def make_trace(client: int, size: int, extents: list[int],
                trace_bytes: int) -> tuple[list[str], list[tuple[int, int]]]:
     """Client ``client``'s boot-like trace as fio iolog lines (version 2), and its
-    writes as (offset, length).  Reads go where the golden image has data (files
-    being loaded), writes anywhere (logs, new files)."""
+    writes as (offset, length).  Reads go to the golden image's data ``extents``
+    (files being loaded), writes anywhere (logs, new files)."""
     rng = random.Random(client)
 
     def data_offset() -> int:
-        return rng.choice(data_extents) * MIB + rng.randrange(MIB // BLOCK) * BLOCK
+        return rng.choice(extents) * MIB + rng.randrange(MIB // BLOCK) * BLOCK
 
-    runs: list[list[tuple[str, int, int]]] = []
+    seq: list[tuple[str, int, int]] = []  # runs of 1-16 MiB, one after the other
     seq_left = int(trace_bytes * SEQ_SHARE)
     while seq_left > 0:
-        offset, run, chunks = data_offset(), rng.randint(*SEQ_RUN), []
+        offset, run = data_offset(), rng.randint(*SEQ_RUN)
         while run > 0 and seq_left > 0 and offset < size:
             length = min(rng.choice(SEQ_CHUNKS), size - offset)
-            chunks.append(("read", offset, length))
+            seq.append(("read", offset, length))
             offset, run, seq_left = offset + length, run - length, seq_left - length
-        runs.append(chunks)
     randoms = [("read", data_offset(), BLOCK)
                for _ in range(int(trace_bytes * RANDOM_SHARE) // BLOCK)]
     writes: list[tuple[str, int, int]] = []
@@ -135,8 +134,7 @@ def make_trace(client: int, size: int, data_extents: list[int],
         writes.append(("write", rng.randrange((size - length) // BLOCK + 1) * BLOCK, length))
         write_left -= length
     # interleaved: each next request from a stream picked in proportion to what
-    # it has left; a sequential run goes on where it stopped
-    seq = [op for chunks in runs for op in chunks]
+    # it has left, so a sequential run goes on where it stopped
     streams = [seq, randoms, writes]
     cursors = [0, 0, 0]
     lines = ["fio version 2 iolog", "nbd add", "nbd open"]
@@ -621,16 +619,10 @@ def int_list(text: str) -> list[int]:
 
 def check_args(p: argparse.ArgumentParser, args) -> None:
     """Refuse unknown servers and impossible sizes before any image is made."""
-    for override in args.overrides:
-        if "=" not in override:
-            p.error(f"{override!r} is not NAME=TEMPLATE")
-    known = set(SERVERS) | {o.split("=", 1)[0] for o in args.overrides}
-    for name in args.servers:
-        if name not in known:
-            p.error(f"unknown server {name!r} (known: {', '.join(sorted(known))})")
+    nbdbench.check_servers(p, args, SERVERS)
     if not args.clients or min(args.clients) < 1 or args.rounds < 1:
         p.error("--clients must be positive numbers, --rounds at least 1")
-    if args.golden_size < 2 or not 1 <= args.trace_size:
+    if args.golden_size < 2 or args.trace_size < 1:
         p.error("--golden-size must be at least 2 (MiB), --trace-size at least 1 (MiB)")
 
 
@@ -640,11 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     check_args(p, args)
     rows = run(args)
-    print("\n".join(table(rows)))
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(rows, out, indent=1)
-    return 1 if any("error" in row for row in rows) else 0
+    return nbdbench.report(table(rows), rows, args.json)
 
 
 if __name__ == "__main__":

@@ -312,15 +312,21 @@ def comma_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Refuse unknown servers, workloads and templates before any image is made."""
-    known = set(SERVERS) | {o.split("=", 1)[0] for o in args.overrides if "=" in o}
+def check_servers(p: argparse.ArgumentParser, args, servers) -> None:
+    """Refuse a NAME=TEMPLATE without its =, and --servers that are neither in
+    ``servers`` nor added by a template."""
+    known = set(servers) | {o.split("=", 1)[0] for o in args.overrides if "=" in o}
     for override in args.overrides:
         if "=" not in override:
             p.error(f"{override!r} is not NAME=TEMPLATE")
     for name in args.servers:
         if name not in known:
             p.error(f"unknown server {name!r} (known: {', '.join(sorted(known))})")
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse unknown servers, workloads and templates before any image is made."""
+    check_servers(p, args, SERVERS)
     for workload in args.workloads:
         if workload not in WORKLOADS:
             p.error(f"unknown workload {workload!r}")
@@ -335,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, args)
     rows = run(args)
     add_ratios(rows, args.reference)
-    print("\n".join(table(rows, args.reference)))
-    if args.json:
-        with open(args.json, "w") as out:
+    return report(table(rows, args.reference), rows, args.json)
+
+
+def report(lines: list[str], rows: list[dict], json_path: str | None) -> int:
+    """Print the table's ``lines``, write ``rows`` to ``json_path`` if given; the exit
+    status: 1 when a row is an error."""
+    print("\n".join(lines))
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(rows, out, indent=1)
     return 1 if any("error" in row for row in rows) else 0
 
