@@ -74,7 +74,8 @@ STORM_KEYS = {"server", "clients", "rounds", "rounds_failed", "storm_s", "p99_ms
 @pytest.mark.timeout(120)
 def test_bootstorm_gives_each_client_its_own_overlay_on_qcownbd_and_peers(tmp_path):
     # qemu-nbd -s and nbd-server's copyonwrite beside qcownbd's fleet (nbdkit's cow
-    # filter is left out: nbdkit 1.32 can abort when fio hangs up, failing --verify)
+    # filter is left out: nbdkit 1.32 can abort when fio hangs up with requests in
+    # flight, and its exports then cannot be read back for --verify)
     servers = ["qcownbd", "qemu-nbd", "nbd-server"]
     results = tmp_path / "storm.json"
     out = run([sys.executable, BENCH / "bootstorm.py", *TINY_STORM, "--servers",
