@@ -25,7 +25,7 @@ from qcownbd.config import (
 )
 from qcownbd.control import ControlServer
 from qcownbd.control_commands import ControlCommands
-from qcownbd.errors import ConfigError, ImageFormatError
+from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, QcownbdError
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
@@ -34,9 +34,14 @@ from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image.window import WindowSpec
 from qcownbd.launch import Launch, stdin_socket
 from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
+from qcownbd.nbd.connection import NbdConnection
 from qcownbd.nbd.tls import server_context
+from qcownbd.upgrade import Successor, Upgrade, signal_upgrade
 
 log = logging.getLogger("qcownbd.server")
+
+#: what `serve` returns when a successor took over: the process exits at once
+HANDED_OVER = object()
 
 DEMO_SIZE = 64 * 1024 * 1024
 DEMO_BANNER = (b"qcownbd demo disk\n"
@@ -45,7 +50,7 @@ DEMO_BANNER = (b"qcownbd demo disk\n"
 
 def run(config: ServerConfig, cli: dict[str, ExportConfig],
         load: Callable[[], ServerConfig] | None, launch: Launch | None = None,
-        window: WindowSpec | None = None) -> int:
+        window: WindowSpec | None = None, argv: list[str] | None = None) -> int:
     """Serve ``config``'s exports and the command line's ``cli`` ones until told to stop;
     ``load()`` reads the config file again (SIGHUP), None when there is none; of each
     command-line image only its ``window`` is served.  Returns the exit status (the
@@ -55,19 +60,39 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     the start; a config file's broken export is logged and refused instead.
     """
     launch = launch or Launch()
+    successor = Successor.from_environment()
     tls_context = tls_context_for(config)
-    endpoints = Endpoints.choose(config, launch)
+    if successor is not None:
+        launch.fork = False     # the previous server detached already
+        successor.take_listeners()
+        endpoints = Endpoints(successor.listening, [], [], None)
+    else:
+        endpoints = Endpoints.choose(config, launch)
     launch.detach()
     raise_fd_limit()
     images = ImageProvider()
     registry = ExportRegistry([images, FleetProvider(images)])
     try:
-        for export_config in cli.values():
-            registry.check_image_free(export_config)
-            registry.add(open_cli_export(images, export_config, window))
-        registry.apply({**cli, **config.exports})
-        return asyncio.run(serve(config, cli, registry, images, load, tls_context, endpoints,
-                                 launch))
+        try:
+            for export_config in cli.values():
+                registry.check_image_free(export_config)
+                registry.add(open_cli_export(images, export_config, window))
+            registry.apply({**cli, **config.exports})
+            if successor is not None:
+                successor.take_connections(registry)
+        except QcownbdError as exc:
+            if successor is not None:
+                successor.fail(str(exc))
+            raise
+        status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
+                                   endpoints, launch, argv or [], successor))
+        if status is HANDED_OVER:
+            # the successor has the images and the clients: nothing more may be
+            # written or closed in a way a client would notice (descriptors close
+            # at exit, without a shutdown)
+            logging.shutdown()
+            os._exit(0)
+        return status
     finally:
         registry.close_all()
         launch.close()
@@ -155,9 +180,11 @@ def tls_context_for(config: ServerConfig):
 
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                 images: ImageProvider, load: Callable[[], ServerConfig] | None, tls_context,
-                endpoints: Endpoints, launch: Launch) -> int:
+                endpoints: Endpoints, launch: Launch, argv: list[str],
+                successor: Successor | None):
     """Listen, serve until SIGTERM/SIGINT (or the --run command or the handed-over
-    connection ends), then stop cleanly; the exit status."""
+    connection ends), then stop cleanly; the exit status, or HANDED_OVER once a
+    successor serves (SIGUSR2, `qcownbd upgrade`)."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
                        zero_copy=not faults.injecting(),
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
@@ -171,32 +198,51 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
              loop.create_task(report_status(server, reloads))]
     control = None
     if config.control_socket:
-        commands = ControlCommands(server, registry, images, reloads.lock)
-        control = ControlServer(config.control_socket, commands.handlers())
+        control = ControlServer(config.control_socket, {})
+    upgrade = Upgrade(server, registry, control, argv, reloads.lock)
+    refusal = upgrade_refusal(launch, endpoints, argv)
+    if not refusal:
+        signal_upgrade(upgrade)
+    if control is not None:
+        commands = ControlCommands(server, registry, images, reloads.lock,
+                                   _refused(refusal) if refusal else upgrade.run)
+        control.handlers = commands.handlers()
     try:
         await endpoints.open(server)
         if control is not None:
-            await control.start()
+            await control.start(successor.control if successor else None)
+        if successor is not None:
+            for state, sock in successor.connections:
+                sock.setblocking(False)
+                await loop.connect_accepted_socket(
+                    lambda state=state: NbdConnection(server, state), sock)
         await launch.listening(server.addresses(), first_export(cli, config), config.tls)
-        systemd.notify(f"READY=1\nSTATUS={server.status()}")
-        await _until_stop(stopping, server, endpoints, launch)
+        if successor is not None:
+            successor.serving()
+        else:
+            systemd.notify(f"READY=1\nSTATUS={server.status()}")
+        await _until_stop(stopping, server, endpoints, launch, upgrade.done)
+        if upgrade.done.is_set():
+            await asyncio.sleep(0.1)    # the answer to `qcownbd upgrade` goes out
+            return HANDED_OVER
         log.info("stopping")
         systemd.notify("STOPPING=1")
     finally:
-        launch.interrupt_command()
         for task in tasks:
             task.cancel()
-        if control is not None:
-            await control.close()
-        await server.stop()
+        if not upgrade.done.is_set():
+            launch.interrupt_command()
+            if control is not None:
+                await control.close()
+            await server.stop()
     return await launch.command_status()
 
 
 async def _until_stop(stopping: asyncio.Event, server: NbdServer, endpoints: Endpoints,
-                      launch: Launch) -> None:
-    """Wait for a reason to stop: a signal, the end of the --run command, or (serving
-    handed-over connections only) the end of the last one."""
-    waits = [asyncio.ensure_future(stopping.wait())]
+                      launch: Launch, handed_over: asyncio.Event) -> None:
+    """Wait for a reason to stop: a signal, a successor serving, the end of the --run
+    command, or (serving handed-over connections only) the end of the last one."""
+    waits = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(handed_over.wait())]
     if launch.process is not None:
         waits.append(asyncio.ensure_future(launch.process.wait()))
     if endpoints.single:
@@ -206,6 +252,23 @@ async def _until_stop(stopping: asyncio.Event, server: NbdServer, endpoints: End
     finally:
         for wait in waits:
             wait.cancel()
+
+
+def upgrade_refusal(launch: Launch, endpoints: Endpoints, argv: list[str]) -> str:
+    """Why this server cannot hand over to a successor, or ''."""
+    if not argv:
+        return "upgrade: not with -s (the throw-away overlays live with this process)"
+    if launch.command:
+        return "upgrade: not with --run (the command is this server's child)"
+    if endpoints.single:
+        return "upgrade: not with --stdin or systemd's Accept=yes (one connection, no listener)"
+    return ""
+
+
+def _refused(reason: str):
+    async def refuse() -> int:
+        raise HandoverError(reason)
+    return refuse
 
 
 def first_export(cli: dict, config: ServerConfig) -> str:

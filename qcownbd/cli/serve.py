@@ -236,7 +236,9 @@ def run(args) -> int:
             # so delete the overlays), not kill outright
             signal.signal(signal.SIGTERM, _unwind)
             cli = {name: throwaway(export, overlays) for name, export in cli.items()}
-        return service.run(config, cli, load, launch, window)
+        # -s: no successor (the throw-away overlays are deleted when this process ends)
+        argv = None if args.snapshot else args.argv
+        return service.run(config, cli, load, launch, window, argv)
 
 
 def window_from_args(args) -> WindowSpec | None:

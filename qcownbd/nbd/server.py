@@ -234,6 +234,57 @@ class NbdServer:
         return [conn for conn in self.connections if conn.export is export
                 and conn.phase in (Phase.TRANSMITTING, Phase.CLOSING)]
 
+    # ------------------------------------------------------- live handover
+
+    async def hold_for_handover(self, timeout: float) -> list[NbdConnection]:
+        """Hold every connection that can be handed over at its next request boundary,
+        with its replies sent; close the others gracefully (negotiating ones, TLS ones:
+        what is in flight is answered first).  Returns the held connections once all
+        are, and no metadata commit runs; those not held within ``timeout`` seconds
+        are closed gracefully instead (a client that does not read its replies)."""
+        held = []
+        for conn in list(self.connections):
+            why = _not_handed_over(conn)
+            if why:
+                if conn.session is not None:
+                    log.info("%s: %s: closing it once its requests are answered",
+                             conn.client.label, why)
+                conn.shutdown()
+            else:
+                conn.hold()
+                held.append(conn)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not all(conn.held for conn in held) and loop.time() < deadline:
+            await asyncio.sleep(0.002)
+        for conn in held:
+            if not conn.held:
+                log.warning("%s: no request boundary with every reply sent within %g s; "
+                            "closing it instead of handing it over", conn.client.label,
+                            timeout)
+                conn.holding = False
+                conn.shutdown()
+        # a metadata commit in a worker thread ends in a moment (never interrupted)
+        while self._committing:
+            await asyncio.sleep(0.002)
+        return [conn for conn in held if conn.holding]
+
+    def release_held(self, held: list[NbdConnection]) -> None:
+        """The handover failed: the held connections go on here."""
+        for conn in held:
+            if conn.phase is Phase.TRANSMITTING:
+                conn.release()
+
+    def stop_listening(self) -> list[socket.socket]:
+        """Stop accepting clients; duplicates of the listening sockets, for the successor
+        (the closed originals are this process's only: a socket's other descriptors
+        keep it listening, and its queued clients wait for whoever accepts next)."""
+        kept = [sock.dup() for server in self._servers for sock in server.sockets]
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        return kept
+
     # ------------------------------------------------------------ listening
 
     async def listen_tcp(self, host: str, port: int) -> None:
@@ -333,6 +384,17 @@ class NbdServer:
                 os.unlink(self._unix_path)
             except OSError:
                 pass
+
+
+def _not_handed_over(conn: NbdConnection) -> str:
+    """Why ``conn`` cannot go to a successor, or ''."""
+    if conn.phase is not Phase.TRANSMITTING:
+        return "not in transmission"
+    if conn.session.tls:
+        return "a TLS session cannot be handed over (its keys live in this process)"
+    if conn.export.transient:
+        return "a fleet overlay's connection is not handed over"
+    return ""
 
 
 def raise_fd_limit() -> int:
