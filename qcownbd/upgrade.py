@@ -261,8 +261,9 @@ class Successor:
             try:
                 registry.served(name)
             except QcownbdError:
-                why = dict(registry.unavailable()).get(name, "not in this configuration")
-                raise HandoverError(f"export {name}: {why}") from None
+                why = dict(registry.unavailable()).get(name)
+                raise HandoverError(why or f"export {name}: not in the configuration any "
+                                    "more, and it has clients") from None
         self.channel.send({"opened": True})
         while True:
             message, socks = self.channel.receive(STEP_TIMEOUT)
@@ -296,8 +297,8 @@ def report_failure(reason: str) -> None:
     if fd is None:
         return
     try:
-        Channel(socket.socket(fileno=os.dup(int(fd)))).fail(reason)
-    except (OSError, ValueError):
+        Channel(socket.socket(fileno=os.dup(int(fd)))).send({"failed": reason}, timeout=5.0)
+    except (OSError, ValueError, HandoverError):
         pass
 
 
