@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qcownbd import systemd
 from qcownbd.config import (
@@ -26,6 +26,7 @@ from qcownbd.config import (
 from qcownbd.control import ControlServer
 from qcownbd.control_commands import ControlCommands
 from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, QcownbdError
+from qcownbd.fdstore import Restored, keep_for_restart
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
@@ -34,7 +35,6 @@ from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image.window import WindowSpec
 from qcownbd.launch import Launch, stdin_socket
 from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
-from qcownbd.nbd.connection import NbdConnection
 from qcownbd.nbd.tls import server_context
 from qcownbd.upgrade import Successor, Upgrade, signal_upgrade
 
@@ -66,6 +66,7 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
         launch.fork = False     # the previous server detached already
         successor.take_listeners()
         endpoints = Endpoints(successor.listening, [], [], None)
+        endpoints.resumed = successor.connections
     else:
         endpoints = Endpoints.choose(config, launch)
     launch.detach()
@@ -87,9 +88,10 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
         status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
                                    endpoints, launch, argv or [], successor))
         if status is HANDED_OVER:
-            # the successor has the images and the clients: nothing more may be
-            # written or closed in a way a client would notice (descriptors close
-            # at exit, without a shutdown)
+            # a successor (or systemd's store) has the clients and the images are
+            # committed: nothing more may be written or closed in a way a client
+            # would notice (descriptors close at exit, without a shutdown)
+            launch.close()
             logging.shutdown()
             os._exit(0)
         return status
@@ -117,23 +119,33 @@ def open_cli_export(images: ImageProvider, config: ExportConfig,
 class Endpoints:
     """Where clients come from: sockets inherited listening (systemd socket
     activation), connections handed over (--stdin, systemd's Accept=yes: served
-    alone, and the server ends with them), or else the addresses to listen on."""
+    alone, and the server ends with them), or else the addresses to listen on;
+    and connections in transmission a previous server left (``resumed``: a live
+    handover, systemd's file descriptor store), with ``restored`` to take out of
+    that store once served."""
 
     listening: list[socket.socket]
     connected: list[socket.socket]
     tcp: list[str]
     unix: str | None
+    resumed: list[tuple] = field(default_factory=list)
+    restored: Restored | None = None
+    #: the names of the socket unit's listening sockets (systemd keeps those itself)
+    unit_sockets: list = field(default_factory=list)
 
     @classmethod
     def choose(cls, config: ServerConfig, launch: Launch) -> "Endpoints":
         """What the environment and ``config`` say; ConfigError when nowhere is left."""
-        inherited = systemd.inherited_sockets()
+        restored, unit = Restored.take(systemd.inherited_fds())
+        inherited = [socket.socket(fileno=fd) for _name, fd in unit]
         connected = [sock for sock in inherited if not is_listening(sock)]
         if launch.stdin:
             connected.append(stdin_socket())
         listening = [sock for sock in inherited if is_listening(sock)]
-        if inherited or connected:
-            return cls(listening, connected, [], None)
+        if inherited or connected or restored.names:
+            return cls(listening + restored.listening, connected, [], None,
+                       restored.connections, restored,
+                       [sock.getsockname() for sock in listening])
         tcp = tcp_addresses(config)
         if not tcp and not config.unix:
             raise ConfigError("nowhere to listen: listen = [] and no unix socket "
@@ -148,6 +160,7 @@ class Endpoints:
     async def open(self, server: NbdServer) -> None:
         """Listen, adopt, serve."""
         await server.adopt(self.listening + self.connected)
+        await server.resume(self.resumed)
         for address in self.tcp:
             await server.listen_tcp(*parse_listen(address))
         if self.unix:
@@ -211,22 +224,23 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
         await endpoints.open(server)
         if control is not None:
             await control.start(successor.control if successor else None)
-        if successor is not None:
-            for state, sock in successor.connections:
-                sock.setblocking(False)
-                await loop.connect_accepted_socket(
-                    lambda state=state: NbdConnection(server, state), sock)
         await launch.listening(server.addresses(), first_export(cli, config), config.tls)
         if successor is not None:
             successor.serving()
         else:
             systemd.notify(f"READY=1\nSTATUS={server.status()}")
+        if endpoints.restored is not None:
+            endpoints.restored.forget()
         await _until_stop(stopping, server, endpoints, launch, upgrade.done)
         if upgrade.done.is_set():
             await asyncio.sleep(0.1)    # the answer to `qcownbd upgrade` goes out
             return HANDED_OVER
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        if launch.fd_store and await keep_for_restart(server, registry,
+                                                      endpoints.unit_sockets):
+            upgrade.done.set()
+            return HANDED_OVER
     finally:
         for task in tasks:
             task.cancel()

@@ -131,7 +131,7 @@ class Upgrade:
         rollback.held = await self.server.hold_for_handover(HOLD_TIMEOUT)
         exports = self.registry.open_exports()
         rollback.unlocked = True
-        await asyncio.get_running_loop().run_in_executor(None, _commit_and_unlock, exports)
+        await asyncio.get_running_loop().run_in_executor(None, commit_and_unlock, exports)
 
     async def _send_connections(self, channel: Channel, held: list, process) -> None:
         """Step 4, at most MAX_FDS connections a message."""
@@ -200,7 +200,7 @@ def _image_files(backend):
         level = getattr(level, "backing", None)
 
 
-def _commit_and_unlock(exports) -> None:
+def commit_and_unlock(exports) -> None:
     """Commit every image (durable, metadata included) and drop its locks, so that the
     successor can open it; nothing writes it here any more."""
     try:

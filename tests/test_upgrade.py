@@ -11,19 +11,14 @@ server serving, and `qcownbd upgrade` says why in one line.
 import json
 import os
 import signal
-import socket
-import subprocess
-import textwrap
-import threading
 import time
 
 import pytest
 
+from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
 from helpers import LoggedServer, qcownbd_cmd, qcownbd_env, run, wait_for
 
 pytestmark = pytest.mark.timeout(180)
-SIZE = 16 * 1024 * 1024
-BLOCK = 64 * 1024
 HANDED = "handover: took "
 
 
@@ -74,107 +69,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class QemuIoSession:
-    """qemu-io on an export, fed commands while it runs: write a pattern, flush, read
-    it back (verified), again and again, until `finish`."""
-
-    def __init__(self, uri: str, *, first_block: int, opts: list[str] | None = None):
-        self.proc = subprocess.Popen(
-            ["qemu-io", *(opts or ["-f", "raw", uri])], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.written: dict[int, int] = {}
-        self._block = first_block
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._feed, daemon=True)
-        self._thread.start()
-
-    def _feed(self):
-        step = 0
-        while not self._stop.is_set():
-            offset = (self._block + step % 64) * BLOCK
-            pattern = 1 + (step * 7) % 250
-            self.proc.stdin.write(f"write -P {pattern} {offset} {BLOCK}\nflush\n"
-                                  f"read -P {pattern} {offset} {BLOCK}\nsleep 20\n")
-            self.proc.stdin.flush()
-            self.written[offset] = pattern
-            step += 1
-            time.sleep(0.03)
-        self.steps = step
-
-    def finish(self) -> str:
-        """Stop feeding, let qemu-io end; its output (every request must have worked)."""
-        self._stop.set()
-        self._thread.join(10)
-        out, _ = self.proc.communicate("quit\n", timeout=120)
-        assert self.proc.returncode == 0, out[-3000:]
-        bad = [line for line in out.splitlines()
-               if "error" in line.lower() or "fail" in line.lower()]
-        assert not bad, bad[:5]
-        assert out.count("wrote 65536/65536") == self.steps, out[-2000:]
-        assert out.count("read 65536/65536") == self.steps, out[-2000:]
-        return out
-
-
-NBDSH_LOOP = textwrap.dedent("""
-    import nbd, os, sys
-    h = nbd.NBD()
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_uri(sys.argv[1])
-    assert h.get_structured_replies_negotiated()
-    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    base, ops = int(sys.argv[2]), 0
-    seen = []
-    while not os.path.exists(sys.argv[3]):
-        off = base + (ops % 32) * 65536
-        data = bytes([ops % 251 + 1]) * 65536
-        h.pwrite(data, off)
-        h.flush()
-        assert h.pread(65536, off) == data, off
-        h.block_status(65536, off, lambda ctx, o, ents, err: seen.append(ents[1] & 1 == 0))
-        ops += 1
-    assert all(seen), "a written block reported as a hole"
-    print("ops", ops, flush=True)
-    h.shutdown()
-""")
-
-
-def _nbdsh_loop(uri: str, base: int, stop_file) -> subprocess.Popen:
-    return subprocess.Popen(["/usr/bin/python3", "-c", NBDSH_LOOP, uri, str(base),
-                             str(stop_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _finish_nbdsh(proc: subprocess.Popen, stop_file) -> int:
-    stop_file.write_text("")
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out[-3000:]
-    return int(out.split()[-1])
-
-
-def _qcow(tmp_path, name="d.qcow"):
-    path = tmp_path / name
-    run(qcownbd_cmd("create", path, str(SIZE)), env=qcownbd_env())
-    return path
-
-
-def _verify(image, written: dict[int, int]) -> None:
-    """Every acknowledged write is in the image (QEMU reads QCOW1 itself), and it is
-    sound."""
-    commands = []
-    for offset, pattern in sorted(written.items()):
-        commands += ["-c", f"read -P {pattern} {offset} {BLOCK}"]
-    out = run(["qemu-io", "-r", "-f", "qcow", *commands, image], timeout=120).stdout
-    assert "fail" not in out.lower(), out[-2000:]
-    run(qcownbd_cmd("check", image), env=qcownbd_env())
-
-
 def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
-    image = _qcow(tmp_path)
+    image = make_qcow(tmp_path)
     stop_file = tmp_path / "stop"
     with HandingServer(tmp_path, f"d={image}") as server:
         pids = [server.pid]
         qemu = QemuIoSession(server.uri("d"), first_block=0)
-        nbdsh = _nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
+        nbdsh = nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
         time.sleep(1.0)
         for _ in range(3):
             pids.append(server.upgrade_by_signal())
@@ -184,7 +85,7 @@ def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
         assert done.stdout.strip() == f"upgraded: pid {pids[-1]} serves now (was pid {pids[-2]})"
         time.sleep(0.5)
         qemu.finish()
-        assert _finish_nbdsh(nbdsh, stop_file) > 0
+        assert finish_nbdsh(nbdsh, stop_file) > 0
         status = json.loads(run(qcownbd_cmd("status", "--control", server.control, "--json"),
                                 env=qcownbd_env()).stdout)
         assert status["pid"] == pids[-1]
@@ -193,11 +94,11 @@ def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
         assert log.count("handover: took 2 connection(s) and 2 listening socket(s)") == 4, log
         assert server.stop() == 0
     assert "Traceback" not in server.stderr
-    _verify(image, qemu.written)
+    verify(image, qemu.written)
 
 
 def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_path):
-    image = _qcow(tmp_path)
+    image = make_qcow(tmp_path)
     config = tmp_path / "q.toml"
     good = f'[exports.d]\npath = "{image}"\n'
     config.write_text(good)
@@ -230,4 +131,4 @@ def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_pat
     log = server.stderr
     assert log.count("upgrade failed, still serving") == 2, log
     assert "Traceback" not in log, log
-    _verify(image, qemu.written)
+    verify(image, qemu.written)

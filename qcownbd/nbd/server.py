@@ -336,6 +336,15 @@ class NbdServer:
             self._servers.append(server)
             log.info("listening on inherited socket %s", _sockname(sock))
 
+    async def resume(self, connections: list[tuple]) -> None:
+        """Serve connections a previous server held at a request boundary: (its
+        `handover.ConnectionState`, the socket), in transmission from the start."""
+        loop = asyncio.get_running_loop()
+        for state, sock in connections:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(
+                lambda state=state: NbdConnection(self, state), sock)
+
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
         return [sock.getsockname() for server in self._servers for sock in server.sockets]
