@@ -17,6 +17,7 @@ import pytest
 
 from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
 from helpers import LoggedServer, qcownbd_cmd, qcownbd_env, run, wait_for
+from test_tls import pki, tls_args  # noqa: F401 (pki is the fixture of x509 files)
 
 pytestmark = pytest.mark.timeout(180)
 HANDED = "handover: took "
@@ -131,4 +132,33 @@ def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_pat
     log = server.stderr
     assert log.count("upgrade failed, still serving") == 2, log
     assert "Traceback" not in log, log
+    verify(image, qemu.written)
+
+
+def test_tls_clients_are_closed_cleanly_and_qemu_reconnects_over_tls(tmp_path, pki):
+    """A TLS session cannot change process: its requests are answered, then it is closed;
+    QEMU (reconnect-delay) connects to the successor over TLS again, without an error,
+    while the plain client on the same server is handed over."""
+    image = make_qcow(tmp_path)
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, *tls_args(pki, "on"), f"d={image}") as server:
+        opts = ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.good}",
+                "--image-opts", f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+                f"server.port={server.port},export=d,tls-creds=tls0,reconnect-delay=20"]
+        qemu = QemuIoSession("", first_block=0, opts=opts)
+        plain = nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
+        assert wait_for(lambda: server.log.count("attached export=d") == 2, 30), server.log
+        server.upgrade_by_signal()
+        # QEMU attached again, to the successor
+        assert wait_for(lambda: server.log.count("tls=yes") == 2, 30), server.log
+        server.upgrade_by_signal()
+        time.sleep(1.0)
+        qemu.finish()
+        assert finish_nbdsh(plain, stop_file) > 0
+        assert server.stop() == 0
+    log = server.stderr
+    assert log.count("a TLS session cannot be handed over") == 2, log
+    assert log.count("handover: took 1 connection(s)") == 2, log
+    assert log.count("tls=yes") == 3, log
+    assert "Traceback" not in log
     verify(image, qemu.written)
