@@ -11,12 +11,15 @@ server serving, and `qcownbd upgrade` says why in one line.
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
 
 import pytest
 
 from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
-from helpers import LoggedServer, qcownbd_cmd, qcownbd_env, run, wait_for
+from helpers import (DrainedPipe, LoggedServer, free_port, qcownbd_cmd, qcownbd_env, run,
+                     wait_for, wait_listening)
 from test_tls import pki, tls_args  # noqa: F401 (pki is the fixture of x509 files)
 
 pytestmark = pytest.mark.timeout(180)
@@ -162,3 +165,55 @@ def test_tls_clients_are_closed_cleanly_and_qemu_reconnects_over_tls(tmp_path, p
     assert log.count("tls=yes") == 3, log
     assert "Traceback" not in log
     verify(image, qemu.written)
+
+
+def test_a_reload_that_changes_the_listen_addresses_hands_over(tmp_path):
+    """SIGHUP with new listen addresses: a successor listens there, keeps the old
+    sockets still wanted, and the client of a dropped address goes on."""
+    image = make_qcow(tmp_path)
+    first_port, second_port = free_port(), free_port()
+    config = tmp_path / "q.toml"
+    exports = f'[exports.d]\npath = "{image}"\n'
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{first_port}"]\n{exports}')
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen(qcownbd_cmd("serve", "--config", config, "--pid-file", pid_file),
+                            stderr=subprocess.PIPE, text=True, env=qcownbd_env())
+    proc.stderr = DrainedPipe(proc.stderr)
+    try:
+        wait_listening(first_port, proc)
+        qemu = QemuIoSession(f"nbd://127.0.0.1:{first_port}/d", first_block=0)
+        time.sleep(0.5)
+        config.write_text(f'[server]\nlisten = ["127.0.0.1:{first_port}", '
+                          f'"127.0.0.1:{second_port}"]\n{exports}')
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+        assert wait_for(lambda: _listens(second_port), 30), "".join(proc.stderr.lines)
+        run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 4k",
+             f"nbd://127.0.0.1:{second_port}/d"], timeout=30)
+        second = int(pid_file.read_text())
+        config.write_text(f'[server]\nlisten = ["127.0.0.1:{second_port}"]\n{exports}')
+        os.kill(second, signal.SIGHUP)
+        assert wait_for(lambda: not _alive(second) and not _listens(first_port), 30)
+        assert _listens(second_port)
+        time.sleep(0.5)
+        qemu.finish()
+        third = int(pid_file.read_text())
+        os.kill(third, signal.SIGTERM)
+        assert wait_for(lambda: not _alive(third), 30)
+    finally:
+        for pid in {proc.pid, int(pid_file.read_text())} if pid_file.exists() else {proc.pid}:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    log = proc.stderr.read()
+    assert log.count("handover: took 1 connection(s) and 1 listening socket(s)") == 2, log
+    assert f"no longer listening on ('127.0.0.1', {first_port})" in log, log
+    assert "Traceback" not in log
+    verify(image, qemu.written)
+
+
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
