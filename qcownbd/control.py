@@ -67,9 +67,10 @@ class ControlServer:
         self.handlers = handlers
         self._server: asyncio.AbstractServer | None = None
 
-    async def start(self) -> None:
-        """Bind (a stale socket file is replaced, a live one refused) and listen."""
-        sock = bind_owner_only(self.path)
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Bind (a stale socket file is replaced, a live one refused) and listen, or
+        listen on ``sock``, the socket a previous server listened on (a handover)."""
+        sock = sock or bind_owner_only(self.path)
         self._server = await asyncio.start_unix_server(self._serve, sock=sock, limit=MAX_LINE)
         log.info("control socket: %s", self.path)
 
@@ -83,6 +84,17 @@ class ControlServer:
                 os.unlink(self.path)
             except OSError:
                 pass
+
+    def stop_listening(self) -> socket.socket | None:
+        """A live handover: a duplicate of the listening socket for the successor; this
+        process stops accepting, and the socket file stays (the successor listens on
+        it).  Requests already connected are still answered."""
+        if self._server is None:
+            return None
+        sock = self._server.sockets[0].dup()
+        self._server.close()
+        self._server = None
+        return sock
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

@@ -1,4 +1,4 @@
-"""What a running server answers on its control socket: ``status`` and ``snapshot``.
+"""What a running server answers on its control socket: ``status``, ``snapshot``, ``upgrade``.
 
 The answers are plain JSON-able data; `qcownbd.cli.control` turns them into
 what a person reads.  Both run on the event loop, between requests, and a
@@ -16,14 +16,16 @@ from qcownbd.live_snapshot import take_snapshot
 class ControlCommands:
     """The handlers of `qcownbd.control.ControlServer` for one server."""
 
-    def __init__(self, server, registry, images, reload_lock):
+    def __init__(self, server, registry, images, reload_lock, upgrade):
         self.server, self.registry, self.images = server, registry, images
         self.reload_lock = reload_lock
+        #: hands over to a successor and returns its pid (`qcownbd.upgrade.Upgrade.run`)
+        self._upgrade = upgrade
         self.started = time.monotonic()
 
     def handlers(self) -> dict:
         """{command: handler} for the control server."""
-        return {"status": self.status, "snapshot": self.snapshot}
+        return {"status": self.status, "snapshot": self.snapshot, "upgrade": self.upgrade}
 
     async def status(self, _request: dict) -> dict:
         """Exports, clients and what the ended clients did."""
@@ -54,6 +56,11 @@ class ControlCommands:
             export = self.registry.served(name)
             return await take_snapshot(self.server, export, self.images.open_backend,
                                        snapshot_name)
+
+
+    async def upgrade(self, _request: dict) -> dict:
+        """Hand over to a successor (`qcownbd.upgrade`); its pid once it serves."""
+        return {"previous_pid": os.getpid(), "pid": await self._upgrade()}
 
 
 def _address(address) -> str:

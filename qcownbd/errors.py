@@ -90,3 +90,8 @@ class UsageError(QcownbdError):
 class ControlError(QcownbdError):
     """A control-socket request could not be carried out (`qcownbd.control`); its
     text is the one line the asking command prints."""
+
+
+class HandoverError(QcownbdError):
+    """A live handover to a successor failed (`qcownbd.upgrade`): the running server
+    keeps serving; the text is the one line `qcownbd upgrade` prints."""

@@ -17,6 +17,7 @@ from qcownbd import __version__
 from qcownbd.cli import control, fleet, helptext, image, serve
 from qcownbd.console import journal_prefix
 from qcownbd.errors import QcownbdError, UsageError
+from qcownbd.upgrade import report_failure
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -76,8 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Run one qcownbd command; return its exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = parser.parse_args(argv)
+        #: what a live handover starts the successor with
+        args.argv = argv
         if not getattr(args, "func", None):
             parser.print_help(sys.stderr)
             return EXIT_USAGE
@@ -103,5 +107,7 @@ def main(argv=None) -> int:
 
 
 def _say(line: str) -> None:
-    """A failure's one line on stderr (an error, under journald too)."""
+    """A failure's one line on stderr (an error, under journald too); a successor also
+    tells the server that started it."""
     print(journal_prefix(logging.ERROR) + line, file=sys.stderr)
+    report_failure(line.removeprefix("qcownbd: "))

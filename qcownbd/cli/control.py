@@ -1,7 +1,8 @@
-"""`qcownbd status` and `qcownbd snapshot`: ask a running server on its control socket.
+"""`qcownbd status`, `snapshot` and `upgrade`: ask a running server on its control socket.
 
     qcownbd status [--control PATH] [--json]
     qcownbd snapshot [--control PATH] [--name FILE] [--json] EXPORT
+    qcownbd upgrade [--control PATH] [--json]
 
 The server listens there only when told (`serve --control PATH`, or
 ``control_socket`` in its config); the systemd unit's is the default.
@@ -28,6 +29,11 @@ def register(sub, common) -> None:
                         "(default: IMAGE-STEM.snap-UTCTIME.EXT)")
     p.add_argument("export", metavar="EXPORT")
     p.set_defaults(func=cmd_snapshot)
+    p = sub.add_parser("upgrade", parents=[common],
+                       help="hand a running server's sockets and clients over to a new "
+                            "server process (the qcownbd installed now); clients only pause")
+    _common_options(p)
+    p.set_defaults(func=cmd_upgrade)
 
 
 def _common_options(p) -> None:
@@ -57,6 +63,17 @@ def cmd_snapshot(args) -> int:
         print(f"export {done['export']}: snapshot {done['snapshot']} taken; "
               f"{done['image']} is a new overlay of it "
               f"(clients paused {1000 * done['paused_seconds']:.0f} ms)")
+    return 0
+
+
+def cmd_upgrade(args) -> int:
+    """`qcownbd upgrade`: returns once the successor serves."""
+    setup_logging(args)
+    done = ask(args.control, {"command": "upgrade"}, timeout=600.0)
+    if args.json:
+        print(json.dumps(done, indent=2))
+    else:
+        print(f"upgraded: pid {done['pid']} serves now (was pid {done['previous_pid']})")
     return 0
 
 

@@ -66,6 +66,9 @@ _EXAMPLES = {
     "qcownbd snapshot": """\
   qcownbd snapshot vm1                      # vm1.qcow stays the live disk, over the snapshot
   qcownbd snapshot --name vm1-before-upgrade.qcow --control /tmp/q.control vm1""",
+    "qcownbd upgrade": """\
+  qcownbd upgrade                           # after installing a new qcownbd
+  qcownbd upgrade --control /tmp/q.control --json""",
     "qcownbd fleet": """\
   qcownbd fleet list /etc/qcownbd/exports.toml
   qcownbd fleet info /etc/qcownbd/exports.toml fleet/vm42
@@ -87,7 +90,9 @@ _EXAMPLES = {
 _SIGNALS = """signals:
   SIGTERM, SIGINT  stop: answer the requests in flight, commit and close the
                    images, exit 0
-  SIGHUP           reload the --config file and reread the TLS certificate files"""
+  SIGHUP           reload the --config file and reread the TLS certificate files
+  SIGUSR2          hand the sockets and clients over to a new server process
+                   (as qcownbd upgrade does), which then serves"""
 
 #: what follows the examples, by command (default: EXIT_STATUS)
 _AFTER = {

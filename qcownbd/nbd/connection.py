@@ -16,7 +16,7 @@ import logging
 from time import perf_counter
 
 from qcownbd.access import PeerExports, client_from_peername
-from qcownbd.errors import ProtocolError
+from qcownbd.errors import ProtocolError, QcownbdError
 from qcownbd.nbd import protocol
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
 from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_FROZEN,
@@ -59,8 +59,12 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
     ``zero_copy``, ``offload``, and ``register``/``negotiated``/``unregister``.
     """
 
-    def __init__(self, server):
+    def __init__(self, server, resume=None):
         self.server = server
+        #: a `handover.ConnectionState` to go on from, in transmission (no greeting)
+        self._resume = resume
+        #: a live handover waits for this connection's next request boundary
+        self.holding = False
         self.phase = Phase.NEGOTIATING
         self.paused = 0
         self.stats = ConnectionStats()
@@ -92,6 +96,9 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
                                 "%s: not attached: too many connections", self.client.label)
             self.phase = Phase.CLOSED
             transport.abort()
+            return
+        if self._resume is not None:
+            self._resume_transmission(self._resume)
             return
         transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
         self._timer = asyncio.get_running_loop().call_later(
@@ -265,6 +272,26 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
         self.dispatcher.backend = self.export.backend
         self._unpause(PAUSE_FROZEN)
 
+    def hold(self):
+        """A live handover: run no request after the one being received (a WRITE whose
+        payload is arriving completes and runs), stop reading, and send every reply."""
+        self.holding = True
+        self.replies.materialize_files()
+        self._process()
+
+    @property
+    def held(self) -> bool:
+        """Held at a request boundary with nothing running and every reply sent: the
+        socket and `handover.state_of` are all a successor needs."""
+        return (self.paused & PAUSE_FROZEN and self.phase is Phase.TRANSMITTING
+                and self.settled and self.replies.idle
+                and not self.transport.get_write_buffer_size())
+
+    def release(self):
+        """The handover failed: go on serving (with the export's backend as it is now)."""
+        self.holding = False
+        self.thaw()
+
     def budget_available(self):
         """PayloadBudget: bytes were released; try the waiting request again."""
         # called back later: the refusal that queued us may not have paused us yet
@@ -378,6 +405,35 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
         export.attach()
         self.export = export
         self.session = session = self.negotiation.session(export)
+        self._enter_transmission(export, session)
+        log.info("%s: attached export=%s %s", self.client.label, export.name,
+                 session.summary(export.read_only))
+
+    def _resume_transmission(self, state):
+        """Go on with a connection a previous server handed over (`handover`)."""
+        self._resume = None
+        try:
+            export = self.server.exports.lookup(state.session.export_name, self.client)
+        except QcownbdError as exc:
+            log.error("%s: not resumed: %s", state.client, exc)
+            self.phase = Phase.CLOSED
+            self.server.unregister(self)
+            self.transport.abort()
+            return
+        self.server.negotiated(self)
+        export.attach()
+        self.export, self.session = export, state.session
+        stats = self.stats
+        stats.started -= state.seconds
+        stats.requests, stats.bytes_read = state.requests, state.bytes_read
+        stats.bytes_written, stats.errors = state.bytes_written, state.errors
+        self._enter_transmission(export, state.session)
+        self.reader.preload(state.leftover)
+        log.info("%s: resumed export=%s %s", self.client.label, export.name,
+                 state.session.summary(export.read_only))
+        self._process()
+
+    def _enter_transmission(self, export, session):
         self.reader.start_transmission(session.mode)
         transport = self.transport
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
@@ -390,8 +446,6 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
                                      on_async_done=self.request_done, log=self.server.log,
                                      zero_copy=self.server.zero_copy)
         self.phase = Phase.TRANSMITTING
-        log.info("%s: attached export=%s %s", self.client.label, export.name,
-                 session.summary(export.read_only))
 
     # --------------------------------------------------------- transmission
 
@@ -405,6 +459,9 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
         replies.corked = True
         try:
             while not self.paused and self.phase is transmitting:
+                if self.holding and reader.at_boundary:
+                    self._pause(PAUSE_FROZEN)
+                    break
                 if perf_counter() > deadline:
                     self._continue_later()
                     break

@@ -175,6 +175,11 @@ class RequestReader:
         return self._end - self._start == len(self._buf)
 
     @property
+    def at_boundary(self) -> bool:
+        """Between requests: no request is half framed, no payload half received."""
+        return self.state is State.REQUESTS
+
+    @property
     def payload_received(self) -> int:
         """Bytes of the payload being received into its own buffer (PAYLOAD)."""
         return self._got
@@ -303,6 +308,24 @@ class RequestReader:
         self._start = self._end = 0
         self._payload, self._got = buffer, have
         self.state = State.PAYLOAD
+
+    def leftover(self) -> bytes:
+        """REQUESTS: the bytes received but not yet framed (a live handover passes them
+        on to the successor, whose reader starts from them: `preload`)."""
+        if self.state is not State.REQUESTS:
+            raise ProtocolError(f"no request boundary: the reader is {self.state.value}")
+        return bytes(self._view[self._start:self._end])
+
+    def preload(self, data: bytes) -> None:
+        """REQUESTS, nothing buffered: take ``data`` as if it had just been received
+        (what the previous server read of the client's stream and did not frame)."""
+        if self.state is not State.REQUESTS or self._end != self._start:
+            raise ProtocolError("preload: only into an empty reader in transmission")
+        if len(data) > len(self._buf):
+            raise ProtocolError(f"preload: {len(data)} bytes do not fit the receive buffer")
+        self._buf[:len(data)] = data
+        self._start, self._end = 0, len(data)
+        self._header_only = False
 
     def stop(self) -> None:
         """Frame nothing more (after DISC, or when the server stops): drop every byte."""

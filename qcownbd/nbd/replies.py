@@ -153,6 +153,11 @@ class ReplyWriter:
         """True when replies bypass the transport's buffer."""
         return self._direct
 
+    @property
+    def idle(self) -> bool:
+        """Nothing waits here to be sent."""
+        return not (self._batch or self._queue)
+
     def lend(self, length: int) -> memoryview:
         """A writable view of ``length`` bytes for reply data, recycled once sent."""
         if length < POOL_MIN:

@@ -142,6 +142,9 @@ class NbdServer:
         self._negotiating: dict[NbdConnection, None] = {}
         self._per_client: dict[object, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        #: the names of the sockets listening where the configuration said (not a socket
+        #: unit's): a successor with another configuration may drop them
+        self.configured: set = set()
         self._unix_path = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -234,6 +237,67 @@ class NbdServer:
         return [conn for conn in self.connections if conn.export is export
                 and conn.phase in (Phase.TRANSMITTING, Phase.CLOSING)]
 
+    # ------------------------------------------------------- live handover
+
+    async def hold_for_handover(self, timeout: float) -> list[NbdConnection]:
+        """Hold every connection that can be handed over at its next request boundary,
+        with its replies sent; close the others gracefully (negotiating ones, TLS ones:
+        what is in flight is answered first).  Returns the held connections once all
+        are, and no metadata commit runs; those not held within ``timeout`` seconds
+        are closed gracefully instead (a client that does not read its replies)."""
+        held, closing = [], []
+        for conn in list(self.connections):
+            why = _not_handed_over(conn)
+            if why:
+                if conn.session is not None:
+                    log.info("%s: %s: closing it once its requests are answered",
+                             conn.client.label, why)
+                conn.shutdown()
+                closing.append(conn)
+            else:
+                conn.hold()
+                held.append(conn)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        # the closing ones too: their last replies must leave before this process does
+        while loop.time() < deadline and not (all(conn.held for conn in held) and
+                                              self.connections.isdisjoint(closing)):
+            await asyncio.sleep(0.002)
+        for conn in held:
+            if not conn.held:
+                log.warning("%s: no request boundary with every reply sent within %g s; "
+                            "closing it instead of handing it over", conn.client.label,
+                            timeout)
+                conn.holding = False
+                conn.shutdown()
+        # a metadata commit in a worker thread ends in a moment (never interrupted)
+        while self._committing:
+            await asyncio.sleep(0.002)
+        return [conn for conn in held if conn.holding]
+
+    def release_held(self, held: list[NbdConnection]) -> None:
+        """The handover failed: the held connections go on here."""
+        for conn in held:
+            if conn.phase is Phase.TRANSMITTING:
+                conn.release()
+
+    def stop_listening(self) -> list[socket.socket]:
+        """Stop accepting clients; duplicates of the listening sockets, for the successor
+        (the closed originals are this process's only: a socket's other descriptors
+        keep it listening, and its queued clients wait for whoever accepts next).
+        `configured` still says which were where the configuration said."""
+        kept = [sock.dup() for server in self._servers for sock in server.sockets]
+        for server in self._servers:
+            server.close()
+        self._servers = []
+        return kept
+
+    async def listen_again(self, sockets: list[socket.socket]) -> None:
+        """A handover failed: accept on the sockets `stop_listening` gave again."""
+        configured = set(self.configured)
+        await self.adopt([s for s in sockets if s.getsockname() not in configured])
+        await self.adopt([s for s in sockets if s.getsockname() in configured], True)
+
     # ------------------------------------------------------------ listening
 
     async def listen_tcp(self, host: str, port: int) -> None:
@@ -249,6 +313,7 @@ class NbdServer:
             raise ConfigError(f"cannot listen on {shown}:{port}: "
                               f"{exc.strerror or exc}{hint}") from None
         self._servers.append(server)
+        self.configured.update(sock.getsockname() for sock in server.sockets)
         log.info("listening on %s", ", ".join(_sockname(s) for s in server.sockets))
 
     async def listen_unix(self, path: str) -> None:
@@ -265,12 +330,14 @@ class NbdServer:
             raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         self._unix_path = path
         self._servers.append(server)
+        self.configured.add(path)
         log.info("listening on %s", path)
 
-    async def adopt(self, sockets: list[socket.socket]) -> None:
+    async def adopt(self, sockets: list[socket.socket], configured: bool = False) -> None:
         """Serve on inherited sockets: a listening one (systemd socket activation) for
         every client that comes; a connected one (inetd, --stdin, systemd's Accept=yes)
-        as the one client it is."""
+        as the one client it is.  ``configured``: listening where the configuration
+        says (a previous server's, handed over)."""
         loop = asyncio.get_running_loop()
         for sock in sockets:
             sock.setblocking(False)
@@ -283,7 +350,18 @@ class NbdServer:
             else:
                 server = await loop.create_server(factory, sock=sock)
             self._servers.append(server)
+            if configured:
+                self.configured.add(sock.getsockname())
             log.info("listening on inherited socket %s", _sockname(sock))
+
+    async def resume(self, connections: list[tuple]) -> None:
+        """Serve connections a previous server held at a request boundary: (its
+        `handover.ConnectionState`, the socket), in transmission from the start."""
+        loop = asyncio.get_running_loop()
+        for state, sock in connections:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(
+                lambda state=state: NbdConnection(self, state), sock)
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
@@ -333,6 +411,17 @@ class NbdServer:
                 os.unlink(self._unix_path)
             except OSError:
                 pass
+
+
+def _not_handed_over(conn: NbdConnection) -> str:
+    """Why ``conn`` cannot go to a successor, or ''."""
+    if conn.phase is not Phase.TRANSMITTING:
+        return "not in transmission"
+    if conn.session.tls:
+        return "a TLS session cannot be handed over (its keys live in this process)"
+    if conn.export.transient:
+        return "a fleet overlay's connection is not handed over"
+    return ""
 
 
 def raise_fd_limit() -> int:
