@@ -5,18 +5,17 @@ grow with the clients.  Every image's tables share this one instead, keyed
 by (owner, L1 index) and bounded in bytes: a busy image takes the room idle
 ones leave, and an idle image costs nothing here.
 
-An owner (`Qcow1Tables`) registers, gets a token, and answers two
-questions: `is_dirty(index)` (the table has pointer updates not yet in the
-file) and `commit()` (write them, in the crash-safe order).  Eviction takes
-the least recently used clean table; a dirty one is passed over a few
-times (the commit timer usually cleans it soon), and when only dirty
-tables are left the oldest one's owner commits first: a dirty table is
-never dropped, and the budget holds.  Owners keep their dirty tables
-referenced themselves too, so that a commit never needs the cache.
+An owner (`Qcow1Tables`) registers, gets a token, `pin`s a table when
+it gives it pointer updates not yet in the file and `unpin`s it once its
+commit wrote them.  Eviction takes the least recently used unpinned
+table, in constant time; when every table is pinned, the owner of the
+oldest pinned one commits first (the crash-safe order of its own commit).
+A dirty table is never dropped, and the budget holds.  Owners keep their
+dirty tables referenced themselves too, so a commit never needs the cache.
 
-Thread-safe: the event loop reads and inserts tables, worker threads close
-images (and commit, which never touches the cache).  No commit runs under
-the cache's lock.
+Thread-safe: the event loop reads, inserts and pins tables; worker
+threads commit (unpinning) and close images.  Lock order: an owner's
+pending lock, then the cache's; no commit runs under the cache's lock.
 """
 
 import itertools
@@ -30,8 +29,6 @@ DEFAULT_BUDGET = 32 * 1024 * 1024
 #: the smallest budget: a table of qemu-img's geometry (a larger table than the
 #: budget is still used, just never kept)
 MIN_BUDGET = 4096
-#: dirty tables passed over per eviction before a commit makes one clean
-MAX_DIRTY_SKIPS = 32
 
 
 class MetadataCache:
@@ -42,7 +39,12 @@ class MetadataCache:
         #: bytes of the tables held (never above the budget once `put` returns)
         self.used = 0
         self.hits = self.misses = self.evictions = 0
+        #: commits made to free room (tables were changed faster than the timer commits)
+        self.forced_commits = 0
+        #: the tables that may go, oldest first
         self._tables: OrderedDict[tuple[int, int], object] = OrderedDict()
+        #: the tables whose changes are not in the file yet, oldest first
+        self._pinned: dict[tuple[int, int], object] = {}
         self._indices: dict[int, set[int]] = {}
         #: token -> weak reference to the owner (an image never closed ages out)
         self._owners: dict[int, weakref.ref] = {}
@@ -50,7 +52,7 @@ class MetadataCache:
         self._lock = threading.Lock()
 
     def register(self, owner) -> int:
-        """A token for ``owner``'s tables (see the module for what an owner answers)."""
+        """A token for ``owner``'s tables (see the module for what an owner does)."""
         token = next(self._tokens)
         with self._lock:
             self._owners[token] = weakref.ref(owner)
@@ -74,10 +76,13 @@ class MetadataCache:
         key = (token, index)
         with self._lock:
             table = self._tables.get(key)
-            if table is None:
-                self.misses += 1
-                return None
-            self._tables.move_to_end(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+            else:
+                table = self._pinned.get(key)
+                if table is None:
+                    self.misses += 1
+                    return None
             self.hits += 1
             return table
 
@@ -87,13 +92,30 @@ class MetadataCache:
         with self._lock:
             if token not in self._indices:
                 return          # its owner closed meanwhile
-            old = self._tables.pop(key, None)
+            old = self._tables.pop(key, None) or self._pinned.pop(key, None)
             if old is not None:
                 self.used -= _nbytes(old)
             self._tables[key] = table
             self._indices[token].add(index)
             self.used += _nbytes(table)
-        self._evict()
+        self._evict(keep=key)
+
+    def pin(self, token: int, index: int) -> None:
+        """Table ``index`` got changes not yet in the file: it stays until `unpin`.
+        (A table already gone stays out: its owner's pending changes hold it.)"""
+        key = (token, index)
+        with self._lock:
+            table = self._tables.pop(key, None)
+            if table is not None:
+                self._pinned[key] = table
+
+    def unpin(self, token: int, indices) -> None:
+        """These tables' changes are in the file: they may go again (newest first)."""
+        with self._lock:
+            for index in indices:
+                table = self._pinned.pop((token, index), None)
+                if table is not None:
+                    self._tables[(token, index)] = table
 
     def resize(self, budget: int) -> None:
         """A new budget (a reload), applied at once."""
@@ -103,40 +125,54 @@ class MetadataCache:
     def stats(self) -> dict:
         """What `qcownbd status` shows."""
         with self._lock:
-            return {"budget": self.budget, "used": self.used, "tables": len(self._tables),
-                    "images": len(self._owners), "hits": self.hits, "misses": self.misses,
-                    "evictions": self.evictions}
+            return {"budget": self.budget, "used": self.used,
+                    "tables": len(self._tables) + len(self._pinned),
+                    "dirty_tables": len(self._pinned), "images": len(self._owners),
+                    "hits": self.hits, "misses": self.misses, "evictions": self.evictions,
+                    "forced_commits": self.forced_commits}
 
-    def _evict(self) -> None:
-        skipped = 0
+    def _evict(self, keep=None) -> None:
+        """Down to the budget; ``keep``, the table just put, goes last (its caller is
+        about to change it: dropped now, it would be pinned outside the budget)."""
         while True:
             with self._lock:
-                if self.used <= self.budget or not self._tables:
+                if self.used <= self.budget:
                     return
-                key = next(iter(self._tables))
-                owner = self._owners[key[0]]() if key[0] in self._owners else None
-                if owner is None or not owner.is_dirty(key[1]):
-                    self._remove(key)
+                victim = next(iter(self._tables), None)
+                if victim is not None and (victim != keep or not self._pinned):
+                    self._remove(victim)
                     self.evictions += 1
                     continue
-                if skipped < min(MAX_DIRTY_SKIPS, len(self._tables) - 1):
-                    self._tables.move_to_end(key)
-                    skipped += 1
+                if not self._pinned:
+                    return
+                key = next(iter(self._pinned))
+                owner = self._owners[key[0]]() if key[0] in self._owners else None
+                if owner is None:       # never closed, now gone: nothing left to write
+                    self._remove(key)
                     continue
-            # the oldest tables all wait for a commit: one now (an error reaches the
-            # request that needed room; the cache stays over budget until the next put)
+                self.forced_commits += 1
+            # every table waits for a commit: one now (an error reaches the request
+            # that needed room; the cache stays over budget until the next put)
             owner.commit()
-            skipped = 0
+            if not owner.is_dirty(key[1]):
+                self.unpin(key[0], [key[1]])    # committed, whoever did it
 
     def _remove(self, key: tuple[int, int]) -> None:
-        self.used -= _nbytes(self._tables.pop(key))
+        table = self._tables.pop(key, None)
+        if table is None:
+            table = self._pinned.pop(key)
+        self.used -= _nbytes(table)
         indices = self._indices.get(key[0])
         if indices is not None:
             indices.discard(key[1])
 
     def _drop(self, token: int) -> None:
         for index in self._indices.get(token, ()):
-            self.used -= _nbytes(self._tables.pop((token, index)))
+            key = (token, index)
+            table = self._tables.pop(key, None)
+            if table is None:
+                table = self._pinned.pop(key)
+            self.used -= _nbytes(table)
         if token in self._indices:
             self._indices[token] = set()
 

@@ -17,8 +17,9 @@ same bytes.  A free run at the file's end is cut off.
 Threading: the event-loop thread reads and changes the tables; `commit` may
 run in a worker thread.  It only touches the pending maps (under
 `_pending_lock`) and the file; commits are serialised by `_commit_lock`.
-A table with pending entries stays referenced by them (as well as by the
-cache), so a commit never needs the cache and a reload never loses them.
+A table with pending entries is pinned in the cache until its commit, and
+referenced by them too, so a commit never needs the cache and a reload
+never loses them.
 """
 
 import re
@@ -158,11 +159,16 @@ class Qcow1Tables:
         if table is not None:
             return table
         table = self._pending_table(index)
-        if table is None:
-            table = self._read_table(self.l1[index])
-            self.loads += 1
-            if self.on_load is not None:
-                self.on_load(table, index)
+        if table is not None:
+            self.cache.put(self._token, index, table)
+            with self._pending_lock:
+                if index in self._pending_l2:
+                    self.cache.pin(self._token, index)
+            return table
+        table = self._read_table(self.l1[index])
+        self.loads += 1
+        if self.on_load is not None:
+            self.on_load(table, index)
         self.cache.put(self._token, index, table)
         return table
 
@@ -245,6 +251,7 @@ class Qcow1Tables:
             span = self._pending_l2.get(index)
             if span is None:
                 self._pending_l2[index] = [first, stop, table]
+                self.cache.pin(self._token, index)
             else:
                 span[0], span[1] = min(span[0], first), max(span[1], stop)
             # in the same step as the entries: a commit takes both or neither
@@ -294,6 +301,9 @@ class Qcow1Tables:
                 raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None
             finally:
                 with self._pending_lock:
+                    # what changed again meanwhile (or failed) stays pinned
+                    self.cache.unpin(self._token, [index for index in self._committing
+                                                   if index not in self._pending_l2])
                     self._committing = {}
         # outside the commit lock: a commit of the loop's thread may wait for it while
         # holding the allocation lock, which this takes
