@@ -10,6 +10,7 @@ import time
 
 from qcownbd import __version__
 from qcownbd.errors import ControlError
+from qcownbd.image import metadata_cache
 from qcownbd.live_snapshot import take_snapshot
 
 
@@ -28,7 +29,7 @@ class ControlCommands:
         return {"status": self.status, "snapshot": self.snapshot, "upgrade": self.upgrade}
 
     async def status(self, _request: dict) -> dict:
-        """Exports, clients and what the ended clients did."""
+        """Exports, the metadata cache, clients and what the ended clients did."""
         server, ended = self.server, self.server.ended
         return {
             "version": __version__,
@@ -38,6 +39,7 @@ class ControlCommands:
             "exports": [_export(e) for e in self.registry.open_exports()],
             "unavailable": [{"name": name, "reason": reason}
                             for name, reason in self.registry.unavailable()],
+            "metadata_cache": metadata_cache.SHARED.stats(),
             "clients": [_client(c) for c in sorted(server.connections,
                                                    key=lambda c: c.stats.started)],
             "ended": {"clients": server.ended_connections, "requests": ended.requests,

@@ -148,8 +148,7 @@ class ImageProvider:
         try:
             backend = open_image(config.path, fmt=config.format, read_only=config.read_only,
                                  backing_format=config.backing_format,
-                                 allowed_backing_dirs=config.backing_dirs,
-                                 l2_cache_tables=config.l2_cache_tables)
+                                 allowed_backing_dirs=config.backing_dirs)
         except OSError as exc:
             raise ImageFormatError(f"export {config.name}: {config.path}: "
                                    f"{exc.strerror or exc}") from None

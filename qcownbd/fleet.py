@@ -380,7 +380,6 @@ class Fleet:
     def _open_overlay_image(self, path: str) -> Backend:
         """Open an overlay read-write over the shared golden image, checking it belongs here."""
         image = open_image(path, fmt=formats.QCOW1.name, read_only=False,
-                           l2_cache_tables=self.config.l2_cache_tables,
                            lend_backing=self._lend_golden(path))
         if image.backing is None or image.size != -(-self.size // 512) * 512:
             image.close()

@@ -32,7 +32,7 @@ from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, Qcownbd
 from qcownbd.fdstore import Restored, keep_for_restart
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
-from qcownbd.image import faults
+from qcownbd.image import faults, metadata_cache
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image.window import WindowSpec
@@ -76,6 +76,7 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
         endpoints = Endpoints.choose(config, launch)
     launch.detach()
     raise_fd_limit()
+    metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
     registry = ExportRegistry([images, FleetProvider(images)])
     try:
@@ -309,7 +310,8 @@ class Reloader:
     """SIGHUP: reread the config and apply it without taking a serving export away.
 
     A config that cannot be read or parsed changes nothing (one log line, and
-    systemd's STATUS says so).  Otherwise the server's limits apply at once,
+    systemd's STATUS says so).  Otherwise the server's limits and the metadata
+    cache's budget apply at once,
     exports change as `ExportRegistry.plan` says, new and changed images are
     opened in a worker thread (a large read-write QCOW1 image scans its
     tables for seconds) while the loop goes on serving, and the TLS files are
@@ -377,6 +379,7 @@ class Reloader:
         handover to a successor (which reads the file again) will apply it."""
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
+        metadata_cache.SHARED.resize(new.metadata_cache)
         if not self.load or (new.listen, new.unix, new.tls,
                              new.control_socket) == self._start_only:
             return False
