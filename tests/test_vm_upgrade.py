@@ -1,0 +1,200 @@
+"""Live upgrades under live clients: the Linux kernel's NBD client in a guest and
+QEMU's own client on the host keep working, without one error, while the server
+hands itself over to successors (issue 15).
+
+One guest boot per test attaches one QCOW1 export three ways (netlink, ioctl
+mode -L, netlink with two connections, -C 2) and runs a verified O_DIRECT
+write/fsync/read loop on each device, concurrently (vm.io_loop). qemu-io on
+the host, without reconnect-delay (a lost connection fails every request after
+it), runs the same loop on its own region. Meanwhile the host upgrades the
+server with SIGUSR2, waiting for the guest's loops and qemu-io to make progress
+between upgrades. Then the host writes the stop mark, and checks: every round
+verified, no NBD error in the guest's kernel log, every slot on the host holding
+the pattern of its last acknowledged write, `qcownbd check` clean.
+"""
+
+import time
+
+import pytest
+
+from helpers import qcownbd_check, qemu_io, run, wait_for
+from upgrade_clients import HandoverServer, QemuIoLoop
+from vm import Guest
+from vm.io_loop import BLOCK, SLOTS, STOP_BYTE, acknowledged, loop_script, parse_rounds
+
+pytestmark = pytest.mark.vm
+
+MiB = 1 << 20
+# (device, nbd-client options, region): one export, three kernel attachments
+ATTACHMENTS = [("/dev/nbd0", "", 8 * MiB), ("/dev/nbd1", "-L", 9 * MiB),
+               ("/dev/nbd2", "-C 2", 10 * MiB)]
+LOOP_NAMES = ["netlink", "ioctl (-L)", "netlink -C 2"]
+KERNEL_CONNECTIONS = 4        # 1 + 1 + 2
+QEMU_REGION = 12 * MiB
+STOP_OFFSET = 16 * MiB
+GUEST_SCRIPT = loop_script(ATTACHMENTS, STOP_OFFSET)
+# kernel messages that mean a client saw trouble
+DMESG_TROUBLE = ("error", "dead connection", "timed out", "disconnected", "shutting down",
+                 "receive control failed", "send control failed")
+
+
+class Session:
+    """A served QCOW1 export, a guest running the loops on it and qemu-io on the host."""
+
+    def __init__(self, vm_kit, workdir):
+        self.workdir = workdir
+        self.image = workdir / "disk.qcow"
+        run(["qemu-img", "create", "-f", "qcow", self.image, "64M"])
+        self.config = workdir / "qcownbd.toml"
+        self.config_text = f'[exports.disk]\npath = "{self.image}"\nformat = "qcow1"\n'
+        self.config.write_text(self.config_text)
+        self.server = HandoverServer(workdir, "--config", self.config)
+        self.qemu = QemuIoLoop(self.server.port, "disk", QEMU_REGION)
+        self.guest = Guest(vm_kit, GUEST_SCRIPT, workdir, name="upgrade",
+                           nbd_ports=[self.server.port], cpus=2)
+        self.marks: list[tuple[int, ...]] = []   # rounds done when each upgrade began
+
+    def counts(self) -> tuple[int, ...]:
+        """Rounds each guest loop has reported so far, then qemu-io's."""
+        rounds = parse_rounds(self.guest.output())
+        bad = [r for r in rounds if r.status != "ok"]
+        assert not bad and "QCOWNBD-FAIL" not in self.guest.output(), \
+            f"guest loops failed: {bad[:5]}\n{self.guest.output()[-4000:]}"
+        assert not self.qemu.errors, self.qemu.errors[:10]
+        return (*(sum(1 for r in rounds if r.loop == i) for i in range(len(ATTACHMENTS))),
+                self.qemu.rounds)
+
+    def wait_progress(self, rounds: int, timeout: float = 90) -> tuple[int, ...]:
+        """Wait until every loop did ``rounds`` more rounds; the new counts."""
+        start = self.counts()
+        done = wait_for(lambda: self.guest.poll() is None and all(
+            now - before >= rounds for now, before in zip(self.counts(), start)), timeout)
+        assert done, (f"loops stalled at {self.counts()} (from {start}); guest console:\n"
+                      f"{self.guest.output()[-4000:]}\nserver log:\n"
+                      f"{self.server.log()[-3000:]}")
+        return self.counts()
+
+    def upgrade(self) -> int:
+        """One live upgrade between rounds of every loop."""
+        self.marks.append(self.counts())
+        pid = self.server.upgrade()
+        self.wait_progress(2)
+        return pid
+
+    def finish(self):
+        """Stop the loops (the stop mark, written by qemu-io), wait for the guest,
+        stop the server: the guest's result."""
+        self.qemu.finish(f"write -P {STOP_BYTE} {STOP_OFFSET} 4k")
+        result = self.guest.wait(120)
+        self.server.stop()
+        return result
+
+    def close(self) -> None:
+        self.guest.kill()
+        self.qemu.kill()
+        self.server.stop()
+
+
+@pytest.fixture
+def session(vm_kit, tmp_path):
+    session = Session(vm_kit, tmp_path)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def check_outcome(session: Session, result, upgrades: int) -> dict:
+    """Everything issue 15 asks of the clients and the image; the timings."""
+    result.check()
+    rounds = parse_rounds(result.output)
+    assert rounds and all(r.status == "ok" for r in rounds), \
+        [r for r in rounds if r.status != "ok"][:10]
+    assert not result.markers("QCOWNBD-DD"), result.markers("QCOWNBD-DD")
+    dmesg = result.markers("QCOWNBD-DMESG")
+    trouble = [line for line in dmesg if any(word in line.lower() for word in DMESG_TROUBLE)]
+    assert not trouble, trouble
+    assert not session.qemu.errors, session.qemu.errors[:10]
+
+    # every loop went on between every two upgrades
+    counts = [*session.marks, session.counts()]
+    for before, after in zip(counts, counts[1:]):
+        assert all(b - a >= 2 for a, b in zip(before, after)), counts
+
+    log = session.server.log()
+    assert "Traceback" not in log, log[-3000:]
+    handovers = session.server.handovers()
+    assert len(handovers) == upgrades, log[-3000:]
+    assert set(handovers.values()) == {(KERNEL_CONNECTIONS + 1, 1)}, handovers
+
+    # what the host finds: the last acknowledged pattern of every slot
+    acked = {(loop, slot): value for (loop, slot), value in acknowledged(rounds).items()}
+    checks = [f"read -P {value} {region + slot * BLOCK} {BLOCK}"
+              for (loop, slot), value in acked.items()
+              for region in [ATTACHMENTS[loop][2]]]
+    checks += [f"read -P {value} {QEMU_REGION + slot * BLOCK} {BLOCK}"
+               for slot, value in session.qemu.acknowledged.items()]
+    assert len(checks) == (len(ATTACHMENTS) + 1) * SLOTS
+    done = qemu_io(session.image, *checks, read_only=True, check=False)
+    assert done.returncode == 0 and "verification failed" not in done.stdout, done.stdout
+    qcownbd_check(session.image)
+
+    first_upgrade = session.marks[0] if session.marks else None
+    return {"rounds": session.counts(), "guest_round_seconds": rounds,
+            "first_upgrade": first_upgrade, "dmesg": dmesg,
+            "upgrade_seconds": session.server.upgrade_seconds,
+            "qemu_round_seconds": session.qemu.round_seconds}
+
+
+def report(name: str, outcome: dict) -> None:
+    """Timings for the record (pytest -s shows them): the longest round of each loop
+    before the first upgrade and during the upgrades."""
+    print(f"\n{name}: rounds per loop {outcome['rounds']}, upgrades took "
+          f"{[round(s, 2) for s in outcome['upgrade_seconds']]} s")
+    marks = outcome["first_upgrade"]
+    for loop, label in enumerate(LOOP_NAMES):
+        mine = [r for r in outcome["guest_round_seconds"] if r.loop == loop]
+        before = [r.seconds for r in mine if marks is None or r.number < marks[loop]]
+        during = [r.seconds for r in mine if marks is not None and r.number >= marks[loop]]
+        print(f"  {label}: max round {max(before, default=0):.2f} s before the upgrades, "
+              f"{max(during, default=0):.2f} s during them ({len(during)} rounds)")
+    qemu = outcome["qemu_round_seconds"]
+    print(f"  qemu-io: max round {max(qemu[:marks[-1]] if marks else qemu, default=0):.2f} s "
+          f"before, {max(qemu[marks[-1]:] if marks else [], default=0):.2f} s during")
+    for line in outcome["dmesg"]:
+        print(f"  dmesg: {line}")
+
+
+@pytest.mark.timeout(300)
+def test_ten_upgrades_under_kernel_and_qemu_clients(session):
+    session.wait_progress(3, timeout=120)       # boot, attach, a baseline
+    for _ in range(10):
+        session.upgrade()
+        time.sleep(1)
+    result = session.finish()
+    report("ten upgrades", check_outcome(session, result, upgrades=10))
+
+
+@pytest.mark.timeout(300)
+def test_failing_successors_leave_the_old_server_serving(session):
+    session.wait_progress(3, timeout=120)
+    pid = session.server.pid()
+    # A successor that cannot read its configuration fails before anything is held.
+    session.config.write_text(session.config_text + "[exports.disk\n")
+    session.marks.append(session.counts())
+    session.server.upgrade_refused("upgrade failed, still serving")
+    session.config.write_text(session.config_text)
+    session.wait_progress(2)
+    # One that cannot open the image fails after the connections were held for it.
+    moved = session.image.with_suffix(".moved")
+    session.image.rename(moved)
+    try:
+        session.marks.append(session.counts())
+        session.server.upgrade_refused("upgrade failed, still serving")
+    finally:
+        moved.rename(session.image)
+    session.wait_progress(2)
+    assert session.server.pid() == pid
+    session.upgrade()
+    result = session.finish()
+    report("failing successors", check_outcome(session, result, upgrades=1))
