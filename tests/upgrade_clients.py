@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 
 from helpers import free_port, qcownbd_cmd, qcownbd_env, wait_for, wait_listening
+from vm.io_loop import BLOCK, SLOTS
 
-BLOCK = 256 << 10
-SLOTS = 4
 HANDOVER = re.compile(r"handover: took (\d+) connection\(s\) and (\d+) listening "
                       r"socket\(s\) from pid (\d+)")
 
@@ -41,7 +40,10 @@ class HandoverServer:
         self.port = free_port()
         self.pid_file = workdir / "qcownbd.pid"
         self.log_path = workdir / "qcownbd.log"
-        self.upgrade_seconds: list[float] = []
+        #: (start, end) of every completed upgrade, and of every refused one,
+        #: host monotonic seconds
+        self.upgrade_windows: list[tuple[float, float]] = []
+        self.refused_windows: list[tuple[float, float]] = []
         with open(self.log_path, "w") as log:
             self.first = subprocess.Popen(
                 qcownbd_cmd("serve", "--listen", f"127.0.0.1:{self.port}",
@@ -83,7 +85,7 @@ class HandoverServer:
         new = self.pid()
         assert done and alive(new), (f"upgrade of pid {old} did not complete in {timeout} s "
                                      f"(pid file: {new}); log:\n{self.log()[-3000:]}")
-        self.upgrade_seconds.append(time.monotonic() - started)
+        self.upgrade_windows.append((started, time.monotonic()))
         if old == self.first.pid:
             assert self.first.returncode == 0, self.log()[-3000:]
         return new
@@ -93,9 +95,11 @@ class HandoverServer:
         that it keeps serving (a line with ``why``), then check its pid stayed."""
         old = self.pid()
         before = len(self.log())
+        started = time.monotonic()
         os.kill(old, signal.SIGUSR2)
         assert wait_for(lambda: why in self.log()[before:], timeout), \
             f"no {why!r} in the log after SIGUSR2:\n{self.log()[before:][-3000:]}"
+        self.refused_windows.append((started, time.monotonic()))
         assert self.pid() == old and alive(old), self.log()[before:]
 
     def stop(self, timeout: float = 20.0) -> None:
@@ -123,7 +127,8 @@ class QemuIoLoop:
         self.rounds = 0
         self.errors: list[str] = []
         self.acknowledged: dict[int, int] = {}   # slot -> pattern of its last acked write
-        self.round_seconds: list[float] = []
+        #: (start, end) of every round, host monotonic seconds
+        self.round_times: list[tuple[float, float]] = []
         self._stopping = threading.Event()
         self.proc = subprocess.Popen(
             ["stdbuf", "-oL", "qemu-io", "-f", "raw", f"nbd://127.0.0.1:{port}/{export}"],
@@ -169,7 +174,7 @@ class QemuIoLoop:
         wrote = self.command(f"write -P {value} {offset} {BLOCK}")
         flushed = self.command("flush")
         read = self.command(f"read -P {value} {offset} {BLOCK}")
-        self.round_seconds.append(time.monotonic() - started)
+        self.round_times.append((started, time.monotonic()))
         if wrote.startswith(f"wrote {BLOCK}/{BLOCK} bytes"):
             self.acknowledged[slot] = value
         for output in (wrote, flushed, read):
