@@ -49,7 +49,7 @@ class HandoverServer:
                 qcownbd_cmd("serve", "--listen", f"127.0.0.1:{self.port}",
                             "--pid-file", self.pid_file, *serve_args),
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                env=qcownbd_env(**(env or {})))
+                env=qcownbd_env(**(env or {})), cwd=workdir)  # PYTHONPATH says which qcownbd
         wait_listening(self.port, self.first)
         assert wait_for(lambda: self.pid() == self.first.pid), self.log()
 
