@@ -80,8 +80,9 @@ class HandoverServer:
         old = self.pid()
         started = time.monotonic()
         os.kill(old, signal.SIGUSR2)
-        done = wait_for(lambda: (self.pid() not in (old, None) and old in self.handovers()
-                                 and self._gone(old)), timeout)
+        # The old server exits once its successor serves (and has rewritten the pid file)
+        done = wait_for(lambda: self._gone(old), timeout) and wait_for(
+            lambda: self.pid() not in (old, None) and old in self.handovers(), 5)
         new = self.pid()
         assert done and alive(new), (f"upgrade of pid {old} did not complete in {timeout} s "
                                      f"(pid file: {new}); log:\n{self.log()[-3000:]}")
