@@ -7,7 +7,7 @@ status after the child's one-line error); `--pid-file` is written then
 CMD` runs CMD then, with nbdkit's captive-mode variables ($uri, $nbd,
 $port, $unixsocket, $exportname, $tls), and the server stops and exits
 with CMD's status when CMD exits.  `--stdin` serves the one connection
-handed over on standard input (inetd).
+handed over on standard input (inetd).  `--fd-store` is `qcownbd.fdstore`'s.
 
 A detached server keeps logging to the stderr it was started with, unless
 that is a pipe or a socket other than the journal: whoever reads one (a
@@ -44,8 +44,10 @@ class Launch:
     """
 
     def __init__(self, *, fork: bool = False, pid_file: str | None = None,
-                 command: str | None = None, stdin: bool = False):
+                 command: str | None = None, stdin: bool = False, fd_store: bool = False):
         self.fork, self.command, self.stdin = fork, command, stdin
+        #: --fd-store: SIGTERM keeps the clients in systemd's store (`qcownbd.fdstore`)
+        self.fd_store = fd_store
         self.pid_file = PidFile(pid_file) if pid_file else None
         self._ready_fd: int | None = None
         self.process: asyncio.subprocess.Process | None = None

@@ -5,7 +5,10 @@ committed and closed, exit 0); so do the end of a --run command (exit with
 its status) and of the last handed-over connection (--stdin, systemd's
 Accept=yes), `qcownbd.launch` has the rest of the script side.  SIGHUP reloads the config file's exports
 and rereads the TLS certificate, key and CA files (same paths: certificates
-are rotated by replacing the files; the TLS mode needs a restart).  Under
+are rotated by replacing the files); a change of the listen addresses or the
+TLS mode is applied by a live handover, as SIGUSR2 and `qcownbd upgrade`
+start (`qcownbd.upgrade`; with --fd-store, SIGTERM keeps the clients in
+systemd's file descriptor store: `qcownbd.fdstore`).  Under
 systemd the inherited sockets are used and READY/RELOADING/STOPPING/STATUS
 are reported.
 """
@@ -17,7 +20,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from qcownbd import systemd
 from qcownbd.config import (
@@ -26,6 +29,7 @@ from qcownbd.config import (
 from qcownbd.control import ControlServer
 from qcownbd.control_commands import ControlCommands
 from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, QcownbdError
+from qcownbd.fdstore import Restored, keep_for_restart
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.image import faults
@@ -34,7 +38,6 @@ from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image.window import WindowSpec
 from qcownbd.launch import Launch, stdin_socket
 from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
-from qcownbd.nbd.connection import NbdConnection
 from qcownbd.nbd.tls import server_context
 from qcownbd.upgrade import Successor, Upgrade, signal_upgrade
 
@@ -65,7 +68,10 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     if successor is not None:
         launch.fork = False     # the previous server detached already
         successor.take_listeners()
-        endpoints = Endpoints(successor.listening, [], [], None)
+        kept, tcp, unix = successor.sort_listeners(tcp_addresses(config), config.unix,
+                                                   config.control_socket)
+        endpoints = Endpoints(kept, [], tcp, unix, successor.connections,
+                              configured=successor.configured)
     else:
         endpoints = Endpoints.choose(config, launch)
     launch.detach()
@@ -80,16 +86,17 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
             registry.apply({**cli, **config.exports})
             if successor is not None:
                 successor.take_connections(registry)
+            status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
+                                       endpoints, launch, argv or [], successor))
         except QcownbdError as exc:
             if successor is not None:
-                successor.fail(str(exc))
+                successor.fail(str(exc))    # (a no-op once it serves)
             raise
-        status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
-                                   endpoints, launch, argv or [], successor))
         if status is HANDED_OVER:
-            # the successor has the images and the clients: nothing more may be
-            # written or closed in a way a client would notice (descriptors close
-            # at exit, without a shutdown)
+            # a successor (or systemd's store) has the clients and the images are
+            # committed: nothing more may be written or closed in a way a client
+            # would notice (descriptors close at exit, without a shutdown)
+            launch.close()
             logging.shutdown()
             os._exit(0)
         return status
@@ -117,23 +124,36 @@ def open_cli_export(images: ImageProvider, config: ExportConfig,
 class Endpoints:
     """Where clients come from: sockets inherited listening (systemd socket
     activation), connections handed over (--stdin, systemd's Accept=yes: served
-    alone, and the server ends with them), or else the addresses to listen on."""
+    alone, and the server ends with them), or else the addresses to listen on;
+    and connections in transmission a previous server left (``resumed``: a live
+    handover, systemd's file descriptor store), with ``restored`` to take out of
+    that store once served."""
 
     listening: list[socket.socket]
     connected: list[socket.socket]
     tcp: list[str]
     unix: str | None
+    resumed: list[tuple] = field(default_factory=list)
+    restored: Restored | None = None
+    #: the names of the socket unit's listening sockets (systemd keeps those itself)
+    unit_sockets: list = field(default_factory=list)
+    #: for each of ``listening``: whether it listens where the configuration says
+    configured: list[bool] = field(default_factory=list)
 
     @classmethod
     def choose(cls, config: ServerConfig, launch: Launch) -> "Endpoints":
         """What the environment and ``config`` say; ConfigError when nowhere is left."""
-        inherited = systemd.inherited_sockets()
+        restored, unit = Restored.take(systemd.inherited_fds())
+        inherited = [socket.socket(fileno=fd) for _name, fd in unit]
         connected = [sock for sock in inherited if not is_listening(sock)]
         if launch.stdin:
             connected.append(stdin_socket())
         listening = [sock for sock in inherited if is_listening(sock)]
-        if inherited or connected:
-            return cls(listening, connected, [], None)
+        if inherited or connected or restored.names:
+            return cls(listening + restored.listening, connected, [], None,
+                       restored.connections, restored,
+                       [sock.getsockname() for sock in listening],
+                       [False] * len(listening) + [True] * len(restored.listening))
         tcp = tcp_addresses(config)
         if not tcp and not config.unix:
             raise ConfigError("nowhere to listen: listen = [] and no unix socket "
@@ -147,11 +167,17 @@ class Endpoints:
 
     async def open(self, server: NbdServer) -> None:
         """Listen, adopt, serve."""
-        await server.adopt(self.listening + self.connected)
+        # new addresses first: one that cannot be bound fails the start before any
+        # client's bytes are read
         for address in self.tcp:
             await server.listen_tcp(*parse_listen(address))
         if self.unix:
             await server.listen_unix(self.unix)
+        configured = self.configured or [False] * len(self.listening)
+        await server.adopt([s for s, c in zip(self.listening, configured) if not c])
+        await server.adopt([s for s, c in zip(self.listening, configured) if c], True)
+        await server.adopt(self.connected)
+        await server.resume(self.resumed)
 
 
 def demo_image() -> str:
@@ -203,6 +229,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     refusal = upgrade_refusal(launch, endpoints, argv)
     if not refusal:
         signal_upgrade(upgrade)
+        reloads.hand_over = upgrade.start
     if control is not None:
         commands = ControlCommands(server, registry, images, reloads.lock,
                                    _refused(refusal) if refusal else upgrade.run)
@@ -211,22 +238,23 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
         await endpoints.open(server)
         if control is not None:
             await control.start(successor.control if successor else None)
-        if successor is not None:
-            for state, sock in successor.connections:
-                sock.setblocking(False)
-                await loop.connect_accepted_socket(
-                    lambda state=state: NbdConnection(server, state), sock)
         await launch.listening(server.addresses(), first_export(cli, config), config.tls)
         if successor is not None:
             successor.serving()
         else:
             systemd.notify(f"READY=1\nSTATUS={server.status()}")
+        if endpoints.restored is not None:
+            endpoints.restored.forget()
         await _until_stop(stopping, server, endpoints, launch, upgrade.done)
         if upgrade.done.is_set():
             await asyncio.sleep(0.1)    # the answer to `qcownbd upgrade` goes out
             return HANDED_OVER
         log.info("stopping")
         systemd.notify("STOPPING=1")
+        if launch.fd_store and await keep_for_restart(server, registry,
+                                                      endpoints.unit_sockets):
+            upgrade.done.set()
+            return HANDED_OVER
     finally:
         for task in tasks:
             task.cancel()
@@ -285,13 +313,18 @@ class Reloader:
     exports change as `ExportRegistry.plan` says, new and changed images are
     opened in a worker thread (a large read-write QCOW1 image scans its
     tables for seconds) while the loop goes on serving, and the TLS files are
-    read again (new handshakes use the new certificate).  Listen addresses
-    and the TLS mode apply at the next start.  Reloads run one at a time.
+    read again (new handshakes use the new certificate).  Listen addresses,
+    the Unix and control sockets and the TLS mode need a new process: a
+    changed one starts a live handover (`qcownbd.upgrade`), whose successor
+    reads the file again.  Reloads run one at a time.
     """
 
     def __init__(self, server: NbdServer, registry: ExportRegistry, cli: dict,
-                 load: Callable[[], ServerConfig] | None, config: ServerConfig):
+                 load: Callable[[], ServerConfig] | None, config: ServerConfig,
+                 hand_over: Callable[[], None] | None = None):
         self.server, self.registry, self.cli = server, registry, cli
+        #: starts a live handover (None: this server cannot hand over)
+        self.hand_over = hand_over
         self.load, self.config = load, config
         #: what the file said of the settings that apply only at a start
         self._start_only = _start_only(load)
@@ -307,6 +340,7 @@ class Reloader:
 
     async def reload(self) -> None:
         """One reload; whatever happens, systemd hears READY=1 again."""
+        restart = False
         async with self.lock:
             usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
             systemd.notify(f"RELOADING=1\nMONOTONIC_USEC={usec}")
@@ -316,11 +350,13 @@ class Reloader:
                 log.error("reload failed, keeping the old configuration: %s", exc)
                 systemd.notify(f"READY=1\nSTATUS=reload failed: {exc}"[:1000])
                 return
-            self._apply_server_settings(new)
+            restart = self._apply_server_settings(new)
             await self._open_and_install(self.registry.plan({**self.cli, **new.exports}))
             self._reload_tls()
             log.info("reloaded: %s", self.server.status())
             systemd.notify(f"READY=1\nSTATUS={self.server.status()}")
+        if restart:
+            self.hand_over()
 
     async def apply_pending(self) -> None:
         """Open the changed exports whose old image waited for its clients to leave."""
@@ -336,13 +372,21 @@ class Reloader:
             None, self.registry.open_all, configs)
         self.registry.install(opened)
 
-    def _apply_server_settings(self, new: ServerConfig) -> None:
+    def _apply_server_settings(self, new: ServerConfig) -> bool:
+        """The limits, at once; True when what only a start applies changed and a
+        handover to a successor (which reads the file again) will apply it."""
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
-        if self.load and (new.listen, new.unix, new.tls,
-                          new.control_socket) != self._start_only:
+        if not self.load or (new.listen, new.unix, new.tls,
+                             new.control_socket) == self._start_only:
+            return False
+        if self.hand_over is None:
             log.warning("reload: listen addresses, the Unix and control sockets and the TLS "
                         "mode apply at the next start")
+            return False
+        log.info("reload: listen addresses, the Unix or control socket or the TLS mode "
+                 "changed: handing over to a new server process, which applies them")
+        return True
 
     def _reload_tls(self) -> None:
         if self.server.tls_context is None:

@@ -11,7 +11,15 @@ SD_LISTEN_FDS_START = 3
 
 
 def inherited_sockets() -> list[socket.socket]:
-    """The listening sockets passed by systemd (LISTEN_FDS/LISTEN_PID), if any.
+    """The sockets passed by systemd (LISTEN_FDS/LISTEN_PID), if any."""
+    return [socket.socket(fileno=fd) for _name, fd in inherited_fds()]
+
+
+def inherited_fds() -> list[tuple[str, int]]:
+    """(name, descriptor) of what systemd passed (LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES,
+    sd_listen_fds_with_names(3)): a socket unit's sockets, and what the service put in
+    its file descriptor store before it restarted.  The name is "unknown" when
+    systemd gave none.
 
     The variables are removed so that children do not inherit them.
     """
@@ -20,19 +28,22 @@ def inherited_sockets() -> list[socket.socket]:
         count = int(os.environ.get("LISTEN_FDS", ""))
     except ValueError:
         return []
+    names = os.environ.get("LISTEN_FDNAMES", "").split(":")
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
     if pid != os.getpid() or count <= 0:
         return []
-    socks = []
-    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+    names += ["unknown"] * (count - len(names))
+    fds = []
+    for index, fd in enumerate(range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)):
         os.set_inheritable(fd, False)
-        socks.append(socket.socket(fileno=fd))
-    return socks
+        fds.append((names[index] or "unknown", fd))
+    return fds
 
 
-def notify(state: str) -> bool:
-    """Send ``state`` (e.g. "READY=1") to $NOTIFY_SOCKET; False when there is none."""
+def notify(state: str, fds: list[int] = ()) -> bool:
+    """Send ``state`` (e.g. "READY=1") to $NOTIFY_SOCKET, with ``fds`` (FDSTORE=1);
+    False when there is none."""
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return False
@@ -41,7 +52,10 @@ def notify(state: str) -> bool:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
             sock.connect(address)
-            sock.sendall(state.encode())
+            if fds:
+                socket.send_fds(sock, [state.encode()], list(fds))
+            else:
+                sock.sendall(state.encode())
     except OSError:
         return False
     return True

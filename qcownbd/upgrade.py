@@ -24,6 +24,7 @@ connections back, kills the successor, logs why and serves on.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -31,6 +32,7 @@ import socket
 import sys
 
 from qcownbd import systemd
+from qcownbd.config import parse_listen
 from qcownbd.errors import HandoverError, QcownbdError
 from qcownbd.handover import HANDOVER_FD_ENV, decode_state, encode_state, state_of
 from qcownbd.handover_channel import MAX_FDS, Channel
@@ -104,7 +106,10 @@ class Upgrade:
             await self._release(rollback)
             live = sorted({conn.export.name for conn in rollback.held})
             listening = rollback.listening + ([rollback.control] if rollback.control else [])
+            configured = [sock.getsockname() in self.server.configured
+                          for sock in rollback.listening]
             channel.send({"release": {"listening": len(rollback.listening),
+                                      "configured": configured,
                                       "control": rollback.control is not None,
                                       "exports": live}},
                          [sock.fileno() for sock in listening])
@@ -131,7 +136,7 @@ class Upgrade:
         rollback.held = await self.server.hold_for_handover(HOLD_TIMEOUT)
         exports = self.registry.open_exports()
         rollback.unlocked = True
-        await asyncio.get_running_loop().run_in_executor(None, _commit_and_unlock, exports)
+        await asyncio.get_running_loop().run_in_executor(None, commit_and_unlock, exports)
 
     async def _send_connections(self, channel: Channel, held: list, process) -> None:
         """Step 4, at most MAX_FDS connections a message."""
@@ -163,7 +168,7 @@ class _Rollback:
             await asyncio.get_running_loop().run_in_executor(
                 None, _relock, upgrade.registry.open_exports())
         if self.listening:
-            await upgrade.server.adopt(self.listening)
+            await upgrade.server.listen_again(self.listening)
         if self.control is not None:
             await upgrade.control.start(self.control)
         upgrade.server.release_held(self.held)
@@ -200,7 +205,7 @@ def _image_files(backend):
         level = getattr(level, "backing", None)
 
 
-def _commit_and_unlock(exports) -> None:
+def commit_and_unlock(exports) -> None:
     """Commit every image (durable, metadata included) and drop its locks, so that the
     successor can open it; nothing writes it here any more."""
     try:
@@ -228,6 +233,8 @@ class Successor:
         self.channel = channel
         self.previous = 0
         self.listening: list[socket.socket] = []
+        #: for each of ``listening``: whether it is where the configuration said
+        self.configured: list[bool] = []
         self.control: socket.socket | None = None
         self.live_exports: list[str] = []
         #: (ConnectionState, socket) of every connection handed over
@@ -250,9 +257,42 @@ class Successor:
         release = message.get("release") or {}
         count = int(release.get("listening", 0))
         self.listening = socks[:count]
+        self.configured = list(release.get("configured", [False] * count))
         if release.get("control") and len(socks) > count:
             self.control = socks[count]
         self.live_exports = list(release.get("exports", []))
+
+    def sort_listeners(self, tcp: list[str], unix: str | None, control: str | None):
+        """Which of the listening sockets this configuration still wants (a socket
+        unit's always); (those, the TCP addresses and Unix path to listen on anew).
+        The others are closed, and so is the control socket if its path changed."""
+        kept, wanted = [], []
+        for address in tcp:
+            host, port = parse_listen(address)
+            names = _resolved(host, port)
+            matching = [sock for sock in self.listening
+                        if isinstance(sock.getsockname(), tuple)
+                        and sock.getsockname()[:2] in names]
+            kept += matching
+            if not matching:
+                wanted.append(address)
+        unix_kept = [sock for sock in self.listening if sock.getsockname() == unix]
+        kept += unix_kept
+        for sock, configured in zip(self.listening, self.configured):
+            if not configured and sock not in kept:
+                kept.append(sock)
+        for sock in self.listening:
+            if sock not in kept:
+                log.info("no longer listening on %s (the configuration changed)",
+                         sock.getsockname())
+                sock.close()
+        self.listening = kept
+        if self.control is not None and self.control.getsockname() != control:
+            with contextlib.suppress(OSError):
+                os.unlink(self.control.getsockname())
+            self.control.close()
+            self.control = None
+        return kept, wanted, None if unix_kept else unix
 
     def take_connections(self, registry) -> None:
         """Steps 3 and 4: every export with clients must be served here (else
@@ -288,6 +328,16 @@ class Successor:
             self.channel.send({"failed": reason}, timeout=5.0)
         except HandoverError:
             pass
+
+
+def _resolved(host: str, port: int) -> set:
+    """The (address, port) pairs listening on HOST:PORT binds."""
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return set()
+    return {info[4][:2] for info in infos}
 
 
 def report_failure(reason: str) -> None:

@@ -13,17 +13,16 @@ import os
 import signal
 import socket
 import subprocess
-import textwrap
-import threading
 import time
 
 import pytest
 
-from helpers import LoggedServer, qcownbd_cmd, qcownbd_env, run, wait_for
+from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
+from helpers import (DrainedPipe, LoggedServer, free_port, qcownbd_cmd, qcownbd_env, run,
+                     wait_for, wait_listening)
+from test_tls import pki, tls_args  # noqa: F401 (pki is the fixture of x509 files)
 
 pytestmark = pytest.mark.timeout(180)
-SIZE = 16 * 1024 * 1024
-BLOCK = 64 * 1024
 HANDED = "handover: took "
 
 
@@ -74,107 +73,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-class QemuIoSession:
-    """qemu-io on an export, fed commands while it runs: write a pattern, flush, read
-    it back (verified), again and again, until `finish`."""
-
-    def __init__(self, uri: str, *, first_block: int, opts: list[str] | None = None):
-        self.proc = subprocess.Popen(
-            ["qemu-io", *(opts or ["-f", "raw", uri])], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.written: dict[int, int] = {}
-        self._block = first_block
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._feed, daemon=True)
-        self._thread.start()
-
-    def _feed(self):
-        step = 0
-        while not self._stop.is_set():
-            offset = (self._block + step % 64) * BLOCK
-            pattern = 1 + (step * 7) % 250
-            self.proc.stdin.write(f"write -P {pattern} {offset} {BLOCK}\nflush\n"
-                                  f"read -P {pattern} {offset} {BLOCK}\nsleep 20\n")
-            self.proc.stdin.flush()
-            self.written[offset] = pattern
-            step += 1
-            time.sleep(0.03)
-        self.steps = step
-
-    def finish(self) -> str:
-        """Stop feeding, let qemu-io end; its output (every request must have worked)."""
-        self._stop.set()
-        self._thread.join(10)
-        out, _ = self.proc.communicate("quit\n", timeout=120)
-        assert self.proc.returncode == 0, out[-3000:]
-        bad = [line for line in out.splitlines()
-               if "error" in line.lower() or "fail" in line.lower()]
-        assert not bad, bad[:5]
-        assert out.count("wrote 65536/65536") == self.steps, out[-2000:]
-        assert out.count("read 65536/65536") == self.steps, out[-2000:]
-        return out
-
-
-NBDSH_LOOP = textwrap.dedent("""
-    import nbd, os, sys
-    h = nbd.NBD()
-    h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    h.connect_uri(sys.argv[1])
-    assert h.get_structured_replies_negotiated()
-    assert h.can_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
-    base, ops = int(sys.argv[2]), 0
-    seen = []
-    while not os.path.exists(sys.argv[3]):
-        off = base + (ops % 32) * 65536
-        data = bytes([ops % 251 + 1]) * 65536
-        h.pwrite(data, off)
-        h.flush()
-        assert h.pread(65536, off) == data, off
-        h.block_status(65536, off, lambda ctx, o, ents, err: seen.append(ents[1] & 1 == 0))
-        ops += 1
-    assert all(seen), "a written block reported as a hole"
-    print("ops", ops, flush=True)
-    h.shutdown()
-""")
-
-
-def _nbdsh_loop(uri: str, base: int, stop_file) -> subprocess.Popen:
-    return subprocess.Popen(["/usr/bin/python3", "-c", NBDSH_LOOP, uri, str(base),
-                             str(stop_file)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
-def _finish_nbdsh(proc: subprocess.Popen, stop_file) -> int:
-    stop_file.write_text("")
-    out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out[-3000:]
-    return int(out.split()[-1])
-
-
-def _qcow(tmp_path, name="d.qcow"):
-    path = tmp_path / name
-    run(qcownbd_cmd("create", path, str(SIZE)), env=qcownbd_env())
-    return path
-
-
-def _verify(image, written: dict[int, int]) -> None:
-    """Every acknowledged write is in the image (QEMU reads QCOW1 itself), and it is
-    sound."""
-    commands = []
-    for offset, pattern in sorted(written.items()):
-        commands += ["-c", f"read -P {pattern} {offset} {BLOCK}"]
-    out = run(["qemu-io", "-r", "-f", "qcow", *commands, image], timeout=120).stdout
-    assert "fail" not in out.lower(), out[-2000:]
-    run(qcownbd_cmd("check", image), env=qcownbd_env())
-
-
 def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
-    image = _qcow(tmp_path)
+    image = make_qcow(tmp_path)
     stop_file = tmp_path / "stop"
     with HandingServer(tmp_path, f"d={image}") as server:
         pids = [server.pid]
         qemu = QemuIoSession(server.uri("d"), first_block=0)
-        nbdsh = _nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
+        nbdsh = nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
         time.sleep(1.0)
         for _ in range(3):
             pids.append(server.upgrade_by_signal())
@@ -184,7 +89,7 @@ def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
         assert done.stdout.strip() == f"upgraded: pid {pids[-1]} serves now (was pid {pids[-2]})"
         time.sleep(0.5)
         qemu.finish()
-        assert _finish_nbdsh(nbdsh, stop_file) > 0
+        assert finish_nbdsh(nbdsh, stop_file) > 0
         status = json.loads(run(qcownbd_cmd("status", "--control", server.control, "--json"),
                                 env=qcownbd_env()).stdout)
         assert status["pid"] == pids[-1]
@@ -193,11 +98,11 @@ def test_clients_write_through_repeated_upgrades_without_an_error(tmp_path):
         assert log.count("handover: took 2 connection(s) and 2 listening socket(s)") == 4, log
         assert server.stop() == 0
     assert "Traceback" not in server.stderr
-    _verify(image, qemu.written)
+    verify(image, qemu.written)
 
 
 def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_path):
-    image = _qcow(tmp_path)
+    image = make_qcow(tmp_path)
     config = tmp_path / "q.toml"
     good = f'[exports.d]\npath = "{image}"\n'
     config.write_text(good)
@@ -230,4 +135,85 @@ def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_pat
     log = server.stderr
     assert log.count("upgrade failed, still serving") == 2, log
     assert "Traceback" not in log, log
-    _verify(image, qemu.written)
+    verify(image, qemu.written)
+
+
+def test_tls_clients_are_closed_cleanly_and_qemu_reconnects_over_tls(tmp_path, pki):
+    """A TLS session cannot change process: its requests are answered, then it is closed;
+    QEMU (reconnect-delay) connects to the successor over TLS again, without an error,
+    while the plain client on the same server is handed over."""
+    image = make_qcow(tmp_path)
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, *tls_args(pki, "on"), f"d={image}") as server:
+        opts = ["--object", f"tls-creds-x509,id=tls0,endpoint=client,dir={pki.good}",
+                "--image-opts", f"driver=nbd,server.type=inet,server.host=127.0.0.1,"
+                f"server.port={server.port},export=d,tls-creds=tls0,reconnect-delay=20"]
+        qemu = QemuIoSession("", first_block=0, opts=opts)
+        plain = nbdsh_loop(server.uri("d"), 128 * BLOCK, stop_file)
+        assert wait_for(lambda: server.log.count("attached export=d") == 2, 30), server.log
+        server.upgrade_by_signal()
+        # QEMU attached again, to the successor
+        assert wait_for(lambda: server.log.count("tls=yes") == 2, 30), server.log
+        server.upgrade_by_signal()
+        time.sleep(1.0)
+        qemu.finish()
+        assert finish_nbdsh(plain, stop_file) > 0
+        assert server.stop() == 0
+    log = server.stderr
+    assert log.count("a TLS session cannot be handed over") == 2, log
+    assert log.count("handover: took 1 connection(s)") == 2, log
+    assert log.count("tls=yes") == 3, log
+    assert "Traceback" not in log
+    verify(image, qemu.written)
+
+
+def test_a_reload_that_changes_the_listen_addresses_hands_over(tmp_path):
+    """SIGHUP with new listen addresses: a successor listens there, keeps the old
+    sockets still wanted, and the client of a dropped address goes on."""
+    image = make_qcow(tmp_path)
+    first_port, second_port = free_port(), free_port()
+    config = tmp_path / "q.toml"
+    exports = f'[exports.d]\npath = "{image}"\n'
+    config.write_text(f'[server]\nlisten = ["127.0.0.1:{first_port}"]\n{exports}')
+    pid_file = tmp_path / "pid"
+    proc = subprocess.Popen(qcownbd_cmd("serve", "--config", config, "--pid-file", pid_file),
+                            stderr=subprocess.PIPE, text=True, env=qcownbd_env())
+    proc.stderr = DrainedPipe(proc.stderr)
+    try:
+        wait_listening(first_port, proc)
+        qemu = QemuIoSession(f"nbd://127.0.0.1:{first_port}/d", first_block=0)
+        time.sleep(0.5)
+        config.write_text(f'[server]\nlisten = ["127.0.0.1:{first_port}", '
+                          f'"127.0.0.1:{second_port}"]\n{exports}')
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(30) == 0
+        assert wait_for(lambda: _listens(second_port), 30), "".join(proc.stderr.lines)
+        run(["qemu-io", "-f", "raw", "-r", "-c", "read 0 4k",
+             f"nbd://127.0.0.1:{second_port}/d"], timeout=30)
+        second = int(pid_file.read_text())
+        config.write_text(f'[server]\nlisten = ["127.0.0.1:{second_port}"]\n{exports}')
+        os.kill(second, signal.SIGHUP)
+        assert wait_for(lambda: not _alive(second) and not _listens(first_port), 30)
+        assert _listens(second_port)
+        time.sleep(0.5)
+        qemu.finish()
+        third = int(pid_file.read_text())
+        os.kill(third, signal.SIGTERM)
+        assert wait_for(lambda: not _alive(third), 30)
+    finally:
+        for pid in {proc.pid, int(pid_file.read_text())} if pid_file.exists() else {proc.pid}:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    log = proc.stderr.read()
+    assert log.count("handover: took 1 connection(s) and 1 listening socket(s)") == 2, log
+    assert f"no longer listening on ('127.0.0.1', {first_port})" in log, log
+    assert "Traceback" not in log
+    verify(image, qemu.written)
+
+
+def _listens(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True

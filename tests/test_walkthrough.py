@@ -222,6 +222,18 @@ def test_snapshot_recipe_keeps_the_monday_disk_and_commits(sandbox, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_upgrade_recipe_hands_over_twice_and_the_data_is_there(sandbox, tmp_path):
+    bin_dir = sandbox.installed()
+    out = sandbox.bash(readme_blocks()["upgrade"], env=sandbox.env(tmp_path / "home", bin_dir),
+                       cwd=tmp_path)
+    upgraded = re.search(r"^upgraded: pid (\d+) serves now \(was pid (\d+)\)$", out, re.M)
+    assert upgraded and upgraded[1] != upgraded[2], out
+    assert "read 1048576/1048576 bytes at offset 0" in out
+    assert not (tmp_path / "qcownbd.pid").exists()
+    run(["qemu-io", "-f", "qcow", "-r", "-c", "read -P 7 0 1M", tmp_path / "disk.qcow"])
+
+
+@pytest.mark.timeout(120)
 def test_tls_certificates_recipe_serves_nbds(sandbox, tmp_path):
     bin_dir = sandbox.installed()
     env = sandbox.env(tmp_path / "home", bin_dir)

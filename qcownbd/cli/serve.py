@@ -4,7 +4,7 @@
                   [--format auto|raw|qcow1] [-x NAME] [-D TEXT] [-s]
                   [--offset BYTES] [--size BYTES | --partition N] [--config FILE] [--demo]
                   [--tls off|on|require --tls-cert FILE --tls-key FILE [--tls-ca FILE]]
-                  [--fork] [--pid-file FILE] [--run CMD] [--stdin]
+                  [--fork] [--pid-file FILE] [--run CMD] [--stdin] [--fd-store]
                   [NAME=PATH | PATH]...
 
 Signals and the life cycle of the server are `qcownbd.service`'s.
@@ -105,6 +105,11 @@ def _script_options(group) -> None:
     group.add_argument("--stdin", action="store_true",
                        help="serve the one connection on standard input and exit when it "
                             "ends (inetd, systemd Accept=yes, nbdinfo [ CMD ])")
+    group.add_argument("--fd-store", action="store_true",
+                       help="under systemd, SIGTERM keeps the listening sockets and the "
+                            "connections in systemd's file descriptor store for the next "
+                            "start: systemctl restart without losing a client (the unit "
+                            "needs FileDescriptorStoreMax=)")
 
 
 def launch_from_args(args) -> Launch:
@@ -120,7 +125,8 @@ def launch_from_args(args) -> Launch:
         if clash:
             raise UsageError(f"--stdin serves the connection on standard input, without "
                              f"listening: drop {', '.join(clash)}")
-    return Launch(fork=args.fork, pid_file=args.pid_file, command=args.run, stdin=args.stdin)
+    return Launch(fork=args.fork, pid_file=args.pid_file, command=args.run, stdin=args.stdin,
+                  fd_store=args.fd_store)
 
 
 #: options that shape the command-line images, and what they are called in errors

@@ -142,6 +142,9 @@ class NbdServer:
         self._negotiating: dict[NbdConnection, None] = {}
         self._per_client: dict[object, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        #: the names of the sockets listening where the configuration said (not a socket
+        #: unit's): a successor with another configuration may drop them
+        self.configured: set = set()
         self._unix_path = None
         self._idle = asyncio.Event()
         self._idle.set()
@@ -278,12 +281,19 @@ class NbdServer:
     def stop_listening(self) -> list[socket.socket]:
         """Stop accepting clients; duplicates of the listening sockets, for the successor
         (the closed originals are this process's only: a socket's other descriptors
-        keep it listening, and its queued clients wait for whoever accepts next)."""
+        keep it listening, and its queued clients wait for whoever accepts next).
+        `configured` still says which were where the configuration said."""
         kept = [sock.dup() for server in self._servers for sock in server.sockets]
         for server in self._servers:
             server.close()
         self._servers = []
         return kept
+
+    async def listen_again(self, sockets: list[socket.socket]) -> None:
+        """A handover failed: accept on the sockets `stop_listening` gave again."""
+        configured = set(self.configured)
+        await self.adopt([s for s in sockets if s.getsockname() not in configured])
+        await self.adopt([s for s in sockets if s.getsockname() in configured], True)
 
     # ------------------------------------------------------------ listening
 
@@ -300,6 +310,7 @@ class NbdServer:
             raise ConfigError(f"cannot listen on {shown}:{port}: "
                               f"{exc.strerror or exc}{hint}") from None
         self._servers.append(server)
+        self.configured.update(sock.getsockname() for sock in server.sockets)
         log.info("listening on %s", ", ".join(_sockname(s) for s in server.sockets))
 
     async def listen_unix(self, path: str) -> None:
@@ -316,12 +327,14 @@ class NbdServer:
             raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         self._unix_path = path
         self._servers.append(server)
+        self.configured.add(path)
         log.info("listening on %s", path)
 
-    async def adopt(self, sockets: list[socket.socket]) -> None:
+    async def adopt(self, sockets: list[socket.socket], configured: bool = False) -> None:
         """Serve on inherited sockets: a listening one (systemd socket activation) for
         every client that comes; a connected one (inetd, --stdin, systemd's Accept=yes)
-        as the one client it is."""
+        as the one client it is.  ``configured``: listening where the configuration
+        says (a previous server's, handed over)."""
         loop = asyncio.get_running_loop()
         for sock in sockets:
             sock.setblocking(False)
@@ -334,7 +347,18 @@ class NbdServer:
             else:
                 server = await loop.create_server(factory, sock=sock)
             self._servers.append(server)
+            if configured:
+                self.configured.add(sock.getsockname())
             log.info("listening on inherited socket %s", _sockname(sock))
+
+    async def resume(self, connections: list[tuple]) -> None:
+        """Serve connections a previous server held at a request boundary: (its
+        `handover.ConnectionState`, the socket), in transmission from the start."""
+        loop = asyncio.get_running_loop()
+        for state, sock in connections:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(
+                lambda state=state: NbdConnection(self, state), sock)
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""

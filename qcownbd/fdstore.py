@@ -1,0 +1,147 @@
+"""`systemctl restart` without losing a client: systemd's file descriptor store.
+
+With ``serve --fd-store`` under systemd (the unit sets FileDescriptorStoreMax=),
+SIGTERM holds every connection at a request boundary as a live handover
+does, commits the images, and gives systemd (sd_notify(3): ``FDSTORE=1``,
+``FDNAME=``) the listening sockets it bound itself, each connection's
+socket, and a memfd with the connections' state (`qcownbd.handover`).
+systemd keeps them while the service restarts and passes them to the next
+start (LISTEN_FDS, LISTEN_FDNAMES: sd_listen_fds_with_names(3)), which
+recognises the names, serves on, and takes them out of the store
+(``FDSTOREREMOVE=1``): a socket the store still held would stay open after
+the server closed it.  A socket unit's own listening socket is systemd's
+already and is not stored.
+"""
+
+import asyncio
+import json
+import logging
+import os
+import socket
+
+from qcownbd import systemd
+from qcownbd.errors import HandoverError
+from qcownbd.handover import decode_state, encode_state, state_of
+from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock
+
+log = logging.getLogger("qcownbd.server")
+
+PREFIX = "qcownbd-"
+LISTEN = PREFIX + "listen"
+STATE = PREFIX + "state"
+CONNECTION = PREFIX + "conn-"
+
+
+async def keep_for_restart(server, registry, unit_sockets: list) -> bool:
+    """SIGTERM with --fd-store: hold the connections, commit the images and store it all
+    (not the socket unit's listeners, ``unit_sockets`` by name); False, and nothing
+    held, when there is no $NOTIFY_SOCKET (the server then stops as usual)."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        log.warning("--fd-store: no NOTIFY_SOCKET (not started by systemd); stopping "
+                    "without keeping the connections")
+        return False
+    listening = [sock for sock in server.stop_listening()
+                 if sock.getsockname() not in unit_sockets]
+    held = await server.hold_for_handover(HOLD_TIMEOUT)
+    try:
+        await asyncio.get_running_loop().run_in_executor(
+            None, commit_and_unlock, registry.open_exports())
+    except HandoverError as exc:
+        log.error("%s; stopping without keeping the connections", exc)
+        server.release_held(held)
+        return False
+    if not store(listening, held):
+        log.error("could not give systemd the file descriptors; the clients lose their "
+                  "connections")
+        server.release_held(held)
+        return False
+    log.info("kept %d connection(s) and %d listening socket(s) in systemd's file "
+             "descriptor store for the next start", len(held), len(listening))
+    return True
+
+
+def connection_name(index: int) -> str:
+    """The FDNAME of the ``index``-th connection stored."""
+    return f"{CONNECTION}{index}"
+
+
+def state_document(named_states: dict) -> bytes:
+    """The memfd's content: {FDNAME: connection state}."""
+    return json.dumps({"version": 1, "connections": named_states}, sort_keys=True,
+                      separators=(",", ":")).encode()
+
+
+def store(listening: list[socket.socket], held: list) -> bool:
+    """Give systemd the ``listening`` sockets, the ``held`` connections and their
+    state; False when it cannot be told (no $NOTIFY_SOCKET, or it refused)."""
+    states = {connection_name(i): encode_state(state_of(conn)) for i, conn in enumerate(held)}
+    memfd = os.memfd_create(STATE, os.MFD_CLOEXEC)
+    try:
+        os.write(memfd, state_document(states))
+        sent = systemd.notify(f"FDSTORE=1\nFDNAME={STATE}", [memfd])
+        for sock in listening:
+            sent = sent and systemd.notify(f"FDSTORE=1\nFDNAME={LISTEN}", [sock.fileno()])
+        for index, conn in enumerate(held):
+            fd = conn.transport.get_extra_info("socket").fileno()
+            sent = sent and systemd.notify(f"FDSTORE=1\nFDNAME={connection_name(index)}", [fd])
+    finally:
+        os.close(memfd)
+    return sent
+
+
+class Restored:
+    """What a previous start left in the store: listening sockets and connections."""
+
+    def __init__(self):
+        self.listening: list[socket.socket] = []
+        #: (ConnectionState, socket)
+        self.connections: list[tuple] = []
+        self.names: set[str] = set()
+
+    @classmethod
+    def take(cls, fds: list[tuple[str, int]]) -> tuple["Restored", list[tuple[str, int]]]:
+        """Ours out of systemd's (name, fd) list; the rest is a socket unit's."""
+        restored, others = cls(), []
+        sockets, states = {}, {}
+        for name, fd in fds:
+            if not name.startswith(PREFIX):
+                others.append((name, fd))
+                continue
+            restored.names.add(name)
+            if name == STATE:
+                states.update(_read_states(fd))
+                os.close(fd)
+            elif name == LISTEN:
+                restored.listening.append(socket.socket(fileno=fd))
+            else:
+                sockets[name] = socket.socket(fileno=fd)
+        for name, sock in sockets.items():
+            if name in states:
+                restored.connections.append((states[name], sock))
+            else:
+                log.warning("restart: connection %s has no state; closing it", name)
+                sock.close()
+        return restored, others
+
+    def forget(self) -> None:
+        """Take what we were given out of systemd's store (it is ours now)."""
+        for name in sorted(self.names):
+            systemd.notify(f"FDSTOREREMOVE=1\nFDNAME={name}")
+        if self.names:
+            log.info("restart: resumed %d connection(s) and %d listening socket(s) from "
+                     "systemd's file descriptor store", len(self.connections),
+                     len(self.listening))
+
+
+def _read_states(fd: int) -> dict:
+    chunks, offset = [], 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    try:
+        document = json.loads(b"".join(chunks))
+        return {name: decode_state(state) for name, state in document["connections"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, HandoverError) as exc:
+        log.error("restart: the stored connection state is unreadable (%s); "
+                  "closing the stored connections", exc)
+        return {}
