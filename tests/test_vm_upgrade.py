@@ -49,22 +49,28 @@ class Session:
         self.config_text = f'[exports.disk]\npath = "{self.image}"\nformat = "qcow1"\n'
         self.config.write_text(self.config_text)
         self.server = HandoverServer(workdir, "--config", self.config)
-        self.qemu = QemuIoLoop(self.server.port, "disk", QEMU_REGION)
-        # no_timer_check: a starved TCG vCPU can fail the boot-time timer check (panic)
-        self.guest = Guest(vm_kit, GUEST_SCRIPT, workdir, name="upgrade",
-                           nbd_ports=[self.server.port], cpus=2, append="no_timer_check")
+        self.qemu = self.guest = None
+        try:
+            self.qemu = QemuIoLoop(self.server.port, "disk", QEMU_REGION)
+            # no_timer_check: a starved TCG vCPU can fail the boot-time timer check
+            self.guest = Guest(vm_kit, GUEST_SCRIPT, workdir, name="upgrade",
+                               nbd_ports=[self.server.port], cpus=2, append="no_timer_check")
+        except BaseException:
+            self.close()
+            raise
         self.marks: list[tuple[int, ...]] = []   # rounds done when each upgrade began
         self.seen: dict[tuple[int, int], float] = {}  # (loop, round) -> first seen, host
 
     def counts(self) -> tuple[int, ...]:
         """Rounds each guest loop has reported so far, then qemu-io's."""
-        rounds = parse_rounds(self.guest.output())
+        console = self.guest.output()
+        rounds = parse_rounds(console)
         now = time.monotonic()
         for round_ in rounds:
             self.seen.setdefault((round_.loop, round_.number), now)
         bad = [r for r in rounds if r.status != "ok"]
-        assert not bad and "QCOWNBD-FAIL" not in self.guest.output(), \
-            f"guest loops failed: {bad[:5]}\n{self.guest.output()[-4000:]}"
+        assert not bad and "QCOWNBD-FAIL" not in console, \
+            f"guest loops failed: {bad[:5]}\n{console[-4000:]}"
         assert not self.qemu.errors, self.qemu.errors[:10]
         return (*(sum(1 for r in rounds if r.loop == i) for i in range(len(ATTACHMENTS))),
                 self.qemu.rounds)
@@ -74,9 +80,9 @@ class Session:
         start = self.counts()
         done = wait_for(lambda: self.guest.poll() is not None or all(
             now - before >= rounds for now, before in zip(self.counts(), start)), timeout)
-        assert done and self.guest.poll() is None, (f"loops stalled at {self.counts()} (from {start}); guest console:\n"
-                      f"{self.guest.output()[-4000:]}\nserver log:\n"
-                      f"{self.server.log()[-3000:]}")
+        assert done and self.guest.poll() is None, (
+            f"loops stalled at {self.counts()} (from {start}); guest console:\n"
+            f"{self.guest.output()[-4000:]}\nserver log:\n{self.server.log()[-3000:]}")
         return self.counts()
 
     def upgrade(self) -> int:
@@ -95,8 +101,10 @@ class Session:
         return result
 
     def close(self) -> None:
-        self.guest.kill()
-        self.qemu.kill()
+        """Stop whatever still runs."""
+        for client in (self.guest, self.qemu):
+            if client is not None:
+                client.kill()
         self.server.stop()
 
 
@@ -151,8 +159,8 @@ def check_outcome(session: Session, result, upgrades: int) -> None:
 def pauses(session: Session, rounds) -> dict[str, tuple[float, float, int]]:
     """Per loop: the longest round that overlapped an upgrade (SIGUSR2 to the
     successor serving, or to the refusal logged), the longest of the others since the
-    first attempt, and how many overlapped. Guest rounds are placed on the host's clock by the earliest
-    sighting of their console lines."""
+    first attempt, and how many overlapped. Guest rounds are placed on the host's
+    clock by the earliest sighting of their console lines."""
     windows = sorted(session.server.upgrade_windows + session.server.refused_windows)
     offset = min(session.seen[(r.loop, r.number)] - r.end for r in rounds
                  if (r.loop, r.number) in session.seen)
@@ -162,11 +170,11 @@ def pauses(session: Session, rounds) -> dict[str, tuple[float, float, int]]:
     table = {}
     for label, times in spans.items():
         times = [(start, end) for start, end in times if end > windows[0][0]]
-        hit = [end - start for start, end in times
-               if any(start < done and end > began for began, done in windows)]
-        other = [end - start for start, end in times
-                 if not any(start < done and end > began for began, done in windows)]
-        table[label] = (max(hit, default=0), max(other, default=0), len(hit))
+        overlapping, others = [], []
+        for start, end in times:
+            hit = any(start < done and end > began for began, done in windows)
+            (overlapping if hit else others).append(end - start)
+        table[label] = (max(overlapping, default=0), max(others, default=0), len(overlapping))
     return table
 
 
@@ -201,7 +209,7 @@ def test_failing_successors_leave_the_old_server_serving(session):
     # A successor that cannot read its configuration fails before anything is held.
     session.config.write_text(session.config_text + "[exports.disk\n")
     session.marks.append(session.counts())
-    session.server.upgrade_refused("upgrade failed, still serving")
+    session.server.upgrade_refused(str(session.config))
     session.config.write_text(session.config_text)
     session.wait_progress(2)
     # One that cannot open the image fails after the connections were held for it.
@@ -209,7 +217,7 @@ def test_failing_successors_leave_the_old_server_serving(session):
     session.image.rename(moved)
     try:
         session.marks.append(session.counts())
-        session.server.upgrade_refused("upgrade failed, still serving")
+        session.server.upgrade_refused(f"{session.image}: no such file")
     finally:
         moved.rename(session.image)
     session.wait_progress(2)

@@ -3,7 +3,7 @@ handovers through its pid file, and QEMU's NBD client in a verified loop.
 
     server = HandoverServer(workdir, "--config", conf)   # qcownbd serve --pid-file ...
     new_pid = server.upgrade()          # SIGUSR2; waits for the successor to serve
-    server.upgrade_refused()            # SIGUSR2 that must leave the old server serving
+    server.upgrade_refused(reason)      # SIGUSR2 that must leave the old server serving
     loop = QemuIoLoop(server.port, "disk", region)   # qemu-io, no reconnect-delay
     ...; loop.finish(); loop.rounds, loop.errors, loop.acknowledged
 """
@@ -91,15 +91,18 @@ class HandoverServer:
             assert self.first.returncode == 0, self.log()[-3000:]
         return new
 
-    def upgrade_refused(self, why: str, timeout: float = 30.0) -> None:
+    def upgrade_refused(self, reason: str, timeout: float = 30.0) -> None:
         """SIGUSR2 when the successor cannot start: wait until the old server logs
-        that it keeps serving (a line with ``why``), then check its pid stayed."""
+        that it serves on, for ``reason`` (a part of the line), then check its pid
+        stayed."""
         old = self.pid()
         before = len(self.log())
         started = time.monotonic()
         os.kill(old, signal.SIGUSR2)
-        assert wait_for(lambda: why in self.log()[before:], timeout), \
-            f"no {why!r} in the log after SIGUSR2:\n{self.log()[before:][-3000:]}"
+        refused = f"upgrade failed, still serving as pid {old}: "
+        assert wait_for(lambda: any(refused in line and reason in line
+                                    for line in self.log()[before:].splitlines()), timeout), \
+            f"no {refused!r} for {reason!r} after SIGUSR2:\n{self.log()[before:][-3000:]}"
         self.refused_windows.append((started, time.monotonic()))
         assert self.pid() == old and alive(old), self.log()[before:]
 
