@@ -126,6 +126,9 @@ def test_a_successor_that_cannot_take_over_leaves_the_old_server_serving(tmp_pat
             f"qcownbd: error: upgrade failed, still serving as pid {first}: "), line
         assert f"export d: {image}" in line, line
         assert server.pid == first and _alive(first)
+        # the old server holds its image's lock again (QEMU's: a writer is there)
+        locked = run(["qemu-io", "-f", "qcow", "-r", "-c", "read 0 512", image], check=False)
+        assert 'Failed to get shared "write" lock' in locked.stderr, locked
         time.sleep(0.5)
         second = server.upgrade_by_signal()
         time.sleep(0.3)
