@@ -52,9 +52,8 @@ class Session:
         self.qemu = self.guest = None
         try:
             self.qemu = QemuIoLoop(self.server.port, "disk", QEMU_REGION)
-            # no_timer_check: a starved TCG vCPU can fail the boot-time timer check
             self.guest = Guest(vm_kit, GUEST_SCRIPT, workdir, name="upgrade",
-                               nbd_ports=[self.server.port], cpus=2, append="no_timer_check")
+                               nbd_ports=[self.server.port], cpus=2)
         except BaseException:
             self.close()
             raise
