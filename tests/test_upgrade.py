@@ -279,3 +279,28 @@ def test_fleet_clients_keep_their_own_overlays_through_upgrades(tmp_path):
     assert hashlib.sha256(golden.read_bytes()).hexdigest() == golden_sum
     verify_isolated(overlays / "a.qcow", qemu.written, nbdsh_written(ops))
     verify_isolated(overlays / "b.qcow", nbdsh_written(ops), qemu.written)
+
+
+def test_a_failed_upgrade_leaves_the_ephemeral_overlays_to_the_old_server(tmp_path):
+    """The successor opened one overlay and cannot open the other (its file was
+    removed): it gives up without deleting the ephemeral overlay it had opened, which
+    the old server still serves."""
+    config, _golden = make_fleet(tmp_path, overlays="ephemeral")
+    ephemeral = tmp_path / "overlays" / "ephemeral"
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, "--config", config) as server:
+        qemu = QemuIoSession(server.uri("fleet/a"), first_block=0)
+        nbdsh = nbdsh_loop(server.uri("fleet/b"), NBDSH_BASE, stop_file)
+        assert wait_for(lambda: server.log.count("attached export=fleet/") == 2, 30), server.log
+        first = server.pid
+        (ephemeral / "b.qcow").unlink()     # the old server writes on, to the open file
+        failed = server.upgrade_command(check=False)
+        assert failed.returncode == 1 and "overlay fleet/b: its file" in failed.stderr, failed
+        assert server.pid == first
+        assert fleet_list(config) == {"fleet/a": True}
+        time.sleep(0.5)
+        qemu.finish()
+        assert finish_nbdsh(nbdsh, stop_file) > 0
+        assert wait_for(lambda: not (ephemeral / "a.qcow").exists(), 30)
+        assert server.stop() == 0
+    assert "reopened overlay" in server.stderr and "Traceback" not in server.stderr
