@@ -3,8 +3,9 @@
 A connection is handed over at a request boundary, in transmission, without
 TLS (an ssl session's keys live in the process); what the successor needs
 to go on serving it is what negotiation agreed (`Session`), its counters,
-the file of a fleet overlay it writes, and the bytes already read from the socket but not yet framed (the rest of
-the client's stream waits in the kernel for the successor).  Everything
+the file of the fleet overlay it writes (if any), and the bytes already
+read from the socket but not yet framed (the rest of the client's stream
+waits in the kernel for the successor).  Everything
 here is pure: JSON in, JSON out, byte for byte the same on a round trip.
 
 The messages between the two processes are JSON lines over a Unix socket
