@@ -2,6 +2,7 @@
 qemu-io fed commands as it runs, and an nbdsh (libnbd) loop with structured replies
 and block status; and the checks of the image afterwards."""
 
+import json
 import subprocess
 import textwrap
 import threading
@@ -125,6 +126,13 @@ def make_fleet(tmp_path, overlays="persistent"):
     config.write_text(f'[exports.fleet]\ngolden = "{golden}"\ngolden_format = "raw"\n'
                       f'overlay_dir = "{tmp_path / "overlays"}"\noverlays = "{overlays}"\n')
     return config, golden
+
+
+def fleet_list(config) -> dict[str, bool]:
+    """`qcownbd fleet list`: {overlay: in use}."""
+    rows = json.loads(run(qcownbd_cmd("fleet", "list", config, "--json"), timeout=60,
+                          env=qcownbd_env()).stdout)
+    return {row["overlay"]: row["in-use"] for row in rows}
 
 
 def nbdsh_written(ops: int) -> dict[int, int]:

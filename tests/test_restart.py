@@ -21,11 +21,11 @@ import time
 import pytest
 
 from handover_clients import (
-    BLOCK, GOLDEN_DATA, GOLDEN_PATTERN, NBDSH_BASE, QemuIoSession, finish_nbdsh, make_fleet, make_qcow, nbdsh_loop, verify,
+    BLOCK, GOLDEN_DATA, GOLDEN_PATTERN, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list,
+    make_fleet, make_qcow, nbdsh_loop, verify,
 )
 from helpers import (DrainedPipe, free_port, qcownbd_cmd, qcownbd_env, run, stop_process,
                      wait_listening)
-from test_upgrade import fleet_list
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from handover_clients import (
-    BLOCK, NBDSH_BASE, QemuIoSession, finish_nbdsh, make_fleet, make_qcow, nbdsh_loop,
+    BLOCK, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list, make_fleet, make_qcow, nbdsh_loop,
     nbdsh_written, verify, verify_isolated,
 )
 from helpers import (DrainedPipe, LoggedServer, free_port, qcownbd_cmd, qcownbd_env, run,
@@ -224,13 +224,6 @@ def _listens(port: int) -> bool:
     except OSError:
         return False
     return True
-
-
-def fleet_list(config) -> dict[str, bool]:
-    """`qcownbd fleet list`: {overlay: in use}."""
-    rows = json.loads(run(qcownbd_cmd("fleet", "list", config, "--json"), timeout=60,
-                          env=qcownbd_env()).stdout)
-    return {row["overlay"]: row["in-use"] for row in rows}
 
 
 def test_fleet_clients_keep_their_own_overlays_through_upgrades(tmp_path):
