@@ -32,6 +32,7 @@ from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, Qcownbd
 from qcownbd.fdstore import Restored, keep_for_restart
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
+from qcownbd.handover import overlays_of
 from qcownbd.image import faults, metadata_cache
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
@@ -78,7 +79,10 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     raise_fd_limit()
     metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
-    registry = ExportRegistry([images, FleetProvider(images)])
+    # the overlays of handed-over clients, which the fleets must not find stale
+    handed_over = overlays_of(state for state, _sock in endpoints.resumed).values() \
+        if successor is None else successor.overlays.values()
+    registry = ExportRegistry([images, FleetProvider(images, handed_over)])
     try:
         try:
             for export_config in cli.values():
@@ -87,6 +91,8 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
             registry.apply({**cli, **config.exports})
             if successor is not None:
                 successor.take_connections(registry)
+            elif endpoints.restored is not None:
+                endpoints.restored.reopen_overlays(registry)
             status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
                                        endpoints, launch, argv or [], successor))
         except QcownbdError as exc:

@@ -362,6 +362,7 @@ class NbdServer:
             sock.setblocking(False)
             await loop.connect_accepted_socket(
                 lambda state=state: NbdConnection(self, state), sock)
+        self.exports.resumed()
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
@@ -419,8 +420,6 @@ def _not_handed_over(conn: NbdConnection) -> str:
         return "not in transmission"
     if conn.session.tls:
         return "a TLS session cannot be handed over (its keys live in this process)"
-    if conn.export.transient:
-        return "a fleet overlay's connection is not handed over"
     return ""
 
 
