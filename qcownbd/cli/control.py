@@ -97,6 +97,11 @@ def format_status(status: dict) -> str:
                           str(c["errors"])] for c in status["clients"]])
     else:
         lines.append("no clients connected")
+    if status.get("workers"):
+        lines.append("")
+        lines += _table(["WORKER", "PID", "CONNECTIONS", "EXPORTS"],
+                        [[str(w["index"]), str(w["pid"]), str(w["connections"]),
+                          ", ".join(w["exports"]) or "-"] for w in status["workers"]])
     ended = status["ended"]
     lines.append(f"ended: {ended['clients']} client(s), {ended['requests']} request(s), "
                  f"{human_size(ended['bytes_read'])} read, "

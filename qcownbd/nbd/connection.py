@@ -17,6 +17,7 @@ from time import perf_counter
 
 from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError, QcownbdError
+from qcownbd.handover import NegotiatingState
 from qcownbd.nbd import protocol
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
 from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_FROZEN,
@@ -97,15 +98,41 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
             self.phase = Phase.CLOSED
             transport.abort()
             return
+        if isinstance(self._resume, NegotiatingState):
+            self._resume_negotiation(self._resume)
+            return
         if self._resume is not None:
             self._resume_transmission(self._resume)
             return
-        transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
-        self._timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self.abort, "handshake timed out")
+        self._start_handshake_clock()
         self.negotiation = Negotiation(PeerExports(self.server.exports, self.client),
                                        self.server.tls)
         transport.write(protocol.greeting())
+
+    def _start_handshake_clock(self):
+        self.transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self.abort, "handshake timed out")
+
+    def _resume_negotiation(self, state):
+        """Go on negotiating where the server that handed us the connection stopped:
+        at the option naming the export (`handover.NegotiatingState`)."""
+        self._resume = None
+        self._start_handshake_clock()
+        self.negotiation = state.negotiation(PeerExports(self.server.exports, self.client),
+                                             self.server.tls)
+        self.reader.start_options()
+        self.reader.preload(state.leftover)
+        self._process()
+
+    def hand_off(self):
+        """The server passed the socket on (to a worker): forget it here without a
+        word to the client (closing our descriptor leaves the connection open)."""
+        self.phase = Phase.CLOSED
+        self.reader.stop()
+        self._cancel_timer()
+        self.server.unregister(self, handed_off=True)
+        self.transport.abort()
 
     def connection_lost(self, exc):
         """Release the export and write the connection's last log line."""
@@ -338,6 +365,9 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
                 return
             kind = type(event)
             if kind is Option:
+                router = self.server.router
+                if router is not None and router.forward(self, event.option, event.payload):
+                    return
                 self._act(negotiation.option(event.option, event.payload), event)
             elif kind is OversizedOption:
                 result = negotiation.oversized(event.option, event.length)

@@ -152,6 +152,9 @@ class NbdServer:
         #: what the connections that ended did, summed (`qcownbd status`)
         self.ended = ConnectionStats()
         self.ended_connections = 0
+        #: hands connections naming an export on to the worker serving it
+        #: (`workers.WorkerPool`); None: this process serves them
+        self.router = None
 
     # ------------------------------------------------------- connection hub
 
@@ -185,14 +188,16 @@ class NbdServer:
         """``conn`` entered transmission: it leaves the negotiation budget."""
         self._negotiating.pop(conn, None)
 
-    def unregister(self, conn: NbdConnection) -> bool:
-        """Forget a closed connection; False if it was never admitted."""
+    def unregister(self, conn: NbdConnection, handed_off: bool = False) -> bool:
+        """Forget a closed connection (``handed_off``: one a worker serves now, not
+        counted as ended); False if it was never admitted."""
         if conn not in self.connections:
             return False
         self.connections.discard(conn)
         self._negotiating.pop(conn, None)
-        self.ended_connections += 1
-        self.ended.add(conn.stats)
+        if not handed_off:
+            self.ended_connections += 1
+            self.ended.add(conn.stats)
         left = self._per_client[conn.client.address] - 1
         if left:
             self._per_client[conn.client.address] = left
@@ -356,6 +361,9 @@ class NbdServer:
         `handover.ConnectionState`, the socket), in transmission from the start."""
         loop = asyncio.get_running_loop()
         for state, sock in connections:
+            if self.router is not None:
+                self.router.resume(state, sock)     # its worker serves it
+                continue
             sock.setblocking(False)
             await loop.connect_accepted_socket(
                 lambda state=state: NbdConnection(self, state), sock)
