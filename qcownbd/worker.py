@@ -4,9 +4,10 @@ It reads the same configuration as its parent and opens the exports that
 are its own (`routing.opened_by`), reports them, and then serves the
 connections the parent passes (negotiating ones answer the option that
 chose the export first).  It listens nowhere and talks to systemd not at
-all.  It stops on SIGTERM or when the parent goes away, and exits without
-a word to its clients when the parent's successor has taken them (an
-upgrade).
+all.  It stops on SIGTERM or when the parent says so; it exits at once
+(its images committed) when the parent dies, as the service died, and
+without a word to its clients when the parent's successor has taken them
+(an upgrade).
 """
 
 import asyncio
@@ -88,7 +89,7 @@ async def _serve(index: int, fd: int, config: ServerConfig, cli: dict, registry,
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
     reloads = reloader(server, registry, cli, load, config, hand_over=lambda: None)
     worker = _WorkerSide(index, server, registry, images, reloads, stopping)
-    channel = AsyncChannel(socket.socket(fileno=fd), worker.heard, stopping.set)
+    channel = AsyncChannel(socket.socket(fileno=fd), worker.heard, worker.parent_gone)
     worker.channel = channel
     tasks = [loop.create_task(server.commit_metadata_forever()),
              loop.create_task(_apply_pending(reloads))]
@@ -119,6 +120,21 @@ class _WorkerSide:
         self.channel = None
         self._held: list = []
         self._tasks: set = set()
+
+    def parent_gone(self) -> None:
+        """The channel ended without a word: the parent died.  The service died with
+        it (its listening sockets did): end as if we had crashed with it, our images'
+        metadata committed, so that a restarted service can open them at once."""
+        if self.stopping.is_set():
+            return
+        log.error("worker %d: the parent process is gone; exiting", self.index)
+        for export in self.registry.open_exports():
+            try:
+                export.backend.flush()
+            except (QcownbdError, OSError) as exc:
+                log.error("worker %d: committing %s: %s", self.index, export.name, exc)
+        logging.shutdown()
+        os._exit(1)
 
     def heard(self, message: dict, socks: list) -> None:
         if "connection" in message:
