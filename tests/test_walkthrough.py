@@ -43,6 +43,7 @@ NOT_WALKED = {
     "Fleets: many VMs from one golden image": "it needs the machine's /etc/qcownbd and VMs",
     "Install the systemd units": "it installs into the machine's /etc and /usr/local",
     "Performance": "it runs for 25 minutes; tests/test_bench.py runs the benchmark briefly",
+    "Boot storm": "it runs for 15 minutes or more; tests/test_bench.py runs a tiny storm",
 }
 
 

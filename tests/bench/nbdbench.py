@@ -118,14 +118,21 @@ def start_server(template: str, image: str, fmt: str, log_path: str):
     cmd = shlex.split(template.format(python=shlex.quote(sys.executable), port=port,
                                       export=EXPORT, image=shlex.quote(image), fmt=fmt,
                                       size=size))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return spawn_listening(cmd, port, log_path), f"nbd://127.0.0.1:{port}/{EXPORT}"
+
+
+def spawn_listening(cmd: list[str], port: int, log_path: str,
+                    env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``cmd`` (this checkout on its PYTHONPATH) in a session of its own, its
+    output appended to ``log_path``; the process once 127.0.0.1:``port`` accepts."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env, start_new_session=True)
     deadline = time.monotonic() + 15
     while proc.poll() is None and time.monotonic() < deadline:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return proc, f"nbd://127.0.0.1:{port}/{EXPORT}"
+                return proc
         time.sleep(0.05)
     stop_server(proc)
     raise RuntimeError(f"{cmd[0]} did not start listening (see {log_path})")
@@ -169,12 +176,17 @@ def run_fio(uri: str, workload: str, runtime: float, size_mib: int) -> tuple[flo
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime * 4 + 120)
     if out.returncode != 0:
         raise RuntimeError(f"fio failed: {out.stderr.strip()[-300:]}")
-    # the nbd engine prints a line of its own before the JSON document
-    job = json.loads(out.stdout[out.stdout.index("{"):])["jobs"][0]
+    job = fio_json(out.stdout)["jobs"][0]
     if job.get("error"):
         raise RuntimeError(f"fio job error {job['error']}")
     side = job["read"] if "read" in rw else job["write"]
     return side["iops"], side["bw"] / 1024
+
+
+def fio_json(output: str) -> dict:
+    """fio's --output-format=json(+) document; the nbd engine prints a line of its
+    own before it."""
+    return json.loads(output[output.index("{"):])
 
 
 def run_copy(uri: str, size_mib: int, connections: int | None = None) -> tuple[float, float]:
@@ -300,15 +312,21 @@ def comma_list(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-def check_args(p: argparse.ArgumentParser, args) -> None:
-    """Refuse unknown servers, workloads and templates before any image is made."""
-    known = set(SERVERS) | {o.split("=", 1)[0] for o in args.overrides if "=" in o}
+def check_servers(p: argparse.ArgumentParser, args, servers) -> None:
+    """Refuse a NAME=TEMPLATE without its =, and --servers that are neither in
+    ``servers`` nor added by a template."""
+    known = set(servers) | {o.split("=", 1)[0] for o in args.overrides if "=" in o}
     for override in args.overrides:
         if "=" not in override:
             p.error(f"{override!r} is not NAME=TEMPLATE")
     for name in args.servers:
         if name not in known:
             p.error(f"unknown server {name!r} (known: {', '.join(sorted(known))})")
+
+
+def check_args(p: argparse.ArgumentParser, args) -> None:
+    """Refuse unknown servers, workloads and templates before any image is made."""
+    check_servers(p, args, SERVERS)
     for workload in args.workloads:
         if workload not in WORKLOADS:
             p.error(f"unknown workload {workload!r}")
@@ -323,9 +341,15 @@ def main(argv: list[str] | None = None) -> int:
     check_args(p, args)
     rows = run(args)
     add_ratios(rows, args.reference)
-    print("\n".join(table(rows, args.reference)))
-    if args.json:
-        with open(args.json, "w") as out:
+    return report(table(rows, args.reference), rows, args.json)
+
+
+def report(lines: list[str], rows: list[dict], json_path: str | None) -> int:
+    """Print the table's ``lines``, write ``rows`` to ``json_path`` if given; the exit
+    status: 1 when a row is an error."""
+    print("\n".join(lines))
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(rows, out, indent=1)
     return 1 if any("error" in row for row in rows) else 0
 
