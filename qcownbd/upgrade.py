@@ -83,6 +83,7 @@ class Upgrade:
         """Hand over to a successor; its pid, or HandoverError (logged) with this server
         serving on."""
         if self.lock.locked():
+            log.warning("upgrade refused: a reload, snapshot or upgrade is running")
             raise HandoverError("upgrade: a reload, snapshot or upgrade is running; "
                                 "try again in a moment")
         async with self.lock:

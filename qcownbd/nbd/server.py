@@ -250,7 +250,7 @@ class NbdServer:
         what is in flight is answered first).  Returns the held connections once all
         are, and no metadata commit runs; those not held within ``timeout`` seconds
         are closed gracefully instead (a client that does not read its replies)."""
-        held = []
+        held, closing = [], []
         for conn in list(self.connections):
             why = _not_handed_over(conn)
             if why:
@@ -258,12 +258,15 @@ class NbdServer:
                     log.info("%s: %s: closing it once its requests are answered",
                              conn.client.label, why)
                 conn.shutdown()
+                closing.append(conn)
             else:
                 conn.hold()
                 held.append(conn)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while not all(conn.held for conn in held) and loop.time() < deadline:
+        # the closing ones too: their last replies must leave before this process does
+        while loop.time() < deadline and not (all(conn.held for conn in held) and
+                                              self.connections.isdisjoint(closing)):
             await asyncio.sleep(0.002)
         for conn in held:
             if not conn.held:
