@@ -7,29 +7,32 @@ configuration says and what each worker reports of the exports it opened
 option that chooses an export (GO, EXPORT_NAME) goes to the export's worker
 with the connection, and that worker answers it.
 
-A configured image belongs to one worker (`image_owner`: a hash of its name,
-so a reload keeps it where it was), so that one process writes its QCOW1
-metadata; a fleet's golden image is opened read-only by every worker, and
+A configured image belongs to one worker (`image_owner`: a hash of its
+file's path, so a reload keeps it where it was and two exports of one image
+meet in one registry), so that one process writes its QCOW1 metadata; a fleet's golden image is opened read-only by every worker, and
 each overlay (`FLEET/ID`) is placed on the worker with the fewest overlays
 when first asked for, and stays there (`Placement`): all connections of one
 overlay meet in one process.
 """
 
+import os
 import zlib
 from types import SimpleNamespace
 
 from qcownbd.errors import NoSuchExport
 
 
-def image_owner(name: str, count: int) -> int:
-    """The worker (0 to count - 1) that opens the configured export ``name``."""
-    return zlib.crc32(name.encode()) % count
+def image_owner(config, count: int) -> int:
+    """The worker (0 to count - 1) that opens the configured export ``config``: by
+    its image file, so that exports of one image meet in one worker, whose
+    registry says which may share it."""
+    return zlib.crc32(os.path.realpath(config.path).encode()) % count
 
 
 def opened_by(config, index: int, count: int) -> bool:
     """Whether worker ``index`` of ``count`` opens ``config`` (every worker opens a
     fleet: its golden image read-only; its overlays as they are placed there)."""
-    return config.kind == "fleet" or image_owner(config.name, count) == index
+    return config.kind == "fleet" or image_owner(config, count) == index
 
 
 class Placement:
@@ -41,10 +44,11 @@ class Placement:
         self._members: dict[str, int] = {}
         self._load = [0] * count
 
-    def worker_of(self, name: str, configured: bool) -> int:
-        """The worker serving ``name`` (placing it when it is a new member)."""
-        if configured:
-            return image_owner(name, self.count)
+    def worker_of(self, name: str, config) -> int:
+        """The worker serving ``name``, configured as ``config`` (None: a member,
+        placed when it is new)."""
+        if config is not None:
+            return image_owner(config, self.count)
         index = self._members.get(name)
         if index is None:
             index = min(range(self.count), key=lambda i: (self._load[i], i))

@@ -22,7 +22,7 @@ from qcownbd.errors import HandoverError, QcownbdError
 from qcownbd.exports import ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.handover import decode_any, encode_state, state_of
-from qcownbd.handover_channel import AsyncChannel
+from qcownbd.handover_channel import AsyncChannel, Channel
 from qcownbd.image import faults
 from qcownbd.nbd.server import NbdServer
 from qcownbd.routing import export_info, opened_by
@@ -58,10 +58,15 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
     images = ImageProvider()
     registry = ExportRegistry([images, FleetProvider(images)])
     try:
-        for export_config in mine(cli).values():
-            registry.check_image_free(export_config)
-            registry.add(open_cli_export(images, export_config))
-        registry.apply({**mine(cli), **mine(config.exports)})
+        try:
+            for export_config in mine(cli).values():
+                registry.check_image_free(export_config)
+                registry.add(open_cli_export(images, export_config))
+            registry.apply({**mine(cli), **mine(config.exports)})
+        except QcownbdError as exc:
+            # the parent says it, once, and fails its start
+            Channel(socket.socket(fileno=fd)).send({"failed": str(exc)}, timeout=5.0)
+            return 1
         asyncio.run(_serve(index, fd, config, mine(cli), registry, images,
                            load_mine if load else None, reloader))
     finally:

@@ -43,6 +43,7 @@ PARENT_ONLY_ENV = ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"
 START_TIMEOUT = 120.0
 #: a worker that dies at once is started again after this pause, not in a tight loop
 RESTART_PAUSE = 0.5
+MAX_RESTART_PAUSE = 30.0
 STOP_TIMEOUT = 20.0
 
 
@@ -77,7 +78,8 @@ class WorkerPool:
     # ------------------------------------------------------------- life cycle
 
     async def start(self) -> None:
-        """Start every worker and wait until each has opened its images."""
+        """Start every worker and wait until each has opened its images; the first
+        failure (a worker's own error: an image it cannot open) ends the start."""
         for index in range(self.count):
             await self._spawn(index)
         for worker in list(self.workers):
@@ -119,6 +121,9 @@ class WorkerPool:
         """An unasked message: a worker's report of its exports."""
         for sock in socks:
             sock.close()
+        if "failed" in message and not worker.ready.done():
+            worker.ready.set_exception(QcownbdError(str(message["failed"])))
+            return
         if "exports" in message:
             self.registry.report(worker.index, message["exports"], message.get("broken", {}))
         if "ready" in message and not worker.ready.done():
@@ -131,9 +136,9 @@ class WorkerPool:
         if not worker.ready.done():
             worker.ready.set_exception(HandoverError(
                 f"worker {worker.index} (pid {worker.pid}) exited while starting"))
-            worker.ready.exception()    # (seen: no "never retrieved" warning)
-        if self.stopping or self.workers[worker.index] is not worker:
-            return
+        if worker.ready.exception() is not None or self.stopping \
+                or self.workers[worker.index] is not worker:
+            return      # (a start that failed says why: `start`, `_replace`)
         log.error("worker %d (pid %d) died; its clients reconnect to its replacement",
                   worker.index, worker.pid)
         task = asyncio.get_running_loop().create_task(self._replace(worker))
@@ -142,13 +147,15 @@ class WorkerPool:
 
     async def _replace(self, dead: Worker) -> None:
         await dead.process.wait()       # reaped: its image locks are gone
+        pause = RESTART_PAUSE
         while not self.stopping:
-            await asyncio.sleep(RESTART_PAUSE)
+            await asyncio.sleep(pause)
             try:
                 worker = await self._spawn(dead.index)
                 await self._wait_ready(worker)
-            except HandoverError as exc:
-                log.error("worker %d: %s; trying again", dead.index, exc)
+            except QcownbdError as exc:
+                pause = min(pause * 2, MAX_RESTART_PAUSE)
+                log.error("worker %d: %s; trying again in %g s", dead.index, exc, pause)
                 continue
             log.info("worker %d: pid %d replaces pid %d", dead.index, worker.pid, dead.pid)
             return
@@ -177,7 +184,7 @@ class WorkerPool:
 
     def worker_of(self, name: str) -> int:
         """The worker that serves export ``name``."""
-        return self.placement.worker_of(name, name in self.registry.configs)
+        return self.placement.worker_of(name, self.registry.configs.get(name))
 
     def forward(self, conn, option: int, payload: bytes) -> bool:
         """``conn`` read ``option``: when it chooses an export, hand the connection to
