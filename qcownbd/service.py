@@ -246,7 +246,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
     try:
         if pool is not None:
             await pool.start()
-            server.router = pool
+            server.router, pool.server = pool, server
             if successor is not None:
                 successor.take_connections(registry)
     except QcownbdError:

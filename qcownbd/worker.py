@@ -96,6 +96,7 @@ async def _serve(index: int, fd: int, config: ServerConfig, cli: dict, registry,
     worker = _WorkerSide(index, server, registry, images, reloads, stopping)
     channel = AsyncChannel(socket.socket(fileno=fd), worker.heard, worker.parent_gone)
     worker.channel = channel
+    server.on_ended = worker.ended
     tasks = [loop.create_task(server.commit_metadata_forever()),
              loop.create_task(_apply_pending(reloads))]
     channel.send({"ready": os.getpid(), **_report(registry)})
@@ -141,9 +142,17 @@ class _WorkerSide:
         logging.shutdown()
         os._exit(1)
 
+    def ended(self, conn) -> None:
+        """A connection the parent handed us ended: it counts it no more."""
+        if conn.tag is not None and not self.channel.closed:
+            try:
+                self.channel.send({"ended": conn.tag})
+            except HandoverError:
+                self.stopping.set()
+
     def heard(self, message: dict, socks: list) -> None:
         if "connection" in message:
-            self._take(message["connection"], socks)
+            self._take(message["connection"], socks, message.get("tag"))
         elif "ask" in message:
             task = asyncio.get_running_loop().create_task(self._answer(message))
             self._tasks.add(task)
@@ -155,15 +164,17 @@ class _WorkerSide:
         elif message.get("stop"):
             self.stopping.set()
 
-    def _take(self, encoded: dict, socks: list) -> None:
+    def _take(self, encoded: dict, socks: list, tag) -> None:
         try:
             state = decode_any(encoded)
         except HandoverError as exc:
             log.error("worker %d: a connection not taken: %s", self.index, exc)
             for sock in socks:
                 sock.close()
+            self.channel.send({"ended": tag})
             return
-        task = asyncio.get_running_loop().create_task(self.server.resume([(state, socks[0])]))
+        task = asyncio.get_running_loop().create_task(
+            self.server.resume([(state, socks[0], tag)]))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

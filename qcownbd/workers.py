@@ -25,6 +25,7 @@ import os
 import socket
 import sys
 
+from qcownbd.access import client_from_peername
 from qcownbd.errors import ControlError, HandoverError, QcownbdError
 from qcownbd.handover import encode_negotiating, encode_state, negotiating_state_of
 from qcownbd.handover_channel import AsyncChannel
@@ -73,6 +74,11 @@ class WorkerPool:
         self.placement = Placement(count)
         self.workers: list[Worker | None] = [None] * count
         self.stopping = False
+        #: the `NbdServer` whose limits count the connections the workers serve
+        self.server = None
+        #: tag -> (worker index, client address) of every connection a worker serves
+        self._handed: dict[int, tuple] = {}
+        self._last_tag = 0
         self._tasks: set[asyncio.Task] = set()
 
     # ------------------------------------------------------------- life cycle
@@ -124,6 +130,8 @@ class WorkerPool:
         if "failed" in message and not worker.ready.done():
             worker.ready.set_exception(QcownbdError(str(message["failed"])))
             return
+        if "ended" in message:
+            self._ended(message["ended"])
         if "exports" in message:
             self.registry.report(worker.index, message["exports"], message.get("broken", {}))
         if "ready" in message and not worker.ready.done():
@@ -133,6 +141,9 @@ class WorkerPool:
     def _lost(self, worker: Worker) -> None:
         """The worker's channel ended: it died (or was told to go)."""
         self.registry.ready.discard(worker.index)
+        for tag, (index, _address) in list(self._handed.items()):
+            if index == worker.index:
+                self._ended(tag)        # its connections died with it
         if not worker.ready.done():
             worker.ready.set_exception(HandoverError(
                 f"worker {worker.index} (pid {worker.pid}) exited while starting"))
@@ -182,6 +193,18 @@ class WorkerPool:
 
     # ---------------------------------------------------------------- routing
 
+    def _send(self, worker: Worker, state: dict, sock: socket.socket, address) -> None:
+        """Pass a connection to ``worker``; it counts against the limits here until
+        the worker says it ended (or dies).  HandoverError when it is gone."""
+        self._last_tag += 1
+        worker.channel.send({"connection": state, "tag": self._last_tag}, [sock.fileno()])
+        self._handed[self._last_tag] = (worker.index, address)
+
+    def _ended(self, tag) -> None:
+        handed = self._handed.pop(tag, None)
+        if handed is not None and self.server is not None:
+            self.server.ended_elsewhere(handed[1])
+
     def worker_of(self, name: str) -> int:
         """The worker that serves export ``name``."""
         return self.placement.worker_of(name, self.registry.configs.get(name))
@@ -211,8 +234,8 @@ class WorkerPool:
             return False        # refused: its worker is being replaced
         state = negotiating_state_of(conn, option, payload)
         try:
-            worker.channel.send({"connection": encode_negotiating(state)},
-                                [conn.transport.get_extra_info("socket").fileno()])
+            self._send(worker, encode_negotiating(state), conn.transport.get_extra_info("socket"),
+                       conn.client.address)
         except HandoverError:
             return False
         conn.hand_off()
@@ -223,9 +246,14 @@ class WorkerPool:
         worker of its export; closed if that worker is gone."""
         worker = self.workers[self.worker_of(state.session.export_name)]
         try:
+            address = client_from_peername(sock.getpeername()).address
+        except OSError:
+            address = None      # the client is gone: its worker will find out
+        try:
             if worker is None:
                 raise HandoverError("no worker")
-            worker.channel.send({"connection": encode_state(state)}, [sock.fileno()])
+            self._send(worker, encode_state(state), sock, address)
+            self.server.counted_elsewhere(address)
         except HandoverError as exc:
             log.error("%s: not resumed: its worker is gone (%s)", state.client, exc)
         sock.close()

@@ -60,10 +60,13 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
     ``zero_copy``, ``offload``, and ``register``/``negotiated``/``unregister``.
     """
 
-    def __init__(self, server, resume=None):
+    def __init__(self, server, resume=None, tag=None):
         self.server = server
-        #: a `handover.ConnectionState` to go on from, in transmission (no greeting)
+        #: a `handover.ConnectionState` to go on from, in transmission (no greeting),
+        #: or a `handover.NegotiatingState`, negotiating
         self._resume = resume
+        #: what the parent of a worker calls this connection (it counts it until it ends)
+        self.tag = tag
         #: a live handover waits for this connection's next request boundary
         self.holding = False
         self.phase = Phase.NEGOTIATING
@@ -96,6 +99,7 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
             self.server.log.log(logging.WARNING, "connection limit",
                                 "%s: not attached: too many connections", self.client.label)
             self.phase = Phase.CLOSED
+            self.server.not_admitted(self)
             transport.abort()
             return
         if isinstance(self._resume, NegotiatingState):
@@ -131,7 +135,7 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
         self.phase = Phase.CLOSED
         self.reader.stop()
         self._cancel_timer()
-        self.server.unregister(self, handed_off=True)
+        self.server.handed_off(self)
         self.transport.abort()
 
     def connection_lost(self, exc):

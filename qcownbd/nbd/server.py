@@ -155,6 +155,10 @@ class NbdServer:
         #: hands connections naming an export on to the worker serving it
         #: (`workers.WorkerPool`); None: this process serves them
         self.router = None
+        #: connections handed to workers and still open there (the limits count them)
+        self.elsewhere = 0
+        #: a worker's: ``on_ended(conn)`` tells its parent that a connection ended
+        self.on_ended = None
 
     # ------------------------------------------------------- connection hub
 
@@ -166,7 +170,7 @@ class NbdServer:
 
     def register(self, conn: NbdConnection) -> bool:
         """Admit a new connection unless a limit is reached (see the class)."""
-        if len(self.connections) >= self.max_connections:
+        if len(self.connections) + self.elsewhere >= self.max_connections:
             return False
         # Unix-socket clients (address None) share no address worth limiting
         if conn.client.address is not None and self.max_connections_per_client \
@@ -188,29 +192,56 @@ class NbdServer:
         """``conn`` entered transmission: it leaves the negotiation budget."""
         self._negotiating.pop(conn, None)
 
-    def unregister(self, conn: NbdConnection, handed_off: bool = False) -> bool:
-        """Forget a closed connection (``handed_off``: one a worker serves now, not
-        counted as ended); False if it was never admitted."""
+    def unregister(self, conn: NbdConnection) -> bool:
+        """Forget a closed connection; False if it was never admitted."""
         if conn not in self.connections:
             return False
         self.connections.discard(conn)
         self._negotiating.pop(conn, None)
-        if not handed_off:
-            self.ended_connections += 1
-            self.ended.add(conn.stats)
-        left = self._per_client[conn.client.address] - 1
-        if left:
-            self._per_client[conn.client.address] = left
-        else:
-            del self._per_client[conn.client.address]
+        self.ended_connections += 1
+        self.ended.add(conn.stats)
+        self._count_out(conn.client.address)
         if not self.connections:
             self._idle.set()
+        if self.on_ended is not None:
+            self.on_ended(conn)
         return True
+
+    def not_admitted(self, conn: NbdConnection) -> None:
+        """A connection refused at once (a limit) has ended."""
+        if self.on_ended is not None:
+            self.on_ended(conn)
+
+    def handed_off(self, conn: NbdConnection) -> None:
+        """``conn`` went to a worker: it still counts against the limits (the worker
+        says when it ends: `ended_elsewhere`), not as a connection of this process."""
+        self.connections.discard(conn)
+        self._negotiating.pop(conn, None)
+        self.elsewhere += 1
+        if not self.connections:
+            self._idle.set()
+
+    def counted_elsewhere(self, address) -> None:
+        """A connection a worker serves (handed over by a previous server) counts here."""
+        self.elsewhere += 1
+        self._per_client[address] = self._per_client.get(address, 0) + 1
+
+    def ended_elsewhere(self, address) -> None:
+        """A connection handed to a worker ended (or its worker died)."""
+        self.elsewhere -= 1
+        self._count_out(address)
+
+    def _count_out(self, address) -> None:
+        left = self._per_client[address] - 1
+        if left:
+            self._per_client[address] = left
+        else:
+            del self._per_client[address]
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
         served, broken = self.exports.counts()
-        text = f"{len(self.connections)} connection(s), {served} export(s)"
+        text = f"{len(self.connections) + self.elsewhere} connection(s), {served} export(s)"
         return text + (f", {broken} unavailable" if broken else "")
 
     # ------------------------------------------------------- live snapshots
@@ -361,15 +392,17 @@ class NbdServer:
 
     async def resume(self, connections: list[tuple]) -> None:
         """Serve connections a previous server held at a request boundary: (its
-        `handover.ConnectionState`, the socket), in transmission from the start."""
+        `handover.ConnectionState`, the socket), in transmission from the start;
+        and a worker's, handed by its parent: (the state, the socket, the parent's
+        tag of it), negotiating ones too (`handover.NegotiatingState`)."""
         loop = asyncio.get_running_loop()
-        for state, sock in connections:
+        for state, sock, *tag in connections:
             if self.router is not None:
                 self.router.resume(state, sock)     # its worker serves it
                 continue
             sock.setblocking(False)
             await loop.connect_accepted_socket(
-                lambda state=state: NbdConnection(self, state), sock)
+                lambda state=state, tag=tag: NbdConnection(self, state, *tag), sock)
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
