@@ -130,7 +130,7 @@ def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "End
     if alone:
         log.info("serving in one process, not %d workers: %s", count, alone)
         return None
-    return WorkerPool(count, argv, {**cli, **config.exports})
+    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr())
 
 
 def open_cli_export(images: ImageProvider, config: ExportConfig,

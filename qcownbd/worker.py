@@ -4,13 +4,14 @@ It reads the same configuration as its parent and opens the exports that
 are its own (`routing.opened_by`), reports them, and then serves the
 connections the parent passes (negotiating ones answer the option that
 chose the export first).  It listens nowhere and talks to systemd not at
-all.  It stops on SIGTERM or when the parent says so; it exits at once
-(its images committed) when the parent dies, as the service died, and
-without a word to its clients when the parent's successor has taken them
-(an upgrade).
+all.  It stops on SIGTERM or when the parent says so; it dies with its
+parent (the service died: a SIGKILL leaves no worker holding image locks),
+and exits without a word to its clients when the parent's successor has
+taken them (an upgrade).
 """
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -31,6 +32,8 @@ from qcownbd.workers import WORKER_ENV
 
 log = logging.getLogger("qcownbd.server")
 
+PR_SET_PDEATHSIG = 1
+
 
 def from_environment() -> tuple[int, int, int] | None:
     """(index, count, channel fd) when this process is a worker, else None."""
@@ -41,9 +44,22 @@ def from_environment() -> tuple[int, int, int] | None:
     return index, count, fd
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill us when the parent dies (PR_SET_PDEATHSIG): a service
+    killed with SIGKILL is gone at once, image locks and all, as one process is."""
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return      # not Linux: `_WorkerSide.parent_gone` ends us a moment later
+    if os.getppid() != parent:
+        os._exit(1)     # it died before we asked
+
+
 def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, load,
                open_cli_export, reloader) -> int:
     """Serve as worker ``whoami`` (`from_environment`) until told to stop."""
+    die_with_parent()
     index, count, fd = whoami
     os.set_inheritable(fd, False)
 
@@ -128,9 +144,9 @@ class _WorkerSide:
         self._tasks: set = set()
 
     def parent_gone(self) -> None:
-        """The channel ended without a word: the parent died.  The service died with
-        it (its listening sockets did): end as if we had crashed with it, our images'
-        metadata committed, so that a restarted service can open them at once."""
+        """The channel ended without a word: the parent died (where the kernel does
+        not kill us with it).  The service died with it (its listening sockets did):
+        end as if we had crashed with it, our images' metadata committed."""
         if self.stopping.is_set():
             return
         log.error("worker %d: the parent process is gone; exiting", self.index)

@@ -68,8 +68,11 @@ class Worker:
 class WorkerPool:
     """The parent's side (see the module docstring); ``router`` of the `NbdServer`."""
 
-    def __init__(self, count: int, argv: list[str], configs: dict):
+    def __init__(self, count: int, argv: list[str], configs: dict, log_to_stderr: bool = True):
         self.count, self.argv = count, argv
+        #: False: the workers' stderr is /dev/null (a --fork server lets its pipe go;
+        #: a worker that cannot start says why to this process, through its channel)
+        self.log_to_stderr = log_to_stderr
         self.registry = RemoteRegistry(configs)
         self.placement = Placement(count)
         self.workers: list[Worker | None] = [None] * count
@@ -100,7 +103,8 @@ class WorkerPool:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "qcownbd", *self.argv, pass_fds=[theirs.fileno()],
-                stdin=asyncio.subprocess.DEVNULL, env=env)
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                stderr=None if self.log_to_stderr else asyncio.subprocess.DEVNULL, env=env)
         except OSError as exc:
             ours.close()
             raise HandoverError(f"cannot start a worker: {exc.strerror or exc}") from None
