@@ -14,6 +14,7 @@ tls_cert = "/etc/qcownbd/server-cert.pem"
 tls_key = "/etc/qcownbd/server-key.pem"
 tls_ca = "/etc/qcownbd/ca-cert.pem"   # verify client certificates against it
 backing_dirs = ["/srv/images"]    # backing files must lie here (every export)
+metadata_cache = "32M"            # QCOW1 L2 tables of all exports and overlays, together
 
 [exports.vm1]
 path = "/srv/images/vm1.qcow"
@@ -21,7 +22,6 @@ format = "qcow1"            # auto | raw | qcow1
 read_only = false
 description = "first VM"
 backing_format = "raw"
-l2_cache_tables = 64
 allow = ["127.0.0.0/8", "::1/128"]   # client networks; absent = everyone
 allow_unix = true                    # Unix-socket clients (default true)
 backing_dirs = ["/srv/base"]         # replaces [server] backing_dirs
@@ -36,7 +36,6 @@ overlay_dir = "/var/lib/qcownbd/fleet"    # created if missing
 overlays = "persistent"                   # persistent | ephemeral
 description = "Debian 12 fleet"
 max_overlays = 1000                       # overlay files at once; more first connects fail
-l2_cache_tables = 64
 tenant = "any"                            # any | address | certificate: who may open an overlay
 ```
 With ``tenant = "address"`` (or ``"certificate"``) an overlay belongs to the
@@ -48,13 +47,16 @@ errors that name them: a typo must not silently change what is served.
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from qcownbd.errors import ConfigError
+from qcownbd.console import parse_size
+from qcownbd.errors import ConfigError, UsageError
 from qcownbd.image import formats
+from qcownbd.image.metadata_cache import DEFAULT_BUDGET, check_budget
 from qcownbd.nbd.constants import DEFAULT_PORT, MAX_STRING
 
 DEFAULT_HOST = "127.0.0.1"
@@ -68,6 +70,8 @@ OVERLAY_MODES = ("persistent", "ephemeral")
 #: a fleet's `tenant`: who may open an overlay once it exists
 TENANT_MODES = ("any", "address", "certificate")
 DEFAULT_MAX_OVERLAYS = 1000
+
+log = logging.getLogger("qcownbd.config")
 
 
 class _Reconfigurable:
@@ -95,7 +99,6 @@ class ExportConfig(_Reconfigurable):
     read_only: bool = False
     description: str = ""
     backing_format: str | None = None
-    l2_cache_tables: int | None = None
     #: client networks allowed to see and use the export; None = everyone
     allow: tuple[str, ...] | None = None
     allow_unix: bool = True
@@ -117,7 +120,6 @@ class FleetConfig(_Reconfigurable):
     overlays: str = "persistent"
     description: str = ""
     max_overlays: int = DEFAULT_MAX_OVERLAYS
-    l2_cache_tables: int | None = None
     #: as for any export (qcownbd.access): client networks, Unix clients
     allow: tuple[str, ...] | None = None
     allow_unix: bool = True
@@ -144,14 +146,13 @@ class FleetConfig(_Reconfigurable):
     def golden_export(self) -> ExportConfig:
         """The golden image as a plain read-only export of the fleet's name."""
         return ExportConfig(name=self.name, path=self.golden, format=self.golden_format,
-                            read_only=True, l2_cache_tables=self.l2_cache_tables,
-                            backing_dirs=self.backing_dirs)
+                            read_only=True, backing_dirs=self.backing_dirs)
 
     def overlay_export(self, ident: str, path: str) -> ExportConfig:
         """The export of overlay ``ident`` (the QCOW1 file ``path``), as `NAME/ID`."""
         return ExportConfig(name=f"{self.name}/{ident}", path=path, format=formats.QCOW1.name,
                             description=f"overlay {ident} of {self.name}",
-                            l2_cache_tables=self.l2_cache_tables, allow=self.allow,
+                            allow=self.allow,
                             allow_unix=self.allow_unix)
 
 
@@ -177,6 +178,8 @@ class ServerConfig:
     tls_ca: str | None = None
     tls_verify_client: bool | None = None
     backing_dirs: list[str] = field(default_factory=list)
+    #: bytes of QCOW1 L2 tables kept in memory, all images together
+    metadata_cache: int = DEFAULT_BUDGET
     exports: dict[str, ExportConfig | FleetConfig] = field(default_factory=dict)
 
 
@@ -185,12 +188,12 @@ _SERVER_KEYS = {"listen": list, "unix": str, "control_socket": str, "max_connect
                 "max_handshakes": int,
                 "max_connections_per_client": int, "workers": int, "tls": str, "tls_cert": str,
                 "tls_key": str, "tls_ca": str, "tls_verify_client": bool,
-                "backing_dirs": list}
+                "backing_dirs": list, "metadata_cache": (str, int)}
 _EXPORT_KEYS = {"path": str, "format": str, "read_only": bool, "description": str,
-                "backing_format": str, "l2_cache_tables": int, "allow": list,
+                "backing_format": str, "allow": list,
                 "allow_unix": bool, "backing_dirs": list}
 _FLEET_KEYS = {"golden": str, "golden_format": str, "overlay_dir": str, "overlays": str,
-               "description": str, "max_overlays": int, "l2_cache_tables": int, "allow": list,
+               "description": str, "max_overlays": int, "allow": list,
                "allow_unix": bool, "backing_dirs": list, "tenant": str}
 
 
@@ -277,16 +280,26 @@ def _dir_list(value: list, where: str, base_dir: str) -> list[str]:
     return [config_path(item, where, "backing_dirs", base_dir) for item in value]
 
 
+#: a per-export cache size of earlier versions, now one server-wide budget
+RETIRED_KEY = "l2_cache_tables"
+
+
 def _check_table(table, allowed: dict, where: str) -> None:
     if not isinstance(table, dict):
         raise ConfigError(f"{where} must be a table")
+    if RETIRED_KEY in table:
+        # an upgrade must not make yesterday's config refuse to load
+        log.warning("%s: l2_cache_tables is ignored: the L2 tables of every export share "
+                    "one budget, [server] metadata_cache", where)
+        table = {key: value for key, value in table.items() if key != RETIRED_KEY}
     unknown = sorted(set(table) - set(allowed))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)} "
                           f"(known: {', '.join(sorted(allowed))})")
     for key, value in table.items():
         kinds = allowed[key]
-        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is int):
+        # a bool is an int to isinstance, never to a config
+        if not isinstance(value, kinds) or (isinstance(value, bool) and kinds is not bool):
             raise ConfigError(f"{where}: {key} has the wrong type ({type(value).__name__})")
 
 
@@ -301,9 +314,6 @@ def _export(name: str, table: dict, base_dir: str,
     fmt = table.get("format", "auto")
     if fmt not in FORMATS:
         raise ConfigError(f"{where}: format {fmt!r} is not one of {', '.join(FORMATS)}")
-    cache = table.get("l2_cache_tables")
-    if cache is not None and cache < 1:
-        raise ConfigError(f"{where}: l2_cache_tables must be at least 1")
     allow = table.get("allow")
     dirs = table.get("backing_dirs")
     return ExportConfig(
@@ -311,7 +321,7 @@ def _export(name: str, table: dict, base_dir: str,
         path=config_path(table["path"], where, "path", base_dir),
         format=fmt, read_only=table.get("read_only", False),
         description=table.get("description", ""),
-        backing_format=table.get("backing_format"), l2_cache_tables=cache,
+        backing_format=table.get("backing_format"),
         allow=None if allow is None else parse_networks(allow, where),
         allow_unix=table.get("allow_unix", True),
         backing_dirs=tuple(server_dirs if dirs is None else _dir_list(dirs, where, base_dir)))
@@ -335,9 +345,9 @@ def _fleet(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> Fle
     tenant = table.get("tenant", "any")
     if tenant not in TENANT_MODES:
         raise ConfigError(f"{where}: tenant must be {_either(TENANT_MODES)}")
-    limits = {key: table[key] for key in ("max_overlays", "l2_cache_tables") if key in table}
-    if any(value < 1 for value in limits.values()):
-        raise ConfigError(f"{where}: {', '.join(limits)} must be at least 1")
+    max_overlays = table.get("max_overlays", DEFAULT_MAX_OVERLAYS)
+    if max_overlays < 1:
+        raise ConfigError(f"{where}: max_overlays must be at least 1")
 
     def absolute(key: str) -> str:
         return os.path.abspath(config_path(table[key], where, key, base_dir))
@@ -349,7 +359,7 @@ def _fleet(name: str, table: dict, base_dir: str, server_dirs: list[str]) -> Fle
         allow=None if "allow" not in table else parse_networks(table["allow"], where),
         allow_unix=table.get("allow_unix", True),
         backing_dirs=tuple(_dir_list(table["backing_dirs"], where, base_dir)
-                           if "backing_dirs" in table else server_dirs), **limits)
+                           if "backing_dirs" in table else server_dirs), max_overlays=max_overlays)
 
 
 def _golden_format(fmt, where: str) -> str:
@@ -404,12 +414,22 @@ def _limits_and_tls(config: ServerConfig, server: dict, base_dir: str) -> None:
                           "max_connections_per_client 0 (no limit) or more and "
                           "workers 0 (one per core) or more")
     config.backing_dirs = _dir_list(server.get("backing_dirs", []), "[server]", base_dir)
+    if "metadata_cache" in server:
+        config.metadata_cache = parse_budget(server["metadata_cache"], "[server]: metadata_cache")
     for key in ("tls_cert", "tls_key", "tls_ca"):
         if key in server:
             setattr(config, key, config_path(server[key], "[server]", key, base_dir))
     config.tls = server.get("tls", "off")
     config.tls_verify_client = server.get("tls_verify_client")
     check_tls(config, "[server]")
+
+
+def parse_budget(value: str | int, where: str) -> int:
+    """The metadata cache budget: bytes, or a size such as "32M"."""
+    try:
+        return check_budget(value if isinstance(value, int) else parse_size(value))
+    except (UsageError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
 
 
 def check_tls(config: ServerConfig, where: str) -> None:

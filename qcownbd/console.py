@@ -6,7 +6,10 @@ module (and the service) can use it without importing one another.
 
 import logging
 import os
+import re
 import sys
+
+from qcownbd.errors import UsageError
 
 #: sd-daemon(3) priorities of the log levels: journald files each line under its
 #: "<N>" prefix, so `journalctl -p err` finds the errors
@@ -80,6 +83,27 @@ def human_size(size: int) -> str:
         value /= 1024
         unit += 1
     return f"{value:.3g} {['B', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB', 'EiB'][unit]}"
+
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmgtpe]?)", re.IGNORECASE)
+_UNITS = "bkmgtpe"
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "10000000", "64M", "1.5G" (K, M, G, T, P, E: powers of 1024)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise UsageError(f"invalid size {text!r} (examples: 1000000, 64M, 2G)")
+    number, unit = match.groups()
+    scale = 1024 ** _UNITS.index(unit.lower() or "b")
+    if "." in number and scale == 1:
+        raise UsageError(f"invalid size {text!r}: fractional bytes")
+    size = int(float(number) * scale) if "." in number else int(number) * scale
+    if size <= 0:
+        raise UsageError(f"invalid size {text!r}: must be positive")
+    if size >= 1 << 63:
+        raise UsageError(f"invalid size {text!r}: too large")
+    return size
 
 
 class Progress:

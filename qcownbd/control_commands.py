@@ -10,6 +10,7 @@ import time
 
 from qcownbd import __version__
 from qcownbd.errors import ControlError
+from qcownbd.image import metadata_cache
 from qcownbd.live_snapshot import take_snapshot
 
 
@@ -30,8 +31,9 @@ class ControlCommands:
         return {"status": self.status, "snapshot": self.snapshot, "upgrade": self.upgrade}
 
     async def status(self, _request: dict) -> dict:
-        """Exports, clients and what the ended clients did (with worker processes:
-        theirs, and each worker's pid, exports and connections)."""
+        """Exports, the metadata cache, clients and what the ended clients did (with
+        worker processes: theirs, and each worker's pid, exports, connections and
+        metadata cache)."""
         own = self._own_status()
         if self.pool is None:
             return own
@@ -48,6 +50,7 @@ class ControlCommands:
             "exports": [_export(e) for e in self.registry.open_exports()],
             "unavailable": [{"name": name, "reason": reason}
                             for name, reason in self.registry.unavailable()],
+            "metadata_cache": metadata_cache.SHARED.stats(),
             "clients": [_client(c) for c in sorted(server.connections,
                                                    key=lambda c: c.stats.started)],
             "ended": {"clients": server.ended_connections, "requests": ended.requests,
@@ -77,8 +80,9 @@ class ControlCommands:
 
 def merge_worker_status(own: dict, workers: list[dict]) -> dict:
     """The status of a server with worker processes: the exports and clients of all,
-    the ended clients summed, and ``workers``: each one's index, pid, the exports
-    it has open (a fleet's overlays among them) and its connections."""
+    the ended clients and the metadata caches summed, and ``workers``: each one's
+    index, pid, the exports it has open (a fleet's overlays among them), its
+    connections and its metadata cache."""
     merged = dict(own)
     exports: dict[str, dict] = {}
     for status in workers:
@@ -98,9 +102,13 @@ def merge_worker_status(own: dict, workers: list[dict]) -> dict:
         for key, value in status["ended"].items():
             ended[key] += value
     merged["ended"] = ended
+    if workers:     # this process opens no image: the workers' caches are the cache
+        merged["metadata_cache"] = {key: sum(s["metadata_cache"][key] for s in workers)
+                                    for key in own["metadata_cache"]}
     merged["workers"] = [{"index": s["index"], "pid": s["pid"],
                           "exports": [e["name"] for e in s["exports"]],
-                          "connections": len(s["clients"])} for s in workers]
+                          "connections": len(s["clients"]),
+                          "metadata_cache": s["metadata_cache"]} for s in workers]
     return merged
 
 

@@ -133,6 +133,14 @@ class ExportProvider(Protocol):
         """Apply ``config``, which differs only in presentation (``config.opens_like``),
         to the open ``export``."""
 
+    def reopen(self, parent: Export, name: str, path: str) -> Export:
+        """Member ``PARENT/name``, which a previous server had open as the file ``path``,
+        opened now for the connections it handed over; NoSuchExport when it cannot be."""
+
+    def resumed(self) -> None:
+        """The handed-over connections are back: what `reopen` kept for them and none
+        took may close."""
+
 
 class ImageProvider:
     """Plain exports: one image each, opened with its backing chain; no members."""
@@ -148,8 +156,7 @@ class ImageProvider:
         try:
             backend = open_image(config.path, fmt=config.format, read_only=config.read_only,
                                  backing_format=config.backing_format,
-                                 allowed_backing_dirs=config.backing_dirs,
-                                 l2_cache_tables=config.l2_cache_tables)
+                                 allowed_backing_dirs=config.backing_dirs)
         except OSError as exc:
             raise ImageFormatError(f"export {config.name}: {config.path}: "
                                    f"{exc.strerror or exc}") from None
@@ -166,6 +173,14 @@ class ImageProvider:
     def reconfigure(self, export: Export, config) -> None:
         """A new description or allow list, in place."""
         export.config, export.description = config, config.description
+
+    def reopen(self, parent: Export, name: str, path: str) -> Export:
+        """Plain exports have no members."""
+        raise NoSuchExport(f"export {parent.name}/{name}: {parent.name} is not a fleet any "
+                           "more, and it has clients")
+
+    def resumed(self) -> None:
+        """Nothing is kept for handed-over connections."""
 
 
 def file_identity(path) -> tuple[int, int] | None:
@@ -348,6 +363,28 @@ class ExportRegistry:
         if member not in self._members:
             self._members.append(member)
         return member
+
+    def reopen_member(self, name: str, path: str) -> Export:
+        """Open member ``name`` (``PARENT/ID``), which a previous server had open as the
+        file ``path``, now and keep it for the connections it handed over (until
+        `resumed`); NoSuchExport or ImageFormatError (one line) when it cannot be."""
+        parent, _slash, member = name.partition("/")
+        export = self._exports.get(parent)
+        if export is None:
+            raise NoSuchExport(f"export {name}: {parent!r} is not in the configuration any "
+                               "more, and it has clients")
+        try:
+            opened = self._providers[export.config.kind].reopen(export, member, path)
+        except OSError as exc:
+            raise ImageFormatError(f"export {name}: {path}: {exc.strerror or exc}") from None
+        if opened not in self._members:
+            self._members.append(opened)
+        return opened
+
+    def resumed(self) -> None:
+        """The connections a previous server handed over are back (`reopen_member`)."""
+        for provider in self._providers.values():
+            provider.resumed()
 
     def served(self, name: str) -> Export:
         """The export served under exactly ``name`` (no lone-export or member lookup)."""

@@ -7,7 +7,8 @@ does, commits the images, and gives systemd (sd_notify(3): ``FDSTORE=1``,
 socket, and a memfd with the connections' state (`qcownbd.handover`).
 systemd keeps them while the service restarts and passes them to the next
 start (LISTEN_FDS, LISTEN_FDNAMES: sd_listen_fds_with_names(3)), which
-recognises the names, serves on, and takes them out of the store
+recognises the names, opens the fleet overlays the connections write,
+serves on, and takes them out of the store
 (``FDSTOREREMOVE=1``): a socket the store still held would stay open after
 the server closed it.  A socket unit's own listening socket is systemd's
 already and is not stored.
@@ -20,7 +21,7 @@ import os
 import socket
 
 from qcownbd import systemd
-from qcownbd.errors import HandoverError
+from qcownbd.errors import HandoverError, QcownbdError
 from qcownbd.handover import decode_state, encode_state, state_of
 from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock
 
@@ -122,6 +123,22 @@ class Restored:
                 log.warning("restart: connection %s has no state; closing it", name)
                 sock.close()
         return restored, others
+
+    def reopen_overlays(self, registry) -> None:
+        """Open the fleet overlays the stored connections write, before they resume; a
+        connection whose overlay cannot be opened is closed (the server that stored it
+        is gone: nobody else can serve it), and logged."""
+        kept = []
+        for state, sock in self.connections:
+            if state.overlay is not None:
+                try:
+                    registry.reopen_member(state.session.export_name, state.overlay)
+                except QcownbdError as exc:
+                    log.error("restart: %s: not resumed: %s", state.client, exc)
+                    sock.close()
+                    continue
+            kept.append((state, sock))
+        self.connections[:] = kept
 
     def forget(self) -> None:
         """Take what we were given out of systemd's store (it is ours now)."""

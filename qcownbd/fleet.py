@@ -12,7 +12,9 @@ file (`image.shared`); all connections to one overlay share its backend
 (multi-conn).  An overlay is closed when its last client leaves (so `qcownbd
 fleet delete/commit` can work on it while the server runs); an ephemeral one
 is deleted then, and ephemeral ones left by a crash are deleted when the
-fleet opens again.
+fleet opens again.  Overlays whose clients a previous server handed over
+(`qcownbd.upgrade`, `qcownbd.fdstore`) are opened at once instead (`Fleet.reopen`),
+ephemeral ones spared, and kept until those connections are back.
 """
 
 import contextlib
@@ -25,7 +27,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 
 from qcownbd.errors import ExportOpening, ImageFormatError, NoSuchExport
-from qcownbd.exports import Export, ImageProvider
+from qcownbd.exports import Export, ImageProvider, file_identity
 from qcownbd.image import formats
 from qcownbd.image.backend import Backend
 from qcownbd.image.locking import lock_image
@@ -128,14 +130,16 @@ class OverlayDir:
             raise FileExistsError(errno.EEXIST, "already exists", path)
         os.rename(temp, path)
 
-    def remove_stale(self) -> list[str]:
+    def remove_stale(self, keep: frozenset = frozenset()) -> list[str]:
         """Delete leftover ephemeral overlays and temporaries that nobody holds open.
 
         A file still locked (another server, or the older fleet a SIGHUP
-        reload keeps for its clients) is left alone.
+        reload keeps for its clients) is left alone, and so is one of ``keep``
+        (paths: the overlays of connections a previous server handed over).
         """
         os.makedirs(self.directory, mode=0o750, exist_ok=True)
-        stale = [path for _, ephemeral, path in self.overlays() if ephemeral]
+        stale = [path for _, ephemeral, path in self.overlays()
+                 if ephemeral and os.path.realpath(path) not in keep]
         for folder in (self._folder(False), self._folder(True)):
             if os.path.isdir(folder):
                 stale += [os.path.join(folder, name) for name in os.listdir(folder)
@@ -212,8 +216,10 @@ class FleetProvider:
 
     kind = "fleet"
 
-    def __init__(self, images: ImageProvider):
+    def __init__(self, images: ImageProvider, handed_over=()):
         self._images = images
+        #: the overlay files of connections a previous server handed over (never stale)
+        self._handed_over = frozenset(os.path.realpath(path) for path in handed_over)
         self._fleets: dict[Export, Fleet] = {}
         #: overlays are opened (their tables scanned) here, off the event loop
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
@@ -222,7 +228,7 @@ class FleetProvider:
         """Open the golden image read-only, as a plain export; drop stale overlays."""
         golden = self._images.open_backend(config.golden_export())
         try:
-            removed = OverlayDir(config.overlay_dir).remove_stale()
+            removed = OverlayDir(config.overlay_dir).remove_stale(self._handed_over)
         except OSError as exc:
             golden.close()
             raise ImageFormatError(f"export {config.name}: overlay_dir {config.overlay_dir}: "
@@ -247,6 +253,16 @@ class FleetProvider:
         """The overlay ``client`` named ``NAME/ident``."""
         return self._fleets[parent].overlay(ident, client)
 
+    def reopen(self, parent: Export, ident: str, path: str) -> Export:
+        """Overlay ``ident``, which a previous server had open as ``path``, opened now
+        (see `Fleet.reopen`)."""
+        return self._fleets[parent].reopen(ident, path)
+
+    def resumed(self) -> None:
+        """The handed-over connections are back: reopened overlays none took may close."""
+        for fleet in self._fleets.values():
+            fleet.resumed()
+
     def _closed(self, export: Export) -> None:
         # the golden image stays open while overlays still read it (image.shared)
         del self._fleets[export]
@@ -268,6 +284,8 @@ class Fleet:
         self._owners: dict[str, str] = {}
         #: overlays being opened: ID -> (future, owner of a new one)
         self._opening: dict[str, tuple] = {}
+        #: overlays reopened for handed-over connections that have not resumed yet
+        self._reopened: set[str] = set()
         self._workers = workers
 
     def overlay(self, ident: str, client) -> Export:
@@ -283,7 +301,8 @@ class Fleet:
         # Overlays looked up but never claimed (NBD_OPT_INFO, clients an allow
         # list refuses) close here, so they cannot pile up. Safe for every other
         # one: GO attaches in the same event-loop step as its lookup.
-        for idle in [o for i, o in self._overlays.items() if not o.connections and i != ident]:
+        for idle in [o for i, o in self._overlays.items()
+                     if not o.connections and i != ident and i not in self._reopened]:
             idle.close()
         done = [i for i, (future, _) in self._opening.items() if future.done()]
         for other in [i for i in done if i != ident]:
@@ -297,7 +316,37 @@ class Fleet:
             del self._opening[ident]
             self._overlays[ident] = self._opened(ident, *opening)
         self._check_owner(ident, tenant, client)
+        self._reopened.discard(ident)
         return self._overlays[ident]
+
+    def reopen(self, ident: str, path: str) -> Export:
+        """Open overlay ``ident`` now, in this thread (a handover waits for it), and keep
+        it for its handed-over connections (`resumed`).  ``path``: the file the previous
+        server had; NoSuchExport when this fleet's is another (its overlay_dir or
+        overlays setting changed) or is gone, ImageFormatError when it cannot open."""
+        if not is_overlay_id(ident):
+            raise NoSuchExport(f"bad overlay name {ident[:80]!r} in {self.name}/")
+        ours = self.dir.path(ident, self.config.ephemeral)
+        if ident in self._overlays:
+            return self._overlays[ident]
+        if file_identity(ours) is None or file_identity(ours) != file_identity(path):
+            raise NoSuchExport(f"overlay {self.name}/{ident}: its file {path} is not this "
+                               f"fleet's {ours} (overlay_dir or overlays changed, or it is "
+                               "gone)")
+        self._overlays[ident] = self._export(ident, self._open_overlay_image(ours))
+        self._reopened.add(ident)
+        log.info("export %s: reopened overlay %s for its handed-over client(s)", self.name,
+                 ours)
+        return self._overlays[ident]
+
+    def resumed(self) -> None:
+        """The handed-over connections are back; a reopened overlay none of them took
+        closes."""
+        idle = [self._overlays[i] for i in self._reopened
+                if i in self._overlays and not self._overlays[i].connections]
+        self._reopened.clear()
+        for overlay in idle:
+            overlay.close()
 
     def _tenant(self, client) -> str | None:
         """Who ``client`` is for this fleet's `tenant` setting (None: anyone may open any
@@ -371,6 +420,10 @@ class Fleet:
             self._unpublished[ident] = unpublished
             if creator is not None:
                 self._owners[ident] = creator
+        return self._export(ident, backend)
+
+    def _export(self, ident: str, backend: Backend) -> Export:
+        """The export of overlay ``ident``, open as ``backend``."""
         config = self.config
         return Export(config.overlay_export(ident, self.dir.path(ident, config.ephemeral)),
                       backend, transient=True,
@@ -380,7 +433,6 @@ class Fleet:
     def _open_overlay_image(self, path: str) -> Backend:
         """Open an overlay read-write over the shared golden image, checking it belongs here."""
         image = open_image(path, fmt=formats.QCOW1.name, read_only=False,
-                           l2_cache_tables=self.config.l2_cache_tables,
                            lend_backing=self._lend_golden(path))
         if image.backing is None or image.size != -(-self.size // 512) * 512:
             image.close()
@@ -417,7 +469,8 @@ class Fleet:
     def _closed(self, ident: str, export: Export) -> None:
         """An overlay closed: an ephemeral or never used one's file goes too."""
         temp = self._unpublished.pop(ident, None)
-        if temp is not None or self.config.ephemeral:
+        # one reopened for a handover that failed is still the previous server's
+        if (temp is not None or self.config.ephemeral) and ident not in self._reopened:
             path = temp or export.config.path
             try:
                 os.unlink(path)

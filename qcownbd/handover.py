@@ -3,8 +3,9 @@
 A connection is handed over at a request boundary, in transmission, without
 TLS (an ssl session's keys live in the process); what the successor needs
 to go on serving it is what negotiation agreed (`Session`), its counters,
-and the bytes already read from the socket but not yet framed (the rest of
-the client's stream waits in the kernel for the successor).  Everything
+the file of the fleet overlay it writes (if any), and the bytes already
+read from the socket but not yet framed (the rest of the client's stream
+waits in the kernel for the successor).  Everything
 here is pure: JSON in, JSON out, byte for byte the same on a round trip.
 
 A server with worker processes (`qcownbd.workers`) hands a connection to
@@ -45,6 +46,9 @@ class ConnectionState:
     errors: int
     seconds: float              # how long it has been connected
     leftover: bytes             # received, not yet framed
+    #: a fleet overlay's file (the export is `FLEET/ID`): the successor opens that very
+    #: file before it resumes the connection; None for a configured export
+    overlay: str | None = None
 
 
 def encode_state(state: ConnectionState) -> dict:
@@ -62,6 +66,7 @@ def encode_state(state: ConnectionState) -> dict:
         "bytes_written": state.bytes_written, "errors": state.errors,
         "seconds": state.seconds,
         "leftover": base64.b64encode(state.leftover).decode("ascii"),
+        "overlay": state.overlay,
     }
 
 
@@ -77,9 +82,16 @@ def decode_state(data: dict) -> ConnectionState:
         return ConnectionState(session, str(data["client"]), int(data["requests"]),
                                int(data["bytes_read"]), int(data["bytes_written"]),
                                int(data["errors"]), float(data["seconds"]),
-                               base64.b64decode(data["leftover"], validate=True))
+                               base64.b64decode(data["leftover"], validate=True),
+                               _optional_str(data.get("overlay")))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise HandoverError(f"handover: bad connection state: {exc!r}") from None
+
+
+def _optional_str(value) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"not a string: {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -142,9 +154,18 @@ def decode_any(data: dict) -> "ConnectionState | NegotiatingState":
 def state_of(conn) -> ConnectionState:
     """The state of ``conn`` (an `NbdConnection` held at a request boundary)."""
     stats = conn.stats
+    # a transient export is a fleet's overlay, opened on the client's lookup
+    overlay = conn.export.config.path if conn.export.transient else None
     return ConnectionState(conn.session, conn.client.label, stats.requests, stats.bytes_read,
                            stats.bytes_written, stats.errors,
-                           round(time.monotonic() - stats.started, 6), conn.reader.leftover())
+                           round(time.monotonic() - stats.started, 6), conn.reader.leftover(),
+                           overlay)
+
+
+def overlays_of(states) -> dict[str, str]:
+    """{export name: overlay file} of the fleet overlays ``states`` are connected to."""
+    return {state.session.export_name: state.overlay for state in states
+            if state.overlay is not None}
 
 
 def dumps(message: dict) -> bytes:

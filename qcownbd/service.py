@@ -32,7 +32,8 @@ from qcownbd.errors import ConfigError, HandoverError, ImageFormatError, Qcownbd
 from qcownbd.fdstore import Restored, keep_for_restart
 from qcownbd.exports import Export, ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
-from qcownbd.image import faults
+from qcownbd.handover import overlays_of
+from qcownbd.image import faults, metadata_cache
 from qcownbd.image.probe import open_image
 from qcownbd.image.qcow1 import create_qcow1
 from qcownbd.image.window import WindowSpec
@@ -82,9 +83,13 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
         endpoints = Endpoints.choose(config, launch)
     launch.detach()
     raise_fd_limit()
+    metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
-    pool = worker_pool(config, cli, launch, endpoints, argv)
-    registry = ExportRegistry([images, FleetProvider(images)]) if pool is None \
+    # the overlays of handed-over clients, which the fleets must not find stale
+    handed_over = list(overlays_of(state for state, _sock in endpoints.resumed).values()
+                       if successor is None else successor.overlays.values())
+    pool = worker_pool(config, cli, launch, endpoints, argv, handed_over)
+    registry = ExportRegistry([images, FleetProvider(images, handed_over)]) if pool is None \
         else pool.registry
     try:
         try:
@@ -95,6 +100,8 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
                 registry.apply({**cli, **config.exports})
                 if successor is not None:
                     successor.take_connections(registry)
+                elif endpoints.restored is not None:
+                    endpoints.restored.reopen_overlays(registry)
             status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
                                        endpoints, launch, argv or [], successor, pool))
         except QcownbdError as exc:
@@ -115,9 +122,11 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
 
 
 def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "Endpoints",
-                argv: list[str] | None) -> WorkerPool | None:
+                argv: list[str] | None, handed_over: list[str]) -> WorkerPool | None:
     """The worker processes to serve with, or None to serve in this process (one
-    worker, or a setup that keeps its clients in one process: logged)."""
+    worker, or a setup that keeps its clients in one process: logged).
+    ``handed_over``: the fleet overlay files of the connections a previous server
+    hands over (no worker may find them stale)."""
     count = worker_count(config.workers)
     if count == 1:
         return None
@@ -130,7 +139,8 @@ def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "End
     if alone:
         log.info("serving in one process, not %d workers: %s", count, alone)
         return None
-    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr())
+    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr(),
+                      handed_over)
 
 
 def open_cli_export(images: ImageProvider, config: ExportConfig,
@@ -248,7 +258,10 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
             await pool.start()
             server.router, pool.server = pool, server
             if successor is not None:
-                successor.take_connections(registry)
+                # the fleet overlays with clients open in the workers that get them
+                successor.check_exports(registry)
+                await pool.reopen(successor.overlays)
+                successor.receive_connections()
     except QcownbdError:
         if pool is not None:
             await pool.stop()
@@ -351,7 +364,8 @@ class Reloader:
     """SIGHUP: reread the config and apply it without taking a serving export away.
 
     A config that cannot be read or parsed changes nothing (one log line, and
-    systemd's STATUS says so).  Otherwise the server's limits apply at once,
+    systemd's STATUS says so).  Otherwise the server's limits and the metadata
+    cache's budget apply at once,
     exports change as `ExportRegistry.plan` says, new and changed images are
     opened in a worker thread (a large read-write QCOW1 image scans its
     tables for seconds) while the loop goes on serving, and the TLS files are
@@ -419,6 +433,7 @@ class Reloader:
         handover to a successor (which reads the file again) will apply it."""
         for key in NbdServer.LIMITS:
             setattr(self.server, key, getattr(new, key))
+        metadata_cache.SHARED.resize(new.metadata_cache)
         if not self.load or (new.listen, new.unix, new.tls,
                              new.control_socket) == self._start_only:
             return False

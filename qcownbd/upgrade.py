@@ -7,14 +7,17 @@ $QCOWNBD_HANDOVER_FD).  The steps, on `qcownbd.handover_channel`:
 
 1. the successor reads its configuration and says ``{"ready"}``;
 2. this server stops accepting, holds every connection at a request
-   boundary with its replies sent (`NbdServer.hold_for_handover`; TLS,
-   negotiating and fleet-overlay connections are answered and closed),
-   commits every image and drops its image locks; with worker processes
-   (`qcownbd.workers`) each worker does so and hands its held connections
-   back to this server, which passes them on with its own;
+   boundary with its replies sent (`NbdServer.hold_for_handover`; TLS and
+   negotiating connections are answered and closed), commits every image
+   (fleet overlays too) and drops its image locks, keeping the files open;
+   with worker processes (`qcownbd.workers`) each worker does so and hands
+   its held connections back to this server, which passes them on with its
+   own;
 3. it sends the listening sockets (and the control socket) with the names of
-   the exports that have clients; the successor opens its exports (its own
-   configuration says what they are) and says ``{"opened"}``;
+   the exports that have clients and the files of the fleet overlays they
+   write; the successor opens its exports (its own configuration says what
+   they are), then those very overlays (with workers: each in the worker
+   its connections will go to), and says ``{"opened"}``;
 4. it sends each connection's state (`qcownbd.handover`) and socket; the
    successor says ``{"taken"}``, resumes them, and ``{"serving"}`` once it
    listens.  Then this server exits 0 without closing anything the clients
@@ -38,7 +41,9 @@ import sys
 from qcownbd import systemd
 from qcownbd.config import parse_listen
 from qcownbd.errors import HandoverError, QcownbdError
-from qcownbd.handover import HANDOVER_FD_ENV, decode_state, encode_state, state_of
+from qcownbd.handover import (
+    HANDOVER_FD_ENV, decode_state, encode_state, overlays_of, state_of,
+)
 from qcownbd.handover_channel import MAX_FDS, Channel
 from qcownbd.image import locking
 
@@ -113,14 +118,15 @@ class Upgrade:
             await _ask(channel, START_TIMEOUT, process)
             await self._release(rollback)
             handed = rollback.handed()
-            live = sorted({state["export"] for state, _fd in handed})
+            overlays = overlays_of(decode_state(state) for state, _fd in handed)
+            live = sorted({state["export"] for state, _fd in handed} - overlays.keys())
             listening = rollback.listening + ([rollback.control] if rollback.control else [])
             configured = [sock.getsockname() in self.server.configured
                           for sock in rollback.listening]
             channel.send({"release": {"listening": len(rollback.listening),
                                       "configured": configured,
                                       "control": rollback.control is not None,
-                                      "exports": live}},
+                                      "exports": live, "overlays": overlays}},
                          [sock.fileno() for sock in listening])
             await _ask(channel, OPEN_TIMEOUT, process)
             await self._send_connections(channel, handed, process)
@@ -262,6 +268,8 @@ class Successor:
         self.configured: list[bool] = []
         self.control: socket.socket | None = None
         self.live_exports: list[str] = []
+        #: {FLEET/ID: overlay file} of the fleet overlays with clients
+        self.overlays: dict[str, str] = {}
         #: (ConnectionState, socket) of every connection handed over
         self.connections: list[tuple] = []
 
@@ -286,6 +294,8 @@ class Successor:
         if release.get("control") and len(socks) > count:
             self.control = socks[count]
         self.live_exports = list(release.get("exports", []))
+        self.overlays = {str(name): str(path)
+                         for name, path in (release.get("overlays") or {}).items()}
 
     def sort_listeners(self, tcp: list[str], unix: str | None, control: str | None):
         """Which of the listening sockets this configuration still wants (a socket
@@ -320,8 +330,19 @@ class Successor:
         return kept, wanted, None if unix_kept else unix
 
     def take_connections(self, registry) -> None:
-        """Steps 3 and 4: every export with clients must be served here (else
-        HandoverError); then take the connections."""
+        """Steps 3 and 4: every export with clients must be served here, and every
+        fleet overlay with clients open (else HandoverError); then take the
+        connections."""
+        self.check_exports(registry)
+        for name, path in sorted(self.overlays.items()):
+            try:
+                registry.reopen_member(name, path)
+            except QcownbdError as exc:
+                raise HandoverError(str(exc)) from None
+        self.receive_connections()
+
+    def check_exports(self, registry) -> None:
+        """Every export with clients is served here (else HandoverError)."""
         for name in self.live_exports:
             try:
                 registry.served(name)
@@ -329,6 +350,9 @@ class Successor:
                 why = dict(registry.unavailable()).get(name)
                 raise HandoverError(why or f"export {name}: not in the configuration any "
                                     "more, and it has clients") from None
+
+    def receive_connections(self) -> None:
+        """Step 4, once our exports and the overlays with clients are open."""
         self.channel.send({"opened": True})
         while True:
             message, socks = self.channel.receive(STEP_TIMEOUT)

@@ -1,7 +1,8 @@
 """One worker process (`qcownbd.workers`): opens its images, serves what it is handed.
 
 It reads the same configuration as its parent and opens the exports that
-are its own (`routing.opened_by`), reports them, and then serves the
+are its own (`routing.opened_by`), with its share of the metadata cache's
+budget (`cache_share`), reports them, and then serves the
 connections the parent passes (negotiating ones answer the option that
 chose the export first).  It listens nowhere and talks to systemd not at
 all.  It stops on SIGTERM or when the parent says so; it dies with its
@@ -24,11 +25,11 @@ from qcownbd.exports import ExportRegistry, ImageProvider
 from qcownbd.fleet import FleetProvider
 from qcownbd.handover import decode_any, encode_state, state_of
 from qcownbd.handover_channel import AsyncChannel, Channel
-from qcownbd.image import faults
+from qcownbd.image import faults, metadata_cache
 from qcownbd.nbd.server import NbdServer
 from qcownbd.routing import export_info, opened_by
 from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock, relock
-from qcownbd.workers import WORKER_ENV
+from qcownbd.workers import START_TIMEOUT, WORKER_ENV, cache_share
 
 log = logging.getLogger("qcownbd.server")
 
@@ -62,28 +63,40 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
     die_with_parent()
     index, count, fd = whoami
     os.set_inheritable(fd, False)
+    sock = socket.socket(fileno=fd)
+    try:
+        start, _socks = Channel(sock).receive(START_TIMEOUT)
+    except HandoverError as exc:
+        log.error("worker %d: no word from the parent: %s", index, exc)
+        return 1
 
     def mine(configs: dict) -> dict:
         return {name: c for name, c in configs.items() if opened_by(c, index, count)}
 
-    def load_mine() -> ServerConfig:
-        new = load() if load else ServerConfig()
+    def my_part(new: ServerConfig) -> ServerConfig:
+        """Our exports, and our share of the metadata cache (a reload resizes it)."""
         new.exports = mine(new.exports)
+        new.metadata_cache = cache_share(new.metadata_cache, count)
         return new
 
+    def load_mine() -> ServerConfig:
+        return my_part(load() if load else ServerConfig())
+
+    config, cli = my_part(config), mine(cli)
+    metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
-    registry = ExportRegistry([images, FleetProvider(images)])
+    registry = ExportRegistry([images, FleetProvider(images, start["start"]["handed_over"])])
     try:
         try:
-            for export_config in mine(cli).values():
+            for export_config in cli.values():
                 registry.check_image_free(export_config)
                 registry.add(open_cli_export(images, export_config))
-            registry.apply({**mine(cli), **mine(config.exports)})
+            registry.apply({**cli, **config.exports})
         except QcownbdError as exc:
             # the parent says it, once, and fails its start
-            Channel(socket.socket(fileno=fd)).send({"failed": str(exc)}, timeout=5.0)
+            Channel(sock).send({"failed": str(exc)}, timeout=5.0)
             return 1
-        asyncio.run(_serve(index, fd, config, mine(cli), registry, images,
+        asyncio.run(_serve(index, sock, config, cli, registry, images,
                            load_mine if load else None, reloader))
     finally:
         registry.close_all()
@@ -97,8 +110,8 @@ def _report(registry) -> dict:
             "broken": dict(registry.unavailable())}
 
 
-async def _serve(index: int, fd: int, config: ServerConfig, cli: dict, registry, images,
-                 load, reloader) -> None:
+async def _serve(index: int, sock: socket.socket, config: ServerConfig, cli: dict, registry,
+                 images, load, reloader) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     # the parent has the terminal's ^C and systemd's signals; SIGTERM (a whole unit
@@ -110,7 +123,7 @@ async def _serve(index: int, fd: int, config: ServerConfig, cli: dict, registry,
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
     reloads = reloader(server, registry, cli, load, config, hand_over=lambda: None)
     worker = _WorkerSide(index, server, registry, images, reloads, stopping)
-    channel = AsyncChannel(socket.socket(fileno=fd), worker.heard, worker.parent_gone)
+    channel = AsyncChannel(sock, worker.heard, worker.parent_gone)
     worker.channel = channel
     server.on_ended = worker.ended
     tasks = [loop.create_task(server.commit_metadata_forever()),
@@ -142,6 +155,8 @@ class _WorkerSide:
         self.channel = None
         self._held: list = []
         self._tasks: set = set()
+        #: the connections being taken (`resumed` waits for them)
+        self._taking: set = set()
 
     def parent_gone(self) -> None:
         """The channel ended without a word: the parent died (where the kernel does
@@ -170,9 +185,9 @@ class _WorkerSide:
         if "connection" in message:
             self._take(message["connection"], socks, message.get("tag"))
         elif "ask" in message:
-            task = asyncio.get_running_loop().create_task(self._answer(message))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._answer(message))
+        elif message.get("resumed"):
+            self._spawn(self._resumed())
         elif message.get("exit"):
             # the successor serves our clients now: not a byte, not a shutdown
             logging.shutdown()
@@ -189,10 +204,21 @@ class _WorkerSide:
                 sock.close()
             self.channel.send({"ended": tag})
             return
-        task = asyncio.get_running_loop().create_task(
-            self.server.resume([(state, socks[0], tag)]))
+        task = self._spawn(self.server.take_over(state, socks[0], tag))
+        self._taking.add(task)
+        task.add_done_callback(self._taking.discard)
+
+    def _spawn(self, coroutine) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _resumed(self) -> None:
+        """The parent passed on every connection a previous server handed over: once
+        they are taken, the overlays reopened for them that none took close."""
+        await asyncio.gather(*self._taking, return_exceptions=True)
+        self.registry.resumed()
 
     async def _answer(self, question: dict) -> None:
         ask, fds = question["ask"], []
@@ -204,6 +230,10 @@ class _WorkerSide:
                 answer = _report(self.registry)
             elif ask == "snapshot":
                 answer = {"result": await self.commands.snapshot(question["request"])}
+            elif ask == "reopen":
+                for name, path in sorted(question["overlays"].items()):
+                    self.registry.reopen_member(name, path)
+                answer = {"reopened": len(question["overlays"])}
             elif ask == "hold":
                 answer, fds = await self._hold()
             elif ask == "release":

@@ -3,8 +3,11 @@
 The parent starts ``count`` workers as ``python -m qcownbd`` with its own
 arguments (so they read the same configuration), each with one end of a
 socket pair (`handover_channel.AsyncChannel`) and $QCOWNBD_WORKER saying
-which worker it is (`qcownbd.worker`).  Each worker opens the images it
-owns (`routing`), reports them, and serves the connections it is handed:
+which worker it is (`qcownbd.worker`).  Its first message (``start``) names
+the fleet overlays whose clients a previous server hands over (none may be
+taken for stale).  Each worker opens the images it owns (`routing`) with
+its part of the metadata cache (`cache_share`), reports them, and serves
+the connections it is handed:
 the parent accepts, negotiates until an option chooses an export (GO,
 EXPORT_NAME), and passes the socket with the negotiation's state
 (`handover.NegotiatingState`) to that export's worker, which answers the
@@ -16,7 +19,9 @@ and started again; its clients' connections died with it and they
 reconnect (the kernel released its image locks, the replacement opens the
 images again).  Reload, status, snapshots and upgrades go through the
 parent, which asks the workers (`reload`, `status`, `snapshot`, `hold`,
-`release`, `exit`, `stop`).
+`release`, `exit`, `stop`); a successor's workers first reopen the fleet
+overlays of the connections they will get (`reopen`) and close those none
+took (`resumed`).
 """
 
 import asyncio
@@ -29,6 +34,7 @@ from qcownbd.access import client_from_peername
 from qcownbd.errors import ControlError, HandoverError, QcownbdError
 from qcownbd.handover import encode_negotiating, encode_state, negotiating_state_of
 from qcownbd.handover_channel import AsyncChannel
+from qcownbd.image.metadata_cache import MIN_BUDGET
 from qcownbd.nbd import protocol
 from qcownbd.nbd.constants import Opt
 from qcownbd.routing import Placement, RemoteRegistry
@@ -46,6 +52,12 @@ START_TIMEOUT = 120.0
 RESTART_PAUSE = 0.5
 MAX_RESTART_PAUSE = 30.0
 STOP_TIMEOUT = 20.0
+
+
+def cache_share(budget: int, count: int) -> int:
+    """Each of ``count`` workers' metadata cache: an equal part of the budget, which
+    stays the service's (at least the cache's minimum)."""
+    return max(budget // count, MIN_BUDGET)
 
 
 def worker_count(configured: int) -> int:
@@ -68,8 +80,12 @@ class Worker:
 class WorkerPool:
     """The parent's side (see the module docstring); ``router`` of the `NbdServer`."""
 
-    def __init__(self, count: int, argv: list[str], configs: dict, log_to_stderr: bool = True):
+    def __init__(self, count: int, argv: list[str], configs: dict, log_to_stderr: bool = True,
+                 handed_over=()):
         self.count, self.argv = count, argv
+        #: the fleet overlay files of the connections a previous server hands over: no
+        #: worker opening its fleets may delete them as stale (until `resumed`)
+        self.handed_over = list(handed_over)
         #: False: the workers' stderr is /dev/null (a --fork server lets its pipe go;
         #: a worker that cannot start says why to this process, through its channel)
         self.log_to_stderr = log_to_stderr
@@ -118,6 +134,11 @@ class WorkerPool:
         worker = Worker(index, process, AsyncChannel(ours, on_message,
                                                      lambda: self._lost(worker)))
         self.workers[index] = worker
+        try:
+            # the one thing a worker must know before it opens its images
+            worker.channel.send({"start": {"handed_over": self.handed_over}})
+        except HandoverError:
+            pass        # it died at once: `_wait_ready` says so
         return worker
 
     async def _wait_ready(self, worker: Worker) -> None:
@@ -261,6 +282,32 @@ class WorkerPool:
         except HandoverError as exc:
             log.error("%s: not resumed: its worker is gone (%s)", state.client, exc)
         sock.close()
+
+    async def reopen(self, overlays: dict[str, str]) -> None:
+        """An upgrade's successor: each of ``overlays`` ({FLEET/ID: file} the previous
+        server's clients write) opened now by the worker its connections will go to
+        (`resume`); HandoverError (one line) when one cannot be."""
+        on: dict[int, dict] = {}
+        for name, path in sorted(overlays.items()):
+            on.setdefault(self.worker_of(name), {})[name] = path
+        for index, mine in sorted(on.items()):
+            worker = self.workers[index]
+            if worker is None or worker.channel.closed:
+                raise HandoverError(f"worker {index} is gone; overlays {', '.join(mine)} "
+                                    "not reopened")
+            await worker.channel.ask({"ask": "reopen", "overlays": mine},
+                                     timeout=START_TIMEOUT)
+
+    def resumed(self) -> None:
+        """Every handed-over connection went to its worker: the reopened overlays none
+        of them took may close, and a worker started from now on finds no overlay
+        handed over."""
+        self.handed_over = []
+        for worker in self._live():
+            try:
+                worker.channel.send({"resumed": True})
+            except HandoverError:
+                pass    # it died: `_lost` replaces it
 
     # ------------------------------------------------------------- questions
 

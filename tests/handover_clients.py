@@ -2,6 +2,7 @@
 qemu-io fed commands as it runs, and an nbdsh (libnbd) loop with structured replies
 and block status; and the checks of the image afterwards."""
 
+import json
 import subprocess
 import textwrap
 import threading
@@ -105,3 +106,47 @@ def verify(image, written: dict[int, int]) -> None:
     out = run(["qemu-io", "-r", "-f", "qcow", *commands, image], timeout=120).stdout
     assert "fail" not in out.lower(), out[-2000:]
     run(qcownbd_cmd("check", image), env=qcownbd_env())
+
+
+#: a fleet's golden image: data here (pattern GOLDEN_PATTERN), where no client writes
+GOLDEN_DATA = (12 * 1024 * 1024, 1024 * 1024)
+GOLDEN_PATTERN = 0xAB
+#: where the nbdsh loop of a fleet test writes (the qemu-io session: blocks 0-63)
+NBDSH_BASE = 128 * BLOCK
+
+
+def make_fleet(tmp_path, overlays="persistent"):
+    """(config file, golden image) of fleet `fleet`: a raw golden image of SIZE bytes
+    with GOLDEN_DATA, persistent or ephemeral overlays in tmp_path/overlays."""
+    golden = tmp_path / "golden.raw"
+    run(["qemu-img", "create", "-q", "-f", "raw", golden, str(SIZE)])
+    offset, length = GOLDEN_DATA
+    run(["qemu-io", "-f", "raw", "-c", f"write -P {GOLDEN_PATTERN} {offset} {length}", golden])
+    config = tmp_path / "fleet.toml"
+    config.write_text(f'[exports.fleet]\ngolden = "{golden}"\ngolden_format = "raw"\n'
+                      f'overlay_dir = "{tmp_path / "overlays"}"\noverlays = "{overlays}"\n')
+    return config, golden
+
+
+def fleet_list(config) -> dict[str, bool]:
+    """`qcownbd fleet list`: {overlay: in use}."""
+    rows = json.loads(run(qcownbd_cmd("fleet", "list", config, "--json"), timeout=60,
+                          env=qcownbd_env()).stdout)
+    return {row["overlay"]: row["in-use"] for row in rows}
+
+
+def nbdsh_written(ops: int) -> dict[int, int]:
+    """{offset: pattern} an nbdsh loop at NBDSH_BASE left after ``ops`` operations."""
+    return {NBDSH_BASE + (op % 32) * BLOCK: op % 251 + 1 for op in range(max(0, ops - 32), ops)}
+
+
+def verify_isolated(overlay, written: dict[int, int], other_blocks) -> None:
+    """``overlay`` holds its client's writes (`verify`), the golden data, and zeros
+    (the golden image's) in ``other_blocks``, where only the other client wrote."""
+    offset, length = GOLDEN_DATA
+    commands = ["-c", f"read -P {GOLDEN_PATTERN} {offset} {length}"]
+    for block in other_blocks:
+        commands += ["-c", f"read -P 0 {block} {BLOCK}"]
+    out = run(["qemu-io", "-r", "-f", "qcow", *commands, overlay], timeout=120).stdout
+    assert "fail" not in out.lower(), out[-2000:]
+    verify(overlay, written)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from nbdclient import NBDMAGIC, NbdClient
 from qcownbd.image.backend import Extent
+from qcownbd.image.metadata_cache import MIN_BUDGET, MetadataCache
 from qcownbd.image.qcow1 import Qcow1Image, is_qcow1
 from qcownbd.image.raw import RawImage
 
@@ -347,7 +348,18 @@ def backing_opener_for(overlay_path):
     return opener
 
 
-def open_image(path, *, read_only=True, l2_cache_tables=None, **kwargs):
+def small_cache(path, tables: int | None) -> MetadataCache | None:
+    """A metadata cache of its own that holds ``tables`` L2 tables of the QCOW1 image
+    ``path`` (evictions in every few requests); None: the process's shared one."""
+    if tables is None:
+        return None
+    with open(path, "rb") as file:
+        header = file.read(48)
+    l2_bits = header[33]
+    return MetadataCache(max(MIN_BUDGET, tables * (8 << l2_bits)))
+
+
+def open_image(path, *, read_only=True, cache_tables=None, **kwargs):
     """Open a QCOW1 (by magic) or raw file as a Backend, with the QCOW1 backend alone.
 
     Unlike qcownbd.image.probe.open_image, the backing opener is minimal (names
@@ -360,7 +372,7 @@ def open_image(path, *, read_only=True, l2_cache_tables=None, **kwargs):
         if is_qcow1(os.pread(fd, 48, 0)):
             return Qcow1Image(fd, path, read_only=read_only,
                               backing_opener=backing_opener_for(path),
-                              l2_cache_tables=l2_cache_tables, **kwargs)
+                              metadata_cache=small_cache(path, cache_tables), **kwargs)
         return RawImage(fd, path, read_only=read_only)
     except BaseException:
         os.close(fd)

@@ -166,11 +166,13 @@ def _read_through_server(port: int) -> bytes:
 
 
 def serve_args(tmp_path, image: str, cache_tables: int | None) -> list[str]:
-    """``d=IMAGE``, or a config whose tiny L2 cache makes evictions commit mid-write."""
+    """``d=IMAGE``, or a config whose tiny metadata cache (``cache_tables`` of the image's
+    4 KiB L2 tables) makes evictions commit mid-write."""
     if cache_tables is None:
         return [f"d={image}"]
     config = tmp_path / "serve.toml"
-    config.write_text(f'[exports.d]\npath = "{image}"\nl2_cache_tables = {cache_tables}\n')
+    config.write_text(f'[server]\nmetadata_cache = {cache_tables * 4096}\n'
+                      f'[exports.d]\npath = "{image}"\n')
     return ["--config", str(config)]
 
 

@@ -297,9 +297,10 @@ def test_reload_keeps_clients_of_a_changed_fleet(tmp_path, golden, qcownbd_serve
     server = qcownbd_server("--config", config)
     old = NbdClient.connect(server.port, "fleet/a")
     assert old.write(0, b"\x42" * 4096) == 0
-    # a change that opens the fleet anew (its images' cache), with a new description
+    # a change that opens the fleet anew (where its golden image's backing files may
+    # lie), with a new description
     config.write_text(config.read_text().replace("test fleet", "renamed fleet")
-                      + "l2_cache_tables = 16\n")
+                      + 'backing_dirs = ["."]\n')
     server.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: "renamed fleet" in run(["nbdinfo", "--list", server.uri()]).stdout)
     # the retired fleet still serves its client; the new one cannot take the overlay yet

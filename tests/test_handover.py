@@ -6,7 +6,9 @@ import socket
 import pytest
 
 from qcownbd.errors import HandoverError, ProtocolError
-from qcownbd.handover import (ConnectionState, decode_state, dumps, encode_state, loads)
+from qcownbd.handover import (
+    ConnectionState, decode_state, dumps, encode_state, loads, overlays_of,
+)
 from qcownbd.handover_channel import Channel
 from qcownbd.nbd.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC, Cmd
 from qcownbd.nbd.negotiation import Session
@@ -17,11 +19,13 @@ from qcownbd.nbd.reader import Payload, PayloadNeeded, RequestReader
 STATE = ConnectionState(
     Session("fleet/vm42", ReplyMode.STRUCTURED, {1: "base:allocation", 7: "qemu:dirty"},
             True, False),
-    "127.0.0.1:40000", 12, 4096, 8192, 1, 3.25, b"\x25\x60\x95\x13\x00\x00partial")
+    "127.0.0.1:40000", 12, 4096, 8192, 1, 3.25, b"\x25\x60\x95\x13\x00\x00partial",
+    "/srv/fleet/vm42.qcow")
 WIRE = (b'{"bytes_read":4096,"bytes_written":8192,"client":"127.0.0.1:40000",'
         b'"contexts":{"1":"base:allocation","7":"qemu:dirty"},"errors":1,'
         b'"export":"fleet/vm42","leftover":"JWCVEwAAcGFydGlhbA==","mode":"STRUCTURED",'
-        b'"no_zeroes":true,"requests":12,"seconds":3.25,"version":1}\n')
+        b'"no_zeroes":true,"overlay":"/srv/fleet/vm42.qcow","requests":12,"seconds":3.25,'
+        b'"version":1}\n')
 
 
 def test_a_connection_state_is_one_json_line_and_round_trips_exactly():
@@ -31,12 +35,20 @@ def test_a_connection_state_is_one_json_line_and_round_trips_exactly():
     assert dumps(encode_state(again)) == WIRE
 
 
+def test_a_state_without_an_overlay_is_of_a_configured_export():
+    plain = WIRE.replace(b'"overlay":"/srv/fleet/vm42.qcow",', b'')
+    assert decode_state(loads(plain)).overlay is None
+    assert overlays_of([STATE, decode_state(loads(plain))]) == {
+        "fleet/vm42": "/srv/fleet/vm42.qcow"}
+
+
 @pytest.mark.parametrize("broken, why", [
     (WIRE.replace(b'"version":1', b'"version":2'), "version 2"),
     (WIRE.replace(b'"STRUCTURED"', b'"FANCY"'), "bad connection state"),
     (WIRE.replace(b'"JWCV', b'"!!'), "bad connection state"),
     (WIRE.replace(b'"1":', b'"one":'), "bad connection state"),
     (WIRE.replace(b'"export":"fleet/vm42",', b''), "bad connection state"),
+    (WIRE.replace(b'"/srv/fleet/vm42.qcow"', b'42'), "bad connection state"),
 ])
 def test_a_state_that_is_not_one_is_a_one_line_error(broken, why):
     with pytest.raises(HandoverError, match=why) as caught:

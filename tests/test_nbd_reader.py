@@ -166,6 +166,23 @@ def test_a_payload_split_across_receives_lands_in_its_own_buffer():
     assert events(reader) == [Request(0, READ, c, 0, 1) for c in (2, 3, 3)]
 
 
+def test_a_reader_with_no_room_says_it_is_full():
+    """Reading must pause whenever `get_buffer` would be empty: with a received payload
+    not yet taken (the connection's turn ended), a TLS transport read into the empty
+    buffer and took it for the client's close_notify, ending the connection."""
+    reader = transmitting()
+    payload = bytes(range(256)) * 1200
+    feed(reader, compact(WRITE, 1, 0, len(payload)) + payload[:1000])
+    [needed] = events(reader)
+    reader.receive_payload(memoryview(bytearray(len(payload))))
+    assert not reader.full and len(reader.get_buffer()) == len(payload) - 1000
+    feed(reader, payload[1000:])
+    assert reader.full and len(reader.get_buffer()) == 0
+    [done] = events(reader)
+    assert bytes(done.data) == payload
+    assert not reader.full and len(reader.get_buffer()) > 0
+
+
 def test_a_payload_announced_by_payload_len_in_extended_mode():
     reader = transmitting(ReplyMode.EXTENDED)
     feed(reader, extended(7, 3, 0, 8, flags=PAYLOAD_LEN) + b"12345678")

@@ -54,7 +54,7 @@ def test_plain_image_written_by_qemu(tmp_path, size):
     qemu_io(img, "write -P 0xab 4096 10240", "write -P 0x11 1M 70000",
             "write -P 0x5a 2093056 8192", "write -z 0 4096")
     _assert_reads_like_qemu(img, tmp_path)
-    _assert_reads_like_qemu(img, tmp_path, l2_cache_tables=2)
+    _assert_reads_like_qemu(img, tmp_path, cache_tables=2)
 
 
 def test_compressed_image(tmp_path):

@@ -82,7 +82,7 @@ def _close_and_compare(image, img, ref, tmp_path):
 
 def _run_workload(tmp_path, img, ref_bytes, *, seed, ops=1000, cache=None):
     ref = bytearray(ref_bytes)
-    image = open_image(img, read_only=False, l2_cache_tables=cache)
+    image = open_image(img, read_only=False, cache_tables=cache)
     try:
         _apply_workload(image, ref, seed, ops, trim=image.backing is None)
         assert read_all(image) == ref
@@ -307,7 +307,7 @@ def test_flush_in_a_worker_thread_during_writes(tmp_path):
     """The server may flush from a worker thread while the loop thread writes."""
     img = str(tmp_path / "f.qcow")
     run(["qemu-img", "create", "-f", "qcow", img, "8M"])
-    image = open_image(img, read_only=False, l2_cache_tables=2)
+    image = open_image(img, read_only=False, cache_tables=2)
     ref = bytearray(8 * MiB)
     stop = threading.Event()
     flushes = []
@@ -335,7 +335,7 @@ def test_through_probe_open_image(tmp_path):
     (tmp_path / "base.raw").write_bytes(b"\x5a" * MiB)
     img = str(tmp_path / "ov.qcow")
     run(["qemu-img", "create", "-f", "qcow", "-b", "base.raw", "-F", "raw", img, "2M"])
-    image = probe_open(img, read_only=False, backing_format="raw", l2_cache_tables=4)
+    image = probe_open(img, read_only=False, backing_format="raw")
     try:
         assert image.format_name == "qcow1" and image.backing.format_name == "raw"
         image.write(MiB - 100, b"\x01" * 200)

@@ -10,6 +10,7 @@ flushing and reading back across the restart without an error.
 """
 
 import array
+import hashlib
 import os
 import signal
 import socket
@@ -19,7 +20,10 @@ import time
 
 import pytest
 
-from handover_clients import QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
+from handover_clients import (
+    BLOCK, GOLDEN_DATA, GOLDEN_PATTERN, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list,
+    make_fleet, make_qcow, nbdsh_loop, verify,
+)
 from helpers import (DrainedPipe, free_port, qcownbd_cmd, qcownbd_env, run, stop_process,
                      wait_listening)
 
@@ -94,6 +98,34 @@ def _serve(cmd, env, pass_fds=()):
     return proc
 
 
+def restart_through_the_store(systemd: FakeSystemd, first, args: list, env):
+    """`systemctl restart` of ``first`` (serving two clients): SIGTERM, the store
+    filled, a new start given it; the new process once it took everything."""
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(30) == 0
+    while True:     # what it sent before it exited is all queued by now
+        try:
+            systemd.receive(0.5)
+        except socket.timeout:
+            break
+    assert "STOPPING=1" in systemd.messages
+    assert sorted(systemd.store) == ["qcownbd-conn-0", "qcownbd-conn-1",
+                                     "qcownbd-listen", "qcownbd-state"], systemd.messages
+    time.sleep(0.5)     # the clients wait meanwhile, their requests in the kernel
+    names = list(systemd.store)
+    fds = [systemd.store[name][0] for name in names]
+    launcher = [sys.executable, "-c", LAUNCHER, ":".join(names),
+                ",".join(map(str, fds)), *args]
+    new = _serve(launcher, env, fds)
+    try:
+        systemd.wait_for(lambda text: "READY=1" in text)
+    except socket.timeout:
+        raise AssertionError("".join(new.stderr.lines)) from None
+    # everything it was given leaves the store (FDSTOREREMOVE=1)
+    systemd.wait_for(lambda _text: not systemd.store)
+    return new
+
+
 def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
     image = make_qcow(tmp_path)
     systemd = FakeSystemd(tmp_path)
@@ -108,28 +140,7 @@ def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
         qemu = QemuIoSession(f"nbd://127.0.0.1:{port}/d", first_block=0)
         nbdsh = nbdsh_loop(f"nbd://127.0.0.1:{port}/d", 128 * 65536, stop_file)
         time.sleep(1.0)
-        first.send_signal(signal.SIGTERM)
-        assert first.wait(30) == 0
-        while True:     # what it sent before it exited is all queued by now
-            try:
-                systemd.receive(0.5)
-            except socket.timeout:
-                break
-        assert "STOPPING=1" in systemd.messages
-        assert sorted(systemd.store) == ["qcownbd-conn-0", "qcownbd-conn-1",
-                                         "qcownbd-listen", "qcownbd-state"], systemd.messages
-        time.sleep(0.5)     # the clients wait meanwhile, their requests in the kernel
-        names = list(systemd.store)
-        fds = [systemd.store[name][0] for name in names]
-        launcher = [sys.executable, "-c", LAUNCHER, ":".join(names),
-                    ",".join(map(str, fds)), *args]
-        new = _serve(launcher, env, fds)
-        try:
-            systemd.wait_for(lambda text: "READY=1" in text)
-        except socket.timeout:
-            raise AssertionError("".join(new.stderr.lines)) from None
-        # everything it was given leaves the store (FDSTOREREMOVE=1)
-        systemd.wait_for(lambda _text: not systemd.store)
+        new = restart_through_the_store(systemd, first, args, env)
         time.sleep(1.0)
         qemu.finish()
         assert finish_nbdsh(nbdsh, stop_file) > 0
@@ -146,6 +157,58 @@ def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
     assert "restart: resumed 2 connection(s) and 1 listening socket(s)" in new_log, new_log
     assert "Traceback" not in old_log + new_log
     verify(image, qemu.written)
+
+
+def test_fleet_clients_keep_their_ephemeral_overlays_through_a_restart(tmp_path):
+    """Two clients of a fleet with ephemeral overlays: the new start opens the overlays
+    the stored connections write (not deleting them as stale) before it resumes them;
+    they are deleted once the clients have left."""
+    config, golden = make_fleet(tmp_path, overlays="ephemeral")
+    golden_sum = hashlib.sha256(golden.read_bytes()).hexdigest()
+    systemd = FakeSystemd(tmp_path)
+    port = free_port()
+    env = qcownbd_env(NOTIFY_SOCKET=systemd.path)
+    args = ["serve", "--fd-store", "--config", config, "--listen", f"127.0.0.1:{port}"]
+    first = _serve(qcownbd_cmd(*args), env)
+    new = None
+    stop_file = tmp_path / "stop"
+    try:
+        systemd.wait_for(lambda text: "READY=1" in text)
+        qemu = QemuIoSession(f"nbd://127.0.0.1:{port}/fleet/a", first_block=0)
+        nbdsh = nbdsh_loop(f"nbd://127.0.0.1:{port}/fleet/b", NBDSH_BASE, stop_file)
+        time.sleep(1.0)
+        listed = fleet_list(config)
+        assert listed == {"fleet/a": True, "fleet/b": True}
+        new = restart_through_the_store(systemd, first, args, env)
+        assert fleet_list(config) == listed
+        time.sleep(1.0)
+        # each overlay, read through the new server: the golden data, and none of what
+        # the other client writes (the clients check their own writes themselves)
+        offset, length = GOLDEN_DATA
+        for ident, others in (("a", (NBDSH_BASE, 32 * BLOCK)), ("b", (0, 64 * BLOCK))):
+            out = run(["qemu-io", "-r", "-f", "raw", "-c", f"read -P 0 {others[0]} {others[1]}",
+                       "-c", f"read -P {GOLDEN_PATTERN} {offset} {length}",
+                       f"nbd://127.0.0.1:{port}/fleet/{ident}"], timeout=60).stdout
+            assert "fail" not in out.lower() and out.count("read ") == 2, out
+        qemu.finish()
+        nbdsh_ops = finish_nbdsh(nbdsh, stop_file)
+        assert nbdsh_ops > 0
+        assert fleet_list(config) == {}     # ephemeral: gone with their clients
+        assert stop_process(new) == 0
+    finally:
+        for proc in (first, new):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+        systemd.close()
+    old_log, new_log = first.stderr.read(), new.stderr.read()
+    assert "kept 2 connection(s)" in old_log, old_log
+    assert "restart: resumed 2 connection(s)" in new_log, new_log
+    ephemeral = tmp_path / "overlays" / "ephemeral"
+    assert new_log.count(f"reopened overlay {ephemeral}/") == 2, new_log
+    assert "removed stale" not in new_log and "not resumed" not in new_log, new_log
+    assert "Traceback" not in old_log + new_log
+    assert hashlib.sha256(golden.read_bytes()).hexdigest() == golden_sum
 
 
 def test_the_successor_tells_systemd_its_pid(tmp_path):

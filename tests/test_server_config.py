@@ -1,5 +1,7 @@
 """The configuration parser and the export registry, without a server running."""
 
+import logging
+
 import pytest
 
 from helpers import run
@@ -28,14 +30,16 @@ def test_config_fields_and_relative_paths(tmp_path):
     config = tmp_path / "c.toml"
     config.write_text('[server]\nlisten = ["127.0.0.1:1234"]\nunix = "/tmp/s"\n'
                       'max_connections = 5\nhandshake_timeout = 2.5\npayload_timeout = 7\n'
+                      'metadata_cache = "1.5M"\n'
                       '[exports.vm]\npath = "img/vm.qcow"\nformat = "qcow1"\nread_only = true\n'
-                      'description = "a VM"\nbacking_format = "raw"\nl2_cache_tables = 8\n')
+                      'description = "a VM"\nbacking_format = "raw"\n')
     parsed = load_config(str(config))
     assert parsed.listen == ["127.0.0.1:1234"] and parsed.unix == "/tmp/s"
     assert (parsed.max_connections, parsed.handshake_timeout, parsed.payload_timeout) == (5, 2.5, 7)
+    assert parsed.metadata_cache == 1536 * 1024
     assert parsed.exports["vm"] == ExportConfig(
         name="vm", path=str(tmp_path / "img" / "vm.qcow"), format="qcow1", read_only=True,
-        description="a VM", backing_format="raw", l2_cache_tables=8)
+        description="a VM", backing_format="raw")
 
 
 @pytest.mark.parametrize("data, needle", [
@@ -44,7 +48,9 @@ def test_config_fields_and_relative_paths(tmp_path):
     ({"server": {"max_connections": True}}, "max_connections"),
     ({"server": {"max_connections": 0}}, "positive"),
     ({"server": {"payload_timeout": 0}}, "payload_timeout"),
-    ({"exports": {"a": {"path": "x", "l2_cache_tables": 0}}}, "l2_cache_tables"),
+    ({"server": {"metadata_cache": "lots"}}, "metadata_cache: invalid size"),
+    ({"server": {"metadata_cache": 100}}, "below the minimum"),
+    ({"server": {"metadata_cache": True}}, "metadata_cache has the wrong type"),
     ({"exports": {"a\0b": {"path": "x"}}}, "export name"),
     ({"listen": []}, "listen"),
 ])
@@ -57,6 +63,14 @@ def _image(tmp_path, name):
     path = tmp_path / f"{name}.raw"
     run(["qemu-img", "create", "-q", "-f", "raw", path, "1M"])
     return str(path)
+
+
+def test_the_retired_l2_cache_tables_key_still_loads_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="qcownbd.config"):
+        config = parse_config({"exports": {"a": {"path": "x", "l2_cache_tables": 8}}})
+    assert config.exports["a"].path.endswith("x")
+    assert "[exports.a]: l2_cache_tables is ignored" in caplog.text
+    assert "metadata_cache" in caplog.text
 
 
 def test_registry_reload_retires_and_keeps(tmp_path):

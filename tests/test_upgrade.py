@@ -8,6 +8,7 @@ cannot take over (a broken config, an image it cannot open) leaves the old
 server serving, and `qcownbd upgrade` says why in one line.
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -17,7 +18,10 @@ import time
 
 import pytest
 
-from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
+from handover_clients import (
+    BLOCK, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list, make_fleet, make_qcow, nbdsh_loop,
+    nbdsh_written, verify, verify_isolated,
+)
 from helpers import (DrainedPipe, LoggedServer, free_port, qcownbd_cmd, qcownbd_env, run,
                      wait_for, wait_listening)
 from test_tls import pki, tls_args  # noqa: F401 (pki is the fixture of x509 files)
@@ -220,3 +224,76 @@ def _listens(port: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def test_fleet_clients_keep_their_own_overlays_through_upgrades(tmp_path):
+    """Two clients of a fleet, each on its own overlay, write through three handovers:
+    the successor opens those very overlays before it resumes them.  One whose fleet
+    keeps its overlays elsewhere cannot take them: the old server serves on, holding
+    the overlays' locks again."""
+    config, golden = make_fleet(tmp_path)
+    golden_sum = hashlib.sha256(golden.read_bytes()).hexdigest()
+    overlays = tmp_path / "overlays"
+    good = config.read_text()
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, "--config", config) as server:
+        qemu = QemuIoSession(server.uri("fleet/a"), first_block=0)
+        nbdsh = nbdsh_loop(server.uri("fleet/b"), NBDSH_BASE, stop_file)
+        assert wait_for(lambda: server.log.count("attached export=fleet/") == 2, 30), server.log
+        assert fleet_list(config) == {"fleet/a": True, "fleet/b": True}
+        for _ in range(3):
+            server.upgrade_by_signal()
+            time.sleep(0.5)
+            assert fleet_list(config) == {"fleet/a": True, "fleet/b": True}
+        first = server.pid
+        config.write_text(good.replace(str(overlays), str(tmp_path / "elsewhere")))
+        failed = server.upgrade_command(check=False)
+        config.write_text(good)
+        assert failed.returncode == 1, failed
+        line = failed.stderr.strip()
+        assert line.startswith(f"qcownbd: error: upgrade failed, still serving as pid {first}: "
+                               ) and "\n" not in line, line
+        assert f"overlay fleet/a: its file {overlays / 'a.qcow'} is not this fleet's" in line
+        assert server.pid == first
+        for ident in "ab":
+            locked = run(["qemu-io", "-f", "qcow", "-r", "-c", "read 0 512",
+                          overlays / f"{ident}.qcow"], check=False)
+            assert 'Failed to get shared "write" lock' in locked.stderr, locked
+        time.sleep(0.5)
+        qemu.finish()
+        ops = finish_nbdsh(nbdsh, stop_file)
+        assert ops > 0
+        assert server.stop() == 0
+    log = server.stderr
+    assert log.count("handover: took 2 connection(s) and 2 listening socket(s)") == 3, log
+    assert log.count("reopened overlay") == 6, log
+    assert "not handed over" not in log and "Traceback" not in log, log
+    assert fleet_list(config) == {"fleet/a": False, "fleet/b": False}
+    assert hashlib.sha256(golden.read_bytes()).hexdigest() == golden_sum
+    verify_isolated(overlays / "a.qcow", qemu.written, nbdsh_written(ops))
+    verify_isolated(overlays / "b.qcow", nbdsh_written(ops), qemu.written)
+
+
+def test_a_failed_upgrade_leaves_the_ephemeral_overlays_to_the_old_server(tmp_path):
+    """The successor opened one overlay and cannot open the other (its file was
+    removed): it gives up without deleting the ephemeral overlay it had opened, which
+    the old server still serves."""
+    config, _golden = make_fleet(tmp_path, overlays="ephemeral")
+    ephemeral = tmp_path / "overlays" / "ephemeral"
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, "--config", config) as server:
+        qemu = QemuIoSession(server.uri("fleet/a"), first_block=0)
+        nbdsh = nbdsh_loop(server.uri("fleet/b"), NBDSH_BASE, stop_file)
+        assert wait_for(lambda: server.log.count("attached export=fleet/") == 2, 30), server.log
+        first = server.pid
+        (ephemeral / "b.qcow").unlink()     # the old server writes on, to the open file
+        failed = server.upgrade_command(check=False)
+        assert failed.returncode == 1 and "overlay fleet/b: its file" in failed.stderr, failed
+        assert server.pid == first
+        assert fleet_list(config) == {"fleet/a": True}
+        time.sleep(0.5)
+        qemu.finish()
+        assert finish_nbdsh(nbdsh, stop_file) > 0
+        assert wait_for(lambda: not (ephemeral / "a.qcow").exists(), 30)
+        assert server.stop() == 0
+    assert "reopened overlay" in server.stderr and "Traceback" not in server.stderr

@@ -240,7 +240,8 @@ def test_workers_recipe_shows_the_workers(sandbox, tmp_path):
     out = sandbox.bash(readme_blocks()["workers"], env=sandbox.env(tmp_path / "home", bin_dir),
                        cwd=tmp_path)
     assert "read 1048576/1048576 bytes at offset 0" in out
-    rows = re.findall(r"^([01])\s+(\d+)\s+\d+\s+(.*)$", out, re.M)
+    # index, pid, connections, metadata cache ("4 KiB of 16 MiB"), exports
+    rows = re.findall(r"^([01])\s+(\d+)\s+\d+\s+\S+ \S+ of \S+ \S+\s+(.*)$", out, re.M)
     assert [row[0] for row in rows] == ["0", "1"] and \
         sum(row[2].split(", ").count("disk") for row in rows) == 1, out
     assert not (tmp_path / "qcownbd.pid").exists()

@@ -4,8 +4,10 @@ Real clients (libnbd's nbdsh, qemu-io, nbdinfo) against a server with two
 workers: the connections of one export meet one image (a reader on a second
 connection sees what the first flushed), a worker killed with SIGKILL is
 replaced and its export served again, a reload reaches the workers, an
-upgrade takes the workers' connections along, and a fleet's overlays spread
-over the workers, each client's writes in its own overlay only.
+upgrade takes the workers' connections along (a fleet's ephemeral overlays
+too, reopened in the successor's workers), a fleet's overlays spread over the
+workers, each client's writes in its own overlay only, and each worker has its
+part of the metadata cache's budget.
 """
 
 import json
@@ -17,7 +19,8 @@ import time
 
 import pytest
 
-from handover_clients import BLOCK, QemuIoSession, finish_nbdsh, make_qcow, nbdsh_loop, verify
+from handover_clients import (BLOCK, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list,
+                              make_fleet, make_qcow, nbdsh_loop, verify)
 from helpers import (LoggedServer, children, free_port, qcownbd_cmd, qcownbd_env, qemu_io,
                      run, wait_for)
 from test_upgrade import HandingServer, _alive
@@ -166,6 +169,47 @@ def test_an_upgrade_takes_the_workers_connections_along(tmp_path):
         assert server.stop() == 0
     assert "Traceback" not in server.stderr
     verify(images["d"], qemu.written)
+
+
+def overlays_on_workers(control) -> list[list[str]]:
+    """The fleet overlays each worker has open."""
+    return [sorted(e for e in w["exports"] if e.startswith("fleet/"))
+            for w in status(control)["workers"]]
+
+
+def test_an_upgrade_takes_fleet_clients_along_to_their_workers(tmp_path):
+    """Two clients of a fleet with ephemeral overlays, one on each worker, write through
+    three upgrades: each old worker hands its client back with the overlay's file, and
+    the successor's worker that gets the overlay reopens it (no worker of the successor
+    takes it for a stale leftover).  The metadata cache's budget is split between the
+    workers, and the status sums it."""
+    config, _golden = make_fleet(tmp_path, overlays="ephemeral")
+    config.write_text('[server]\nworkers = 2\nmetadata_cache = "8M"\n' + config.read_text())
+    stop_file = tmp_path / "stop"
+    with HandingServer(tmp_path, "--config", config) as server:
+        qemu = QemuIoSession(server.uri("fleet/a"), first_block=0)
+        nbdsh = nbdsh_loop(server.uri("fleet/b"), NBDSH_BASE, stop_file)
+        assert wait_for(lambda: sorted(overlays_on_workers(server.control))
+                        == [["fleet/a"], ["fleet/b"]], 30), status(server.control)
+        cache = status(server.control)
+        assert [w["metadata_cache"]["budget"] for w in cache["workers"]] == [4 << 20] * 2
+        assert cache["metadata_cache"]["budget"] == 8 << 20
+        assert cache["metadata_cache"]["images"] == sum(
+            w["metadata_cache"]["images"] for w in cache["workers"]) > 0
+        for upgrade in (server.upgrade_by_signal, server.upgrade_by_signal,
+                        server.upgrade_command):
+            upgrade()
+            time.sleep(0.5)
+            assert fleet_list(config) == {"fleet/a": True, "fleet/b": True}
+            assert sorted(overlays_on_workers(server.control)) == [["fleet/a"], ["fleet/b"]]
+        qemu.finish()
+        assert finish_nbdsh(nbdsh, stop_file) > 0
+        assert server.stop() == 0
+    log = server.stderr
+    assert log.count("handover: took 2 connection(s) and 2 listening socket(s)") == 3, log
+    assert log.count("reopened overlay") == 6, log
+    assert "not resumed" not in log and "Traceback" not in log, log
+    assert fleet_list(config) == {}     # ephemeral: gone with their clients
 
 
 FLEET_CLIENT = textwrap.dedent("""

@@ -8,10 +8,9 @@ policy and the locks are the same too.
 
 import json
 import os
-import re
 import sys
 
-from qcownbd.console import Progress, human_size, setup_logging
+from qcownbd.console import Progress, human_size, parse_size, setup_logging
 from qcownbd.errors import ImageFormatError, UsageError
 from qcownbd.image import formats
 from qcownbd.image.commit import commit_overlay
@@ -24,25 +23,6 @@ from qcownbd.image.probe import open_backing_file, open_image
 #: qemu-img's exit statuses for `check`
 CHECK_CLEAN, CHECK_CORRUPT, CHECK_LEAKS, CHECK_UNSUPPORTED = 0, 2, 3, 63
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)([bkmgtpe]?)", re.IGNORECASE)
-_UNITS = "bkmgtpe"
-
-
-def parse_size(text: str) -> int:
-    """Bytes from "10000000", "64M", "1.5G" (K, M, G, T, P, E: powers of 1024)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise UsageError(f"invalid size {text!r} (examples: 1000000, 64M, 2G)")
-    number, unit = match.groups()
-    scale = 1024 ** _UNITS.index(unit.lower() or "b")
-    if "." in number and scale == 1:
-        raise UsageError(f"invalid size {text!r}: fractional bytes")
-    size = int(float(number) * scale) if "." in number else int(number) * scale
-    if size <= 0:
-        raise UsageError(f"invalid size {text!r}: must be positive")
-    if size >= 1 << 63:
-        raise UsageError(f"invalid size {text!r}: too large")
-    return size
 
 
 def register(sub, common) -> None:

@@ -19,10 +19,9 @@ from pathlib import Path
 from qcownbd import service
 from qcownbd.config import (
     DEFAULT_HOST, DEFAULT_LISTEN, TLS_MODES, ExportConfig, ServerConfig, check_export_name,
-    check_tls, format_listen, load_config, make_read_only, parse_listen,
+    check_tls, format_listen, load_config, make_read_only, parse_budget, parse_listen,
 )
-from qcownbd.cli.image import parse_size
-from qcownbd.console import setup_logging
+from qcownbd.console import parse_size, setup_logging
 from qcownbd.errors import ConfigError, ImageFormatError, UsageError
 from qcownbd.image import formats
 from qcownbd.image.snapshot import ThrowawayOverlays
@@ -83,6 +82,9 @@ def _export_options(group) -> None:
                        help="serve only partition N of them: an MBR primary partition (1-4) "
                             "or a GPT entry")
     group.add_argument("--config", metavar="FILE", help="TOML configuration (SIGHUP reloads it)")
+    group.add_argument("--metadata-cache", type=_budget, metavar="SIZE",
+                       help="memory for QCOW1 metadata (L2 tables), one budget shared by "
+                            "every export and overlay (default 32M; overrides the config)")
     group.add_argument("--demo", action="store_true",
                        help="serve a small demo QCOW1 image as export 'demo'")
 
@@ -178,16 +180,18 @@ def _split_spec(spec: str) -> tuple[str | None, str]:
 
 def config_loader(args):
     """The function that reads the config file (at the start and on SIGHUP) with the
-    command line's --read-only applied, or None without --config."""
+    command line's --read-only and --metadata-cache applied, or None without --config."""
     if not args.config:
         return None
     path = os.path.abspath(args.config)
 
     def load() -> ServerConfig:
-        """The config file as it is now, --read-only applied."""
+        """The config file as it is now, the command line's overrides applied."""
         config = load_config(path)
         if args.read_only:
             make_read_only(config)
+        if args.metadata_cache:
+            config.metadata_cache = args.metadata_cache
         return config
     return load
 
@@ -196,6 +200,8 @@ def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig], object]:
     """The file's config (if any) and the command-line exports, checked."""
     load = config_loader(args)
     config = load() if load else ServerConfig()
+    if args.metadata_cache:
+        config.metadata_cache = args.metadata_cache
     cli = cli_exports(args)
     clash = sorted(set(cli) & set(config.exports))
     if clash:
@@ -277,6 +283,14 @@ def _bytes(text: str) -> int:
     try:
         return parse_size(text)
     except UsageError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _budget(text: str) -> int:
+    """--metadata-cache: a size, at least the cache's minimum."""
+    try:
+        return parse_budget(text, "--metadata-cache")
+    except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 

@@ -32,8 +32,7 @@ def commit_overlay(path, *, backing_format: str | None = None,
     """
     path = os.path.abspath(os.fsdecode(path))
     policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
-                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, l2_cache_tables=None,
-                           lock=True)
+                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, lock=True)
     opened: list[tuple[str, Backend]] = []
 
     def open_for_writing(name: bytes) -> Backend:

@@ -30,7 +30,6 @@ class OpenOptions:
     read_only: bool
     #: opens the backing file named inside the image (formats with backing files)
     backing_opener: Callable[[bytes], Backend] | None = None
-    l2_cache_tables: int | None = None
     #: open a corrupt image read-write, for `check` repairs only
     allow_corrupt: bool = False
 
@@ -69,7 +68,6 @@ def _create_raw(path: str, size: int, backing_name: str | None) -> None:
 def _open_qcow1(fd: int, path: str, options: OpenOptions) -> Backend:
     return Qcow1Image(fd, path, read_only=options.read_only,
                       backing_opener=options.backing_opener,
-                      l2_cache_tables=options.l2_cache_tables,
                       allow_corrupt=options.allow_corrupt)
 
 

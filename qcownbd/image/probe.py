@@ -64,7 +64,7 @@ def _foreign(first_bytes: bytes) -> str | None:
 
 def open_image(path, *, fmt: str = "auto", read_only: bool = False,
                backing_format: str | None = None, allowed_backing_dirs=None,
-               max_backing_depth: int = MAX_BACKING_DEPTH, l2_cache_tables: int | None = None,
+               max_backing_depth: int = MAX_BACKING_DEPTH,
                lock: bool = True, allow_corrupt: bool = False,
                lend_backing: Callable[[bytes], Backend] | None = None) -> Backend:
     """Open ``path`` as a Backend: raw or QCOW1 (with its backing chain).
@@ -79,7 +79,7 @@ def open_image(path, *, fmt: str = "auto", read_only: bool = False,
     policy = BackingPolicy(
         backing_format=normalise_format(backing_format, "backing format"),
         allowed_dirs=[os.path.realpath(d) for d in allowed_backing_dirs or ()],
-        max_depth=max_backing_depth, l2_cache_tables=l2_cache_tables, lock=lock,
+        max_depth=max_backing_depth, lock=lock,
         lend_backing=lend_backing)
     fmt = normalise_format(fmt, "format")
     return policy.open(os.path.abspath(os.fsdecode(path)), fmt, read_only, depth=0,
@@ -90,8 +90,7 @@ def open_backing_file(image_path, name: str, backing_format: str | None = None) 
     """The backing file ``name`` of a future image at ``image_path``, opened read-only
     under `open_image`'s policy (`qcownbd create -b` checks it before writing)."""
     policy = BackingPolicy(backing_format=normalise_format(backing_format, "backing format"),
-                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, l2_cache_tables=None,
-                           lock=True)
+                           allowed_dirs=[], max_depth=MAX_BACKING_DEPTH, lock=True)
     return policy.open_backing(os.path.abspath(image_path), os.fsencode(name), 1)
 
 
@@ -102,7 +101,6 @@ class BackingPolicy:
     backing_format: str | None
     allowed_dirs: list[str]
     max_depth: int
-    l2_cache_tables: int | None
     lock: bool
     #: supplies the exported image's own backing file, instead of `open_backing`
     lend_backing: Callable[[bytes], Backend] | None = None
@@ -137,7 +135,7 @@ class BackingPolicy:
 
         return formats.FORMATS[fmt].open(fd, path, OpenOptions(
             read_only=read_only, backing_opener=backing_opener,
-            l2_cache_tables=self.l2_cache_tables, allow_corrupt=allow_corrupt))
+            allow_corrupt=allow_corrupt))
 
     def open_backing(self, overlay: str, name: bytes, depth: int) -> Backend:
         """Open the backing file ``name`` stored in ``overlay``, read-only, per policy."""

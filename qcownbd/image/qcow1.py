@@ -18,6 +18,7 @@ from .qcow1_header import (COMPRESSED, DEFAULT_MAX_L1_ENTRIES, Qcow1Header, crea
                            is_qcow1, read_exact_at, read_header)
 from .qcow1_free import (CompressedClusters, FreeClusters, cluster_pointers, released_runs,
                           scatter)
+from .metadata_cache import MetadataCache
 from .qcow1_map import DATA, INVALID, PACKED, UNALLOCATED, ClusterMap
 from .qcow1_tables import BAD, Qcow1Tables, pwrite_all, to_big_endian
 
@@ -49,12 +50,13 @@ class Qcow1Image(Backend):
     ``backing_opener(name: bytes) -> Backend`` opens the backing file under
     the caller's policy.  ``allow_corrupt`` opens a read-write image whose
     scan failed, for `check(repair=True)` only: writes fail until repaired.
+    ``metadata_cache`` holds its L2 tables (default: the process's shared one).
     """
 
     format_name = "qcow1"
 
     def __init__(self, fd: int, path, *, read_only: bool, backing_opener=None,
-                 l2_cache_tables: int | None = None,
+                 metadata_cache: MetadataCache | None = None,
                  max_l1_entries: int = DEFAULT_MAX_L1_ENTRIES, allow_corrupt: bool = False):
         self.fd, self.path, self.read_only = fd, path, read_only
         self._closed = False
@@ -67,20 +69,25 @@ class Qcow1Image(Backend):
         self.size = hdr.export_size
         self.cluster_size = self.preferred_block_size = hdr.cluster_size
         self._cluster_mask = hdr.cluster_size - 1
-        self._tables = Qcow1Tables(fd, path, hdr, cache_tables=l2_cache_tables)
+        self._tables = Qcow1Tables(fd, path, hdr, cache=metadata_cache)
         self._map = ClusterMap(hdr, self._tables)
         self._inflated: OrderedDict[int, bytes] = OrderedDict()
         self._corrupt = False
-        if read_only:
-            validate_lazily(self.path, hdr, self._tables, file_size)
-        else:
-            self._scan_for_writing(file_size, allow_corrupt)
-        self.backing_name = os.fsdecode(name) if name else None
-        self.backing = None
-        if name:
-            if backing_opener is None:
-                raise ImageFormatError(f"{path}: has a backing file but no backing opener was given")
-            self.backing = backing_opener(name)
+        try:
+            if read_only:
+                validate_lazily(self.path, hdr, self._tables, file_size)
+            else:
+                self._scan_for_writing(file_size, allow_corrupt)
+            self.backing_name = os.fsdecode(name) if name else None
+            self.backing = None
+            if name:
+                if backing_opener is None:
+                    raise ImageFormatError(
+                        f"{path}: has a backing file but no backing opener was given")
+                self.backing = backing_opener(name)
+        except BaseException:
+            self._tables.close()
+            raise
         self.can_trim = not read_only and self.backing is None
         self.can_fast_zero = self.can_trim
 
@@ -490,6 +497,7 @@ class Qcow1Image(Backend):
             self.flush()
         finally:
             self._closed = True
+            self._tables.close()
             os.close(self.fd)
             if self.backing is not None:
                 self.backing.close()

@@ -1,5 +1,6 @@
-"""QCOW1 mapping tables: the in-memory L1, a bounded LRU of L2 tables, the
-allocator and the pending pointer updates with their crash-safe commit.
+"""QCOW1 mapping tables: the in-memory L1, the L2 tables (held in the server's
+one `MetadataCache`), the allocator and the pending pointer updates with
+their crash-safe commit.
 
 Pointer updates (new L2 entries, new L1 entries, unmapped entries) change the
 in-memory tables at once, so reads see them, but reach the file only in
@@ -16,6 +17,9 @@ same bytes.  A free run at the file's end is cut off.
 Threading: the event-loop thread reads and changes the tables; `commit` may
 run in a worker thread.  It only touches the pending maps (under
 `_pending_lock`) and the file; commits are serialised by `_commit_lock`.
+A table with pending entries is pinned in the cache until its commit, and
+referenced by them too, so a commit never needs the cache and a reload
+never loses them.
 """
 
 import re
@@ -23,23 +27,19 @@ import sys
 import threading
 from array import array
 from bisect import bisect_left, insort
-from collections import OrderedDict
 
 import os
 
 from ..errors import ImageIOError
 from . import backend
 from .faults import syscalls
+from .metadata_cache import SHARED, MetadataCache
 from .qcow1_free import CompressedClusters, FreeClusters
 from .qcow1_header import Qcow1Header, read_exact_at
 
 #: in-memory sentinel for an entry that failed validation (read-only images):
 #: never a real entry (odd, no flag), every access gives EIO
 BAD = 1
-#: default L2 cache: this many bytes of tables (2048 tables of a 4 KiB-cluster image, which
-#: map 4 GiB): a random workload over a disk that size never rereads a table, and a
-#: cache this size never holds more than the tables actually touched
-DEFAULT_CACHE_BYTES = 8 * 1024 * 1024
 _NONZERO_BYTE = re.compile(rb"[^\0]")
 
 
@@ -85,13 +85,15 @@ def pwrite_all(fd: int, buffers, offset: int) -> None:
 
 
 class Qcow1Tables:
-    """L1 + L2 cache + allocator + pending pointers of one open image."""
+    """L1 + L2 tables + allocator + pending pointers of one open image; its L2 tables
+    live in ``cache`` (the process's shared one by default) until `close`."""
 
-    def __init__(self, fd: int, path, header: Qcow1Header, *, cache_tables: int | None):
+    def __init__(self, fd: int, path, header: Qcow1Header, *, cache: MetadataCache | None = None):
         self.fd = fd
         self.path = path
         self.header = header
-        self.cache_tables = max(2, cache_tables or DEFAULT_CACHE_BYTES // header.l2_table_bytes)
+        self.cache = SHARED if cache is None else cache
+        self._token = self.cache.register(self)
         #: called with (table, l1_index) for every table read from disk (read-only validation)
         self.on_load = None
         #: next free byte of the file for allocations (set after the open scan)
@@ -107,13 +109,14 @@ class Qcow1Tables:
         self.alloc_lock = threading.RLock()
         self._commit_lock = threading.Lock()
         self._pending_lock = threading.Lock()
-        #: table index -> [first, stop) span of its entries changed since the last commit
-        #: (their values are the cached table's: a span, not a copy, keeps this small)
-        self._pending_l2: dict[int, list[int]] = {}
+        #: table index -> [first, stop, table]: the span of its entries changed since the
+        #: last commit (their values are the table's: a span, not a copy, keeps this small)
+        self._pending_l2: dict[int, list] = {}
         self._pending_l1: dict[int, int] = {}
         #: (start, end) runs whose pointers the pending updates drop: free after the commit
         self._pending_free: list[tuple[int, int]] = []
-        self._committing: set[int] = set()
+        #: table index -> table, for the tables a commit is writing
+        self._committing: dict[int, array] = {}
         self.reload()
 
     def reload(self) -> None:
@@ -127,7 +130,11 @@ class Qcow1Tables:
         self.l1 = to_host_order(raw)
         #: sorted indices of non-zero L1 entries: lets block status skip empty ranges
         self.l1_used = nonzero_indices(raw)
-        self._cache: OrderedDict[int, array] = OrderedDict()
+        self.cache.drop(self._token)
+
+    def close(self) -> None:
+        """The image closed: its tables leave the cache."""
+        self.cache.forget(self._token)
 
     def set_l1_in_memory(self, index: int, value: int) -> None:
         """Replace an L1 entry in memory only (read-only sanitising, not a pointer update)."""
@@ -144,20 +151,33 @@ class Qcow1Tables:
         pos = bisect_left(self.l1_used, index)
         return self.l1_used[pos] if pos < len(self.l1_used) else len(self.l1)
 
-    # -- L2 cache -------------------------------------------------------
+    # -- L2 tables ------------------------------------------------------
 
     def table(self, index: int) -> array:
         """The L2 table of L1 slot ``index`` (its L1 entry must be a valid offset)."""
-        table = self._cache.get(index)
+        table = self.cache.get(self._token, index)
         if table is not None:
-            self._cache.move_to_end(index)
+            return table
+        table = self._pending_table(index)
+        if table is not None:
+            self.cache.put(self._token, index, table)
+            with self._pending_lock:
+                if index in self._pending_l2:
+                    self.cache.pin(self._token, index)
             return table
         table = self._read_table(self.l1[index])
         self.loads += 1
         if self.on_load is not None:
             self.on_load(table, index)
-        self._insert(index, table)
+        self.cache.put(self._token, index, table)
         return table
+
+    def _pending_table(self, index: int) -> array | None:
+        """The table with pending entries at ``index``, if the cache let it go (a
+        reload from the file would lose them)."""
+        with self._pending_lock:
+            pending = self._pending_l2.get(index)
+            return pending[2] if pending is not None else self._committing.get(index)
 
     def _read_table(self, offset: int) -> array:
         size = self.header.l2_table_bytes
@@ -168,15 +188,6 @@ class Qcow1Tables:
         # a table whose tail lies past EOF reads zeros there (QEMU parity,
         # read-only only: the read-write scan refuses such tables)
         return to_host_order(data.ljust(size, b"\0"))
-
-    def _insert(self, index: int, table: array) -> None:
-        self._cache[index] = table
-        while len(self._cache) > self.cache_tables:
-            victim = next(iter(self._cache))
-            if self.is_dirty(victim):
-                # a reload from disk would lose the pending entries
-                self.commit()
-            del self._cache[victim]
 
     # -- allocation and pending pointers --------------------------------
 
@@ -239,7 +250,8 @@ class Qcow1Tables:
             table[first:stop] = values
             span = self._pending_l2.get(index)
             if span is None:
-                self._pending_l2[index] = [first, stop]
+                self._pending_l2[index] = [first, stop, table]
+                self.cache.pin(self._token, index)
             else:
                 span[0], span[1] = min(span[0], first), max(span[1], stop)
             # in the same step as the entries: a commit takes both or neither
@@ -251,7 +263,7 @@ class Qcow1Tables:
             self._pending_l1[index] = offset
         self.l1[index] = offset
         insort(self.l1_used, index)
-        self._insert(index, table)
+        self.cache.put(self._token, index, table)
 
     def is_dirty(self, index: int) -> bool:
         """Whether table ``index`` has entries not yet written to the file."""
@@ -270,15 +282,15 @@ class Qcow1Tables:
         first fdatasync: every pointer in a table at that moment points at bytes
         already written (data is written before its pointer is set), so that
         barrier makes them durable before the pointers are written.  A dirty
-        table never leaves the cache uncommitted (`_insert`).
+        table stays referenced by its pending span until it is written.
         """
         with self._commit_lock:
             with self._pending_lock:
                 spans, l1, freed = self._pending_l2, self._pending_l1, self._pending_free
                 self._pending_l2, self._pending_l1, self._pending_free = {}, {}, []
-                self._committing = set(spans)
-                l2 = {index: (first, self._cache[index][first:stop])
-                      for index, (first, stop) in spans.items()}
+                self._committing = {index: table for index, (_f, _s, table) in spans.items()}
+                l2 = {index: (first, table[first:stop])
+                      for index, (first, stop, table) in spans.items()}
             try:
                 syscalls.fdatasync(self.fd)
                 if l2 or l1:
@@ -289,7 +301,10 @@ class Qcow1Tables:
                 raise ImageIOError(exc.errno, f"{self.path}: flush failed: {exc.strerror}") from None
             finally:
                 with self._pending_lock:
-                    self._committing = set()
+                    # what changed again meanwhile (or failed) stays pinned
+                    self.cache.unpin(self._token, [index for index in self._committing
+                                                   if index not in self._pending_l2])
+                    self._committing = {}
         # outside the commit lock: a commit of the loop's thread may wait for it while
         # holding the allocation lock, which this takes
         self.reclaim(freed)
@@ -348,8 +363,8 @@ class Qcow1Tables:
         """Put back what a failed commit took (the tables hold the newest values)."""
         with self._pending_lock:
             self._pending_free[:0] = freed
-            for index, (first, stop) in spans.items():
-                span = self._pending_l2.setdefault(index, [first, stop])
+            for index, (first, stop, table) in spans.items():
+                span = self._pending_l2.setdefault(index, [first, stop, table])
                 span[0], span[1] = min(span[0], first), max(span[1], stop)
             for index, value in l1.items():
                 self._pending_l1.setdefault(index, value)

@@ -166,7 +166,12 @@ class RequestReader:
 
     @property
     def full(self) -> bool:
-        """True when no byte more fits until events are taken (reading must pause)."""
+        """True when no byte more fits until events are taken (reading must pause).
+
+        A transport must not read then: asyncio's TLS layer takes an empty buffer from
+        `get_buffer` for the client's close_notify and ends the connection."""
+        if self.state is State.PAYLOAD:
+            return self._got == len(self._payload)
         return self._end - self._start == len(self._buf)
 
     @property

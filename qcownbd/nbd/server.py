@@ -392,17 +392,25 @@ class NbdServer:
 
     async def resume(self, connections: list[tuple]) -> None:
         """Serve connections a previous server held at a request boundary: (its
-        `handover.ConnectionState`, the socket), in transmission from the start;
-        and a worker's, handed by its parent: (the state, the socket, the parent's
-        tag of it), negotiating ones too (`handover.NegotiatingState`)."""
-        loop = asyncio.get_running_loop()
-        for state, sock, *tag in connections:
+        `handover.ConnectionState`, the socket), in transmission from the start
+        (with worker processes: each on the worker of its export).  What was
+        reopened for them and none took may close then."""
+        for state, sock in connections:
             if self.router is not None:
                 self.router.resume(state, sock)     # its worker serves it
-                continue
-            sock.setblocking(False)
-            await loop.connect_accepted_socket(
-                lambda state=state, tag=tag: NbdConnection(self, state, *tag), sock)
+            else:
+                await self.take_over(state, sock)
+        if self.router is not None:
+            self.router.resumed()
+        else:
+            self.exports.resumed()
+
+    async def take_over(self, state, sock, tag=None) -> None:
+        """Serve one connection from ``state``: a `handover.ConnectionState`, or in a
+        worker a `handover.NegotiatingState` too, ``tag`` being what its parent calls it."""
+        sock.setblocking(False)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: NbdConnection(self, state, tag), sock)
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
@@ -460,8 +468,6 @@ def _not_handed_over(conn: NbdConnection) -> str:
         return "not in transmission"
     if conn.session.tls:
         return "a TLS session cannot be handed over (its keys live in this process)"
-    if conn.export.transient:
-        return "a fleet overlay's connection is not handed over"
     return ""
 
 
