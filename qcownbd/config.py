@@ -170,6 +170,8 @@ class ServerConfig:
     payload_timeout: float = 30.0
     max_handshakes: int = 64
     max_connections_per_client: int = 0
+    #: worker processes serving the connections (0: one per core; 1: this process alone)
+    workers: int = 0
     tls: str = "off"
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -184,7 +186,7 @@ class ServerConfig:
 _SERVER_KEYS = {"listen": list, "unix": str, "control_socket": str, "max_connections": int,
                 "handshake_timeout": (int, float), "payload_timeout": (int, float),
                 "max_handshakes": int,
-                "max_connections_per_client": int, "tls": str, "tls_cert": str,
+                "max_connections_per_client": int, "workers": int, "tls": str, "tls_cert": str,
                 "tls_key": str, "tls_ca": str, "tls_verify_client": bool,
                 "backing_dirs": list, "metadata_cache": (str, int)}
 _EXPORT_KEYS = {"path": str, "format": str, "read_only": bool, "description": str,
@@ -405,9 +407,12 @@ def _limits_and_tls(config: ServerConfig, server: dict, base_dir: str) -> None:
     """The [server] keys of the hardening: handshake budget, per-client limit, TLS."""
     config.max_handshakes = server.get("max_handshakes", config.max_handshakes)
     config.max_connections_per_client = server.get("max_connections_per_client", 0)
-    if config.max_handshakes < 1 or config.max_connections_per_client < 0:
-        raise ConfigError("[server]: max_handshakes must be positive and "
-                          "max_connections_per_client 0 (no limit) or more")
+    config.workers = server.get("workers", 0)
+    if config.max_handshakes < 1 or config.max_connections_per_client < 0 \
+            or config.workers < 0:
+        raise ConfigError("[server]: max_handshakes must be positive, "
+                          "max_connections_per_client 0 (no limit) or more and "
+                          "workers 0 (one per core) or more")
     config.backing_dirs = _dir_list(server.get("backing_dirs", []), "[server]", base_dir)
     if "metadata_cache" in server:
         config.metadata_cache = parse_budget(server["metadata_cache"], "[server]: metadata_cache")

@@ -17,11 +17,13 @@ from qcownbd.live_snapshot import take_snapshot
 class ControlCommands:
     """The handlers of `qcownbd.control.ControlServer` for one server."""
 
-    def __init__(self, server, registry, images, reload_lock, upgrade):
+    def __init__(self, server, registry, images, reload_lock, upgrade, pool=None):
         self.server, self.registry, self.images = server, registry, images
         self.reload_lock = reload_lock
         #: hands over to a successor and returns its pid (`qcownbd.upgrade.Upgrade.run`)
         self._upgrade = upgrade
+        #: the worker processes serving the clients (`qcownbd.workers`), or None
+        self.pool = pool
         self.started = time.monotonic()
 
     def handlers(self) -> dict:
@@ -29,7 +31,16 @@ class ControlCommands:
         return {"status": self.status, "snapshot": self.snapshot, "upgrade": self.upgrade}
 
     async def status(self, _request: dict) -> dict:
-        """Exports, the metadata cache, clients and what the ended clients did."""
+        """Exports, the metadata cache, clients and what the ended clients did (with
+        worker processes: theirs, and each worker's pid, exports, connections and
+        metadata cache)."""
+        own = self._own_status()
+        if self.pool is None:
+            return own
+        workers = await self.pool.status()
+        return merge_worker_status(own, workers)
+
+    def _own_status(self) -> dict:
         server, ended = self.server, self.server.ended
         return {
             "version": __version__,
@@ -55,6 +66,8 @@ class ControlCommands:
         if snapshot_name is not None and not isinstance(snapshot_name, str):
             raise ControlError("snapshot: the snapshot's name must be a string")
         async with self.reload_lock:
+            if self.pool is not None:
+                return await self.pool.snapshot(request)
             export = self.registry.served(name)
             return await take_snapshot(self.server, export, self.images.open_backend,
                                        snapshot_name)
@@ -63,6 +76,40 @@ class ControlCommands:
     async def upgrade(self, _request: dict) -> dict:
         """Hand over to a successor (`qcownbd.upgrade`); its pid once it serves."""
         return {"previous_pid": os.getpid(), "pid": await self._upgrade()}
+
+
+def merge_worker_status(own: dict, workers: list[dict]) -> dict:
+    """The status of a server with worker processes: the exports and clients of all,
+    the ended clients and the metadata caches summed, and ``workers``: each one's
+    index, pid, the exports it has open (a fleet's overlays among them), its
+    connections and its metadata cache."""
+    merged = dict(own)
+    exports: dict[str, dict] = {}
+    for status in workers:
+        for export in status["exports"]:
+            seen = exports.get(export["name"])
+            if seen is None:
+                exports[export["name"]] = dict(export)
+            else:   # a fleet's golden image: open in every worker
+                seen["clients"] += export["clients"]
+    merged["exports"] = list(exports.values())
+    merged["unavailable"] = sorted({(u["name"], u["reason"]) for s in workers
+                                    for u in s["unavailable"]})
+    merged["unavailable"] = [{"name": n, "reason": r} for n, r in merged["unavailable"]]
+    merged["clients"] = own["clients"] + [c for s in workers for c in s["clients"]]
+    ended = dict(own["ended"])
+    for status in workers:
+        for key, value in status["ended"].items():
+            ended[key] += value
+    merged["ended"] = ended
+    if workers:     # this process opens no image: the workers' caches are the cache
+        merged["metadata_cache"] = {key: sum(s["metadata_cache"][key] for s in workers)
+                                    for key in own["metadata_cache"]}
+    merged["workers"] = [{"index": s["index"], "pid": s["pid"],
+                          "exports": [e["name"] for e in s["exports"]],
+                          "connections": len(s["clients"]),
+                          "metadata_cache": s["metadata_cache"]} for s in workers]
+    return merged
 
 
 def _address(address) -> str:

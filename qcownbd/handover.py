@@ -8,6 +8,11 @@ read from the socket but not yet framed (the rest of the client's stream
 waits in the kernel for the successor).  Everything
 here is pure: JSON in, JSON out, byte for byte the same on a round trip.
 
+A server with worker processes (`qcownbd.workers`) hands a connection to
+its worker earlier, while it negotiates, at the option that names the
+export (`NegotiatingState`): the worker answers that option itself, as if
+it had read it (it comes back first in ``leftover``).
+
 The messages between the two processes are JSON lines over a Unix socket
 pair (`qcownbd.handover_channel`); the descriptors travel with them
 (SCM_RIGHTS), in the order the message lists them.
@@ -19,7 +24,8 @@ import time
 from dataclasses import dataclass
 
 from qcownbd.errors import HandoverError
-from qcownbd.nbd.negotiation import Session
+from qcownbd.nbd import protocol
+from qcownbd.nbd.negotiation import Negotiation, Session
 from qcownbd.nbd.protocol import ReplyMode
 
 #: the environment variable naming the successor's end of the socket pair
@@ -86,6 +92,63 @@ def _optional_str(value) -> str | None:
     if value is not None and not isinstance(value, str):
         raise TypeError(f"not a string: {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class NegotiatingState:
+    """A connection still negotiating, handed on at an option naming its export."""
+
+    mode: ReplyMode
+    no_zeroes: bool
+    contexts: dict[int, str]    # set by SET_META_CONTEXT ...
+    context_export: str | None  # ... for this export
+    client: str
+    leftover: bytes             # the option itself, then what followed it
+
+    def negotiation(self, exports, tls: str) -> Negotiation:
+        """The negotiation to go on with (never over TLS: it is not handed on)."""
+        negotiation = Negotiation(exports, tls, no_zeroes=self.no_zeroes)
+        negotiation.mode = self.mode
+        negotiation.contexts = dict(self.contexts)
+        negotiation.context_export = self.context_export
+        return negotiation
+
+
+def negotiating_state_of(conn, option: int, payload: bytes) -> NegotiatingState:
+    """The state of ``conn`` (an `NbdConnection` negotiating, not reading) with the
+    option it just read, ``option`` with ``payload``, put back in front of the rest."""
+    negotiation = conn.negotiation
+    request = protocol.option_request(option, payload)
+    return NegotiatingState(negotiation.mode, negotiation.no_zeroes,
+                            dict(negotiation.contexts), negotiation.context_export,
+                            conn.client.label, request + conn.reader.leftover())
+
+
+def encode_negotiating(state: NegotiatingState) -> dict:
+    """The JSON-able form of ``state``."""
+    return {"version": STATE_VERSION, "negotiating": True, "mode": state.mode.name,
+            "no_zeroes": state.no_zeroes,
+            "contexts": {str(cid): name for cid, name in state.contexts.items()},
+            "context_export": state.context_export, "client": state.client,
+            "leftover": base64.b64encode(state.leftover).decode("ascii")}
+
+
+def decode_any(data: dict) -> "ConnectionState | NegotiatingState":
+    """A state `encode_state` or `encode_negotiating` wrote; HandoverError otherwise."""
+    if not isinstance(data, dict) or not data.get("negotiating"):
+        return decode_state(data)
+    try:
+        if data["version"] != STATE_VERSION:
+            raise HandoverError(f"handover: connection state version {data['version']!r} "
+                                f"(this qcownbd knows {STATE_VERSION})")
+        context_export = data["context_export"]
+        return NegotiatingState(
+            ReplyMode[data["mode"]], bool(data["no_zeroes"]),
+            {int(cid): str(name) for cid, name in data["contexts"].items()},
+            None if context_export is None else str(context_export), str(data["client"]),
+            base64.b64decode(data["leftover"], validate=True))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise HandoverError(f"handover: bad connection state: {exc!r}") from None
 
 
 def state_of(conn) -> ConnectionState:

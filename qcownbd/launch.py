@@ -70,6 +70,11 @@ class Launch:
         _to_devnull(1)
         self._ready_fd = write_fd
 
+    def keeps_stderr(self) -> bool:
+        """Whether stderr stays what it is after `listening` (--fork lets a pipe or a
+        socket go: processes started before must not hold it either)."""
+        return self._ready_fd is None or not _would_block(2)
+
     async def listening(self, where: list, export_name: str, tls: str) -> None:
         """The server accepts clients on ``where`` (socket names): write the pid file,
         release the --fork parent, start the --run command."""

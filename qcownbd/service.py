@@ -41,6 +41,8 @@ from qcownbd.launch import Launch, stdin_socket
 from qcownbd.nbd.server import NbdServer, is_listening, raise_fd_limit
 from qcownbd.nbd.tls import server_context
 from qcownbd.upgrade import Successor, Upgrade, signal_upgrade
+from qcownbd import worker
+from qcownbd.workers import WorkerPool, worker_count
 
 log = logging.getLogger("qcownbd.server")
 
@@ -64,6 +66,10 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     the start; a config file's broken export is logged and refused instead.
     """
     launch = launch or Launch()
+    whoami = worker.from_environment()
+    if whoami is not None:
+        return worker.run_worker(whoami, config, cli, load,
+                                 lambda images, c: open_cli_export(images, c, window), Reloader)
     successor = Successor.from_environment()
     tls_context = tls_context_for(config)
     if successor is not None:
@@ -80,21 +86,24 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
     # the overlays of handed-over clients, which the fleets must not find stale
-    handed_over = overlays_of(state for state, _sock in endpoints.resumed).values() \
-        if successor is None else successor.overlays.values()
-    registry = ExportRegistry([images, FleetProvider(images, handed_over)])
+    handed_over = list(overlays_of(state for state, _sock in endpoints.resumed).values()
+                       if successor is None else successor.overlays.values())
+    pool = worker_pool(config, cli, launch, endpoints, argv, handed_over)
+    registry = ExportRegistry([images, FleetProvider(images, handed_over)]) if pool is None \
+        else pool.registry
     try:
         try:
-            for export_config in cli.values():
-                registry.check_image_free(export_config)
-                registry.add(open_cli_export(images, export_config, window))
-            registry.apply({**cli, **config.exports})
-            if successor is not None:
-                successor.take_connections(registry)
-            elif endpoints.restored is not None:
-                endpoints.restored.reopen_overlays(registry)
+            if pool is None:
+                for export_config in cli.values():
+                    registry.check_image_free(export_config)
+                    registry.add(open_cli_export(images, export_config, window))
+                registry.apply({**cli, **config.exports})
+                if successor is not None:
+                    successor.take_connections(registry)
+                elif endpoints.restored is not None:
+                    endpoints.restored.reopen_overlays(registry)
             status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
-                                       endpoints, launch, argv or [], successor))
+                                       endpoints, launch, argv or [], successor, pool))
         except QcownbdError as exc:
             if successor is not None:
                 successor.fail(str(exc))    # (a no-op once it serves)
@@ -110,6 +119,28 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     finally:
         registry.close_all()
         launch.close()
+
+
+def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "Endpoints",
+                argv: list[str] | None, handed_over: list[str]) -> WorkerPool | None:
+    """The worker processes to serve with, or None to serve in this process (one
+    worker, or a setup that keeps its clients in one process: logged).
+    ``handed_over``: the fleet overlay files of the connections a previous server
+    hands over (no worker may find them stale)."""
+    count = worker_count(config.workers)
+    if count == 1:
+        return None
+    alone = ("-s (the throw-away overlays live with this process)" if not argv else
+             "TLS (a TLS session cannot be passed to another process)"
+             if config.tls != "off" else
+             "--fd-store (systemd's store keeps this process's connections)"
+             if launch.fd_store else
+             "--stdin or systemd's Accept=yes (one connection)" if endpoints.single else "")
+    if alone:
+        log.info("serving in one process, not %d workers: %s", count, alone)
+        return None
+    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr(),
+                      handed_over)
 
 
 def open_cli_export(images: ImageProvider, config: ExportConfig,
@@ -214,32 +245,47 @@ def tls_context_for(config: ServerConfig):
 async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                 images: ImageProvider, load: Callable[[], ServerConfig] | None, tls_context,
                 endpoints: Endpoints, launch: Launch, argv: list[str],
-                successor: Successor | None):
+                successor: Successor | None, pool: WorkerPool | None = None):
     """Listen, serve until SIGTERM/SIGINT (or the --run command or the handed-over
     connection ends), then stop cleanly; the exit status, or HANDED_OVER once a
-    successor serves (SIGUSR2, `qcownbd upgrade`)."""
+    successor serves (SIGUSR2, `qcownbd upgrade`).  With a ``pool`` the workers
+    serve the clients this process negotiates with."""
     server = NbdServer(registry, tls=config.tls, tls_context=tls_context,
                        zero_copy=not faults.injecting(),
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
+    try:
+        if pool is not None:
+            await pool.start()
+            server.router, pool.server = pool, server
+            if successor is not None:
+                # the fleet overlays with clients open in the workers that get them
+                successor.check_exports(registry)
+                await pool.reopen(successor.overlays)
+                successor.receive_connections()
+    except QcownbdError:
+        if pool is not None:
+            await pool.stop()
+        raise
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    reloads = Reloader(server, registry, cli, load, config)
+    reloads = Reloader(server, registry, cli, load, config) if pool is None \
+        else PoolReloader(pool, server, registry, cli, load, config)
     loop.add_signal_handler(signal.SIGHUP, reloads.start)
     tasks = [loop.create_task(server.commit_metadata_forever()),
              loop.create_task(report_status(server, reloads))]
     control = None
     if config.control_socket:
         control = ControlServer(config.control_socket, {})
-    upgrade = Upgrade(server, registry, control, argv, reloads.lock)
+    upgrade = Upgrade(server, registry, control, argv, reloads.lock, pool)
     refusal = upgrade_refusal(launch, endpoints, argv)
     if not refusal:
         signal_upgrade(upgrade)
         reloads.hand_over = upgrade.start
     if control is not None:
         commands = ControlCommands(server, registry, images, reloads.lock,
-                                   _refused(refusal) if refusal else upgrade.run)
+                                   _refused(refusal) if refusal else upgrade.run, pool)
         control.handlers = commands.handlers()
     try:
         await endpoints.open(server)
@@ -270,6 +316,8 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
             if control is not None:
                 await control.close()
             await server.stop()
+            if pool is not None:
+                await pool.stop()
     return await launch.command_status()
 
 
@@ -405,6 +453,18 @@ class Reloader:
             log.info("reloaded TLS certificate %s", self.config.tls_cert)
         except ConfigError as exc:
             log.error("TLS reload failed, keeping the old certificate: %s", exc)
+
+
+class PoolReloader(Reloader):
+    """A reload with worker processes: this process applies the limits and the
+    settings that need a handover; each worker opens its own images."""
+
+    def __init__(self, pool: WorkerPool, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pool = pool
+
+    async def _open_and_install(self, configs: dict) -> None:
+        await self.pool.reload()
 
 
 def _start_only(load) -> tuple | None:

@@ -10,10 +10,14 @@ $QCOWNBD_HANDOVER_FD).  The steps, on `qcownbd.handover_channel`:
    boundary with its replies sent (`NbdServer.hold_for_handover`; TLS and
    negotiating connections are answered and closed), commits every image
    (fleet overlays too) and drops its image locks, keeping the files open;
+   with worker processes (`qcownbd.workers`) each worker does so and hands
+   its held connections back to this server, which passes them on with its
+   own;
 3. it sends the listening sockets (and the control socket) with the names of
    the exports that have clients and the files of the fleet overlays they
    write; the successor opens its exports (its own configuration says what
-   they are), then those very overlays, and says ``{"opened"}``;
+   they are), then those very overlays (with workers: each in the worker
+   its connections will go to), and says ``{"opened"}``;
 4. it sends each connection's state (`qcownbd.handover`) and socket; the
    successor says ``{"taken"}``, resumes them, and ``{"serving"}`` once it
    listens.  Then this server exits 0 without closing anything the clients
@@ -21,7 +25,9 @@ $QCOWNBD_HANDOVER_FD).  The steps, on `qcownbd.handover_channel`:
 
 Whatever fails before the end (the successor exits, says ``{"failed"}``,
 or is too slow), this server takes its image locks, sockets and
-connections back, kills the successor, logs why and serves on.
+connections back (the workers theirs), kills the successor, logs why and
+serves on.  Once the successor serves, the workers exit too; the successor
+starts its own.
 """
 
 import asyncio
@@ -56,9 +62,12 @@ class Upgrade:
     """The running server's side (see the module docstring).  ``argv``: the arguments
     it was started with; ``lock``: the reload lock (no reload or snapshot meanwhile)."""
 
-    def __init__(self, server, registry, control, argv: list[str], lock: asyncio.Lock):
+    def __init__(self, server, registry, control, argv: list[str], lock: asyncio.Lock,
+                 pool=None):
         self.server, self.registry, self.control = server, registry, control
         self.argv, self.lock = argv, lock
+        #: the worker processes (`qcownbd.workers`), whose connections go over too
+        self.pool = pool
         #: set once a successor serves: this process only has to exit
         self.done = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
@@ -108,8 +117,9 @@ class Upgrade:
         try:
             await _ask(channel, START_TIMEOUT, process)
             await self._release(rollback)
-            overlays = overlays_of(state_of(conn) for conn in rollback.held)
-            live = sorted({conn.export.name for conn in rollback.held} - overlays.keys())
+            handed = rollback.handed()
+            overlays = overlays_of(decode_state(state) for state, _fd in handed)
+            live = sorted({state["export"] for state, _fd in handed} - overlays.keys())
             listening = rollback.listening + ([rollback.control] if rollback.control else [])
             configured = [sock.getsockname() in self.server.configured
                           for sock in rollback.listening]
@@ -119,7 +129,7 @@ class Upgrade:
                                       "exports": live, "overlays": overlays}},
                          [sock.fileno() for sock in listening])
             await _ask(channel, OPEN_TIMEOUT, process)
-            await self._send_connections(channel, rollback.held, process)
+            await self._send_connections(channel, handed, process)
             message = await _ask(channel, STEP_TIMEOUT, process)
             if message.get("serving") != process.pid:
                 raise HandoverError(f"the successor said {message!r}")
@@ -129,7 +139,9 @@ class Upgrade:
             raise
         channel.close()
         log.info("upgrade: pid %d serves %d connection(s) now; exiting", process.pid,
-                 len(rollback.held))
+                 len(handed))
+        if self.pool is not None:
+            self.pool.finish()
         self.done.set()
         return process.pid
 
@@ -142,14 +154,17 @@ class Upgrade:
         exports = self.registry.open_exports()
         rollback.unlocked = True
         await asyncio.get_running_loop().run_in_executor(None, commit_and_unlock, exports)
+        if self.pool is not None:
+            # the workers' connections come back here, held, their images unlocked
+            rollback.collected = await self.pool.hold(HOLD_TIMEOUT + STEP_TIMEOUT)
 
-    async def _send_connections(self, channel: Channel, held: list, process) -> None:
+    async def _send_connections(self, channel: Channel, handed: list, process) -> None:
         """Step 4, at most MAX_FDS connections a message."""
-        for first in range(0, max(len(held), 1), MAX_FDS):
-            batch = held[first:first + MAX_FDS]
-            states = [encode_state(state_of(conn)) for conn in batch]
-            channel.send({"connections": states, "last": first + MAX_FDS >= len(held)},
-                         [conn.transport.get_extra_info("socket").fileno() for conn in batch])
+        for first in range(0, max(len(handed), 1), MAX_FDS):
+            batch = handed[first:first + MAX_FDS]
+            channel.send({"connections": [state for state, _fd in batch],
+                          "last": first + MAX_FDS >= len(handed)},
+                         [fd for _state, fd in batch])
             await _ask(channel, STEP_TIMEOUT, process)
 
 
@@ -161,7 +176,15 @@ class _Rollback:
         self.listening: list[socket.socket] = []
         self.control: socket.socket | None = None
         self.held: list = []
+        #: (encoded state, socket) of the workers' held connections
+        self.collected: list = []
         self.unlocked = False
+
+    def handed(self) -> list[tuple[dict, int]]:
+        """(encoded state, descriptor) of every connection to hand over."""
+        return [(encode_state(state_of(conn)), conn.transport.get_extra_info("socket").fileno())
+                for conn in self.held] + [(state, sock.fileno())
+                                          for state, sock in self.collected]
 
     async def undo(self) -> None:
         """Kill the successor, then take everything back."""
@@ -171,12 +194,14 @@ class _Rollback:
         upgrade = self.upgrade
         if self.unlocked:
             await asyncio.get_running_loop().run_in_executor(
-                None, _relock, upgrade.registry.open_exports())
+                None, relock, upgrade.registry.open_exports())
         if self.listening:
             await upgrade.server.listen_again(self.listening)
         if self.control is not None:
             await upgrade.control.start(self.control)
         upgrade.server.release_held(self.held)
+        if upgrade.pool is not None:
+            await upgrade.pool.release(self.collected)
 
 
 async def _ask(channel: Channel, timeout: float, process) -> dict:
@@ -223,7 +248,8 @@ def commit_and_unlock(exports) -> None:
             locking.unlock_image(image.fd)
 
 
-def _relock(exports) -> None:
+def relock(exports) -> None:
+    """Take the image locks `commit_and_unlock` dropped back (a handover failed)."""
     for export in exports:
         for image in _image_files(export.backend):
             locking.lock_image(image.fd, writable=not image.read_only)
@@ -307,6 +333,16 @@ class Successor:
         """Steps 3 and 4: every export with clients must be served here, and every
         fleet overlay with clients open (else HandoverError); then take the
         connections."""
+        self.check_exports(registry)
+        for name, path in sorted(self.overlays.items()):
+            try:
+                registry.reopen_member(name, path)
+            except QcownbdError as exc:
+                raise HandoverError(str(exc)) from None
+        self.receive_connections()
+
+    def check_exports(self, registry) -> None:
+        """Every export with clients is served here (else HandoverError)."""
         for name in self.live_exports:
             try:
                 registry.served(name)
@@ -314,11 +350,9 @@ class Successor:
                 why = dict(registry.unavailable()).get(name)
                 raise HandoverError(why or f"export {name}: not in the configuration any "
                                     "more, and it has clients") from None
-        for name, path in sorted(self.overlays.items()):
-            try:
-                registry.reopen_member(name, path)
-            except QcownbdError as exc:
-                raise HandoverError(str(exc)) from None
+
+    def receive_connections(self) -> None:
+        """Step 4, once our exports and the overlays with clients are open."""
         self.channel.send({"opened": True})
         while True:
             message, socks = self.channel.receive(STEP_TIMEOUT)

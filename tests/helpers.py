@@ -96,6 +96,15 @@ def listening_tcp_ports(pid: int) -> set[int]:
     return ports
 
 
+def children(pid: int) -> list[int]:
+    """The child processes of ``pid`` (a server's workers)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with open(task / "children") as file:
+            found += [int(child) for child in file.read().split()]
+    return found
+
+
 def wait_for(predicate, timeout: float = 10.0) -> bool:
     """Poll ``predicate`` until it holds (True) or ``timeout`` seconds passed (its last value)."""
     deadline = time.monotonic() + timeout

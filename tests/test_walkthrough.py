@@ -235,6 +235,20 @@ def test_upgrade_recipe_hands_over_twice_and_the_data_is_there(sandbox, tmp_path
 
 
 @pytest.mark.timeout(120)
+def test_workers_recipe_shows_the_workers(sandbox, tmp_path):
+    bin_dir = sandbox.installed()
+    out = sandbox.bash(readme_blocks()["workers"], env=sandbox.env(tmp_path / "home", bin_dir),
+                       cwd=tmp_path)
+    assert "read 1048576/1048576 bytes at offset 0" in out
+    # index, pid, connections, metadata cache ("4 KiB of 16 MiB"), exports
+    rows = re.findall(r"^([01])\s+(\d+)\s+\d+\s+\S+ \S+ of \S+ \S+\s+(.*)$", out, re.M)
+    assert [row[0] for row in rows] == ["0", "1"] and \
+        sum(row[2].split(", ").count("disk") for row in rows) == 1, out
+    assert not (tmp_path / "qcownbd.pid").exists()
+    run(["qemu-io", "-f", "qcow", "-r", "-c", "read -P 7 0 1M", tmp_path / "disk.qcow"])
+
+
+@pytest.mark.timeout(120)
 def test_tls_certificates_recipe_serves_nbds(sandbox, tmp_path):
     bin_dir = sandbox.installed()
     env = sandbox.env(tmp_path / "home", bin_dir)

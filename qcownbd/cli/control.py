@@ -97,6 +97,13 @@ def format_status(status: dict) -> str:
                           str(c["errors"])] for c in status["clients"]])
     else:
         lines.append("no clients connected")
+    if status.get("workers"):
+        lines.append("")
+        lines += _table(["WORKER", "PID", "CONNECTIONS", "METADATA CACHE", "EXPORTS"],
+                        [[str(w["index"]), str(w["pid"]), str(w["connections"]),
+                          f"{human_size(w['metadata_cache']['used'])} of "
+                          f"{human_size(w['metadata_cache']['budget'])}",
+                          ", ".join(w["exports"]) or "-"] for w in status["workers"]])
     ended = status["ended"]
     lines.append(f"ended: {ended['clients']} client(s), {ended['requests']} request(s), "
                  f"{human_size(ended['bytes_read'])} read, "

@@ -54,6 +54,9 @@ def _listen_options(group) -> None:
     group.add_argument("--unix", metavar="PATH",
                        help="listen on this Unix socket (alone, unless --listen, -p or "
                             "the config's listen)")
+    group.add_argument("--workers", type=_workers, metavar="N",
+                       help="worker processes serving the clients (default: the config's "
+                            "workers, else one per core; 1: this process alone)")
     group.add_argument("--control", metavar="PATH",
                        help="answer qcownbd status and qcownbd snapshot on this Unix socket "
                             "(owner-only; default: the config's control_socket, else none)")
@@ -209,6 +212,8 @@ def build_config(args) -> tuple[ServerConfig, dict[str, ExportConfig], object]:
                          for address in args.listen or [DEFAULT_HOST]]
     if args.unix:
         config.unix = os.path.abspath(args.unix)
+    if args.workers is not None:
+        config.workers = args.workers
     if args.control:
         config.control_socket = os.path.abspath(args.control)
     tls_from_args(config, args)
@@ -223,6 +228,13 @@ def _port(text: str) -> int:
     """-p PORT: a TCP port number."""
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"invalid port {text!r} (1 to 65535)")
+    return int(text)
+
+
+def _workers(text: str) -> int:
+    """--workers N: a number of processes (0: one per core)."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"invalid number of workers {text!r} (0, 1, 2, ...)")
     return int(text)
 
 

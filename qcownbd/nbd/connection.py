@@ -17,6 +17,7 @@ from time import perf_counter
 
 from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError, QcownbdError
+from qcownbd.handover import NegotiatingState
 from qcownbd.nbd import protocol
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
 from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_FROZEN,
@@ -59,10 +60,13 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
     ``zero_copy``, ``offload``, and ``register``/``negotiated``/``unregister``.
     """
 
-    def __init__(self, server, resume=None):
+    def __init__(self, server, resume=None, tag=None):
         self.server = server
-        #: a `handover.ConnectionState` to go on from, in transmission (no greeting)
+        #: a `handover.ConnectionState` to go on from, in transmission (no greeting),
+        #: or a `handover.NegotiatingState`, negotiating
         self._resume = resume
+        #: what the parent of a worker calls this connection (it counts it until it ends)
+        self.tag = tag
         #: a live handover waits for this connection's next request boundary
         self.holding = False
         self.phase = Phase.NEGOTIATING
@@ -95,17 +99,44 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
             self.server.log.log(logging.WARNING, "connection limit",
                                 "%s: not attached: too many connections", self.client.label)
             self.phase = Phase.CLOSED
+            self.server.not_admitted(self)
             transport.abort()
+            return
+        if isinstance(self._resume, NegotiatingState):
+            self._resume_negotiation(self._resume)
             return
         if self._resume is not None:
             self._resume_transmission(self._resume)
             return
-        transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
-        self._timer = asyncio.get_running_loop().call_later(
-            self.server.handshake_timeout, self.abort, "handshake timed out")
+        self._start_handshake_clock()
         self.negotiation = Negotiation(PeerExports(self.server.exports, self.client),
                                        self.server.tls)
         transport.write(protocol.greeting())
+
+    def _start_handshake_clock(self):
+        self.transport.set_write_buffer_limits(HANDSHAKE_HIGH_WATER, HANDSHAKE_LOW_WATER)
+        self._timer = asyncio.get_running_loop().call_later(
+            self.server.handshake_timeout, self.abort, "handshake timed out")
+
+    def _resume_negotiation(self, state):
+        """Go on negotiating where the server that handed us the connection stopped:
+        at the option naming the export (`handover.NegotiatingState`)."""
+        self._resume = None
+        self._start_handshake_clock()
+        self.negotiation = state.negotiation(PeerExports(self.server.exports, self.client),
+                                             self.server.tls)
+        self.reader.start_options()
+        self.reader.preload(state.leftover)
+        self._process()
+
+    def hand_off(self):
+        """The server passed the socket on (to a worker): forget it here without a
+        word to the client (closing our descriptor leaves the connection open)."""
+        self.phase = Phase.CLOSED
+        self.reader.stop()
+        self._cancel_timer()
+        self.server.handed_off(self)
+        self.transport.abort()
 
     def connection_lost(self, exc):
         """Release the export and write the connection's last log line."""
@@ -338,6 +369,9 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
                 return
             kind = type(event)
             if kind is Option:
+                router = self.server.router
+                if router is not None and router.forward(self, event.option, event.payload):
+                    return
                 self._act(negotiation.option(event.option, event.payload), event)
             elif kind is OversizedOption:
                 result = negotiation.oversized(event.option, event.length)

@@ -95,6 +95,11 @@ def parse_option_header(data) -> tuple[int, int]:
     return option, length
 
 
+def option_request(option: int, payload: bytes) -> bytes:
+    """One option as the client sent it (handed on to a worker, which reads it again)."""
+    return OPTION_HEADER.pack(IHAVEOPT, option, len(payload)) + payload
+
+
 def option_reply(option: int, rep: int, payload=b"") -> bytes:
     """One option reply: header and payload."""
     return OPTION_REPLY_HEADER.pack(OPTION_REPLY_MAGIC, option, rep, len(payload)) + payload

@@ -310,17 +310,20 @@ class RequestReader:
         self.state = State.PAYLOAD
 
     def leftover(self) -> bytes:
-        """REQUESTS: the bytes received but not yet framed (a live handover passes them
-        on to the successor, whose reader starts from them: `preload`)."""
-        if self.state is not State.REQUESTS:
+        """REQUESTS or OPTIONS: the bytes received but not yet framed (a live handover
+        passes them on to the successor, a server to its worker, whose reader starts
+        from them: `preload`)."""
+        if self.state is not State.REQUESTS and self.state is not State.OPTIONS:
             raise ProtocolError(f"no request boundary: the reader is {self.state.value}")
         return bytes(self._view[self._start:self._end])
 
     def preload(self, data: bytes) -> None:
-        """REQUESTS, nothing buffered: take ``data`` as if it had just been received
-        (what the previous server read of the client's stream and did not frame)."""
-        if self.state is not State.REQUESTS or self._end != self._start:
-            raise ProtocolError("preload: only into an empty reader in transmission")
+        """REQUESTS or OPTIONS, nothing buffered: take ``data`` as if it had just been
+        received (what the previous server read of the client's stream and did not
+        frame)."""
+        if self.state not in (State.REQUESTS, State.OPTIONS) or self._end != self._start:
+            raise ProtocolError("preload: only into an empty reader in transmission "
+                                "or option haggling")
         if len(data) > len(self._buf):
             raise ProtocolError(f"preload: {len(data)} bytes do not fit the receive buffer")
         self._buf[:len(data)] = data

@@ -152,6 +152,13 @@ class NbdServer:
         #: what the connections that ended did, summed (`qcownbd status`)
         self.ended = ConnectionStats()
         self.ended_connections = 0
+        #: hands connections naming an export on to the worker serving it
+        #: (`workers.WorkerPool`); None: this process serves them
+        self.router = None
+        #: connections handed to workers and still open there (the limits count them)
+        self.elsewhere = 0
+        #: a worker's: ``on_ended(conn)`` tells its parent that a connection ended
+        self.on_ended = None
 
     # ------------------------------------------------------- connection hub
 
@@ -163,7 +170,7 @@ class NbdServer:
 
     def register(self, conn: NbdConnection) -> bool:
         """Admit a new connection unless a limit is reached (see the class)."""
-        if len(self.connections) >= self.max_connections:
+        if len(self.connections) + self.elsewhere >= self.max_connections:
             return False
         # Unix-socket clients (address None) share no address worth limiting
         if conn.client.address is not None and self.max_connections_per_client \
@@ -193,19 +200,48 @@ class NbdServer:
         self._negotiating.pop(conn, None)
         self.ended_connections += 1
         self.ended.add(conn.stats)
-        left = self._per_client[conn.client.address] - 1
-        if left:
-            self._per_client[conn.client.address] = left
-        else:
-            del self._per_client[conn.client.address]
+        self._count_out(conn.client.address)
         if not self.connections:
             self._idle.set()
+        if self.on_ended is not None:
+            self.on_ended(conn)
         return True
+
+    def not_admitted(self, conn: NbdConnection) -> None:
+        """A connection refused at once (a limit) has ended."""
+        if self.on_ended is not None:
+            self.on_ended(conn)
+
+    def handed_off(self, conn: NbdConnection) -> None:
+        """``conn`` went to a worker: it still counts against the limits (the worker
+        says when it ends: `ended_elsewhere`), not as a connection of this process."""
+        self.connections.discard(conn)
+        self._negotiating.pop(conn, None)
+        self.elsewhere += 1
+        if not self.connections:
+            self._idle.set()
+
+    def counted_elsewhere(self, address) -> None:
+        """A connection a worker serves (handed over by a previous server) counts here."""
+        self.elsewhere += 1
+        self._per_client[address] = self._per_client.get(address, 0) + 1
+
+    def ended_elsewhere(self, address) -> None:
+        """A connection handed to a worker ended (or its worker died)."""
+        self.elsewhere -= 1
+        self._count_out(address)
+
+    def _count_out(self, address) -> None:
+        left = self._per_client[address] - 1
+        if left:
+            self._per_client[address] = left
+        else:
+            del self._per_client[address]
 
     def status(self) -> str:
         """One line for systemd's STATUS=."""
         served, broken = self.exports.counts()
-        text = f"{len(self.connections)} connection(s), {served} export(s)"
+        text = f"{len(self.connections) + self.elsewhere} connection(s), {served} export(s)"
         return text + (f", {broken} unavailable" if broken else "")
 
     # ------------------------------------------------------- live snapshots
@@ -356,13 +392,25 @@ class NbdServer:
 
     async def resume(self, connections: list[tuple]) -> None:
         """Serve connections a previous server held at a request boundary: (its
-        `handover.ConnectionState`, the socket), in transmission from the start."""
-        loop = asyncio.get_running_loop()
+        `handover.ConnectionState`, the socket), in transmission from the start
+        (with worker processes: each on the worker of its export).  What was
+        reopened for them and none took may close then."""
         for state, sock in connections:
-            sock.setblocking(False)
-            await loop.connect_accepted_socket(
-                lambda state=state: NbdConnection(self, state), sock)
-        self.exports.resumed()
+            if self.router is not None:
+                self.router.resume(state, sock)     # its worker serves it
+            else:
+                await self.take_over(state, sock)
+        if self.router is not None:
+            self.router.resumed()
+        else:
+            self.exports.resumed()
+
+    async def take_over(self, state, sock, tag=None) -> None:
+        """Serve one connection from ``state``: a `handover.ConnectionState`, or in a
+        worker a `handover.NegotiatingState` too, ``tag`` being what its parent calls it."""
+        sock.setblocking(False)
+        await asyncio.get_running_loop().connect_accepted_socket(
+            lambda: NbdConnection(self, state, tag), sock)
 
     def addresses(self) -> list:
         """The names of the sockets listening: (host, port, ...) tuples, Unix paths."""
