@@ -40,7 +40,7 @@ IMAGE_DISK_UUID = "51c04b0d-0000-4000-8000-0000000000d7"
 STATE_DIR = "/var/lib/private/qcownbd"     # DynamicUser='s /var/lib/qcownbd
 DMESG_TROUBLE = ("error", "dead connection", "timed out", "disconnected", "shutting down",
                  "receive control failed", "send control failed")
-GUEST_SECONDS = 420
+GUEST_SECONDS = 400
 
 EXPORTS = """\
 [server]
@@ -65,7 +65,7 @@ Description=qcownbd restart test under systemd
 Wants=qcownbd.service
 After=qcownbd.service
 SuccessAction=poweroff-force
-FailureAction=poweroff-force
+FailureAction=poweroff-immediate
 
 [Service]
 Type=oneshot
@@ -86,16 +86,19 @@ LOG=/run/qcownbd-loops.log
 fail() {
     echo "QCOWNBD-FAIL $*"
     cat $LOG
-    journalctl -u qcownbd -o cat --no-pager | sed 's/^/QCOWNBD-JOURNAL /'
+    timeout 20 journalctl -u qcownbd -o cat --no-pager | sed 's/^/QCOWNBD-JOURNAL /'
     echo "QCOWNBD-EXIT 1"
+    # At once: a clean shutdown would wait on the loops stuck on dead devices.
+    systemctl poweroff --force --force
     exit 1
 }
 rounds() { grep -c "^QCOWNBD-ROUND $1 " $LOG; }
-progress() {  # progress N: wait until every loop did N more rounds (bounded)
-    local want=$1 i tries before=()
+progress() {  # progress N: wait until every loop did N more rounds, none failing (bounded)
+    local want=$1 i before=() deadline=$((SECONDS + 120))
     for i in @LOOP_INDEXES@; do before[i]=$(rounds $i); done
-    for tries in $(seq 600); do
+    while [ $SECONDS -lt $deadline ]; do
         grep -q QCOWNBD-FAIL $LOG && fail "loops: $(grep QCOWNBD-FAIL $LOG)"
+        grep -Eq "^QCOWNBD-ROUND .* (read|write)-error$" $LOG && fail "I/O errors in the loops"
         local done=1
         for i in @LOOP_INDEXES@; do
             [ $(rounds $i) -ge $((before[i] + want)) ] || done=0
@@ -115,21 +118,23 @@ echo "QCOWNBD-SYSTEMD $(systemctl --version | head -1)"
 report start
 sh $LOOPS > $LOG 2>&1 &
 loops=$!
-for tries in $(seq 300); do
-    grep -q QCOWNBD-ATTACHED $LOG && break
+deadline=$((SECONDS + 60))
+until grep -q QCOWNBD-ATTACHED $LOG; do
     grep -q QCOWNBD-FAIL $LOG && fail "attach"
+    [ $SECONDS -lt $deadline ] || fail "attach: timed out"
     sleep 0.2
 done
 progress 2
 for n in $(seq @RESTARTS@); do
-    systemctl restart qcownbd || fail "systemctl restart qcownbd"
+    timeout 60 systemctl restart qcownbd || fail "systemctl restart qcownbd"
     report restart-$n
     progress 2
 done
 before=$(main_pid)
-systemctl kill -s USR2 qcownbd || fail "systemctl kill -s USR2"
-for tries in $(seq 300); do   # the successor tells systemd MAINPID= when it serves
-    [ "$(main_pid)" != "$before" ] && break
+timeout 30 systemctl kill -s USR2 qcownbd || fail "systemctl kill -s USR2"
+deadline=$((SECONDS + 30))
+# the successor tells systemd MAINPID= when it serves
+while [ "$(main_pid)" = "$before" ] && [ $SECONDS -lt $deadline ]; do
     sleep 0.1
 done
 report handover
@@ -144,7 +149,7 @@ wait $loops || fail "loops exited $?"
 cat $LOG
 journalctl -u qcownbd -o cat --no-pager | sed 's/^/QCOWNBD-JOURNAL /'
 # Commit and close the image before the power goes.
-systemctl stop qcownbd || fail "systemctl stop"
+timeout 60 systemctl stop qcownbd || fail "systemctl stop"
 umount @STATE_DIR@ || fail "umount"
 sync
 echo "QCOWNBD-EXIT 0"
