@@ -165,7 +165,7 @@ echo /newroot > /switch-root
 """
 
 
-def guest_files(drop_in: str | None) -> dict[str, tuple[bytes, int]]:
+def guest_files() -> dict[str, tuple[bytes, int]]:
     """Path in the guest -> (contents, mode): qcownbd, its unit, the test."""
     files = {}
     for source in sorted((REPO / "qcownbd").rglob("*.py")):
@@ -175,8 +175,6 @@ def guest_files(drop_in: str | None) -> dict[str, tuple[bytes, int]]:
     files["usr/local/bin/qcownbd"] = (CONSOLE_SCRIPT.encode(), 0o755)
     files["etc/systemd/system/qcownbd.service"] = (
         (REPO / "systemd" / "qcownbd.service").read_bytes(), 0o644)
-    if drop_in is not None:
-        files["etc/systemd/system/qcownbd.service.d/test.conf"] = (drop_in.encode(), 0o644)
     files["etc/qcownbd/exports.toml"] = (EXPORTS.encode(), 0o644)
     files["etc/systemd/system/qcownbd-restart-test.service"] = (TEST_UNIT.encode(), 0o644)
     files["usr/local/lib/qcownbd-test/loops.sh"] = (
@@ -213,13 +211,13 @@ def debian_root_image():
         pytest.fail(f"cannot build the Debian guest root: {exc}")
 
 
-def run_guest(vm_kit, root, workdir: Path, drop_in: str | None = None):
+def run_guest(vm_kit, root, workdir: Path):
     """Boot the guest; (its result, the QCOW1 image it served, copied out of its disk)."""
     tree = workdir / "state"
     tree.mkdir()
     run(["qemu-img", "create", "-f", "qcow", tree / "disk.qcow", "64M"])
     disk = make_ext4(workdir / "state.raw", 160, uuid=IMAGE_DISK_UUID, tree=tree)
-    kit = payload_kit(vm_kit, guest_files(drop_in), workdir)
+    kit = payload_kit(vm_kit, guest_files(), workdir)
     with Guest(kit, STAGE_SCRIPT, workdir, name="systemd", snapshot_drives=[root],
                drives=[disk], memory_mb=768, cpus=2, append="systemd.show_status=0") as guest:
         result = guest.wait(GUEST_SECONDS)
