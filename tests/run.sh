@@ -15,6 +15,7 @@ PACKAGES=(
     qemu-utils qemu-system-x86 qemu-system-data
     libnbd-bin python3-libnbd nbd-client nbd-server nbdkit
     fio systemd procps e2fsprogs strace openssl groff-base man-db iproute2
+    wget debian-archive-keyring  # debootstrap (run from its .deb) for the systemd guest
 )
 # Whole-run bound (seconds) and per-test bound for pytest-timeout.
 SUITE_TIMEOUT=1800

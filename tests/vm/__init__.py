@@ -3,7 +3,8 @@
     kit = guest_kit()      # or the `vm_kit` fixture: Debian cloud kernel +
                            # cached base initramfs (busybox, nbd.ko, nbd-client, mke2fs)
     guest = Guest(kit, script, workdir, name="vm1", nbd_ports=[port],
-                  drives=["nbd://127.0.0.1:PORT/NAME"], append="qcownbd.id=x")
+                  drives=["nbd://127.0.0.1:PORT/NAME"], append="qcownbd.id=x",
+                  snapshot_drives=[cached_raw_image])   # before drives, writes discarded
     result = guest.wait(timeout)              # kills and raises GuestError on timeout
     result = boot(kit, script, workdir, timeout=..., **same_options)
     result.check()                            # QEMU exit 0 and `QCOWNBD-EXIT 0`

@@ -81,7 +81,8 @@ class Guest:
     """A running QEMU guest (start several for fleets); stop it with wait() or kill()."""
 
     def __init__(self, kit: GuestKit, script: str, workdir: Path, *, name="guest",
-                 nbd_ports=(), drives=(), append="", memory_mb=256, cpus=1):
+                 nbd_ports=(), drives=(), snapshot_drives=(), append="", memory_mb=256,
+                 cpus=1):
         workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.console = workdir / f"{name}.console"
@@ -96,6 +97,10 @@ class Guest:
                "-append", f"console=ttyS0 quiet panic=-1 no_timer_check rdinit=/init "
                           f"{append}".strip(),
                *_netdev_args(nbd_ports)]
+        # Shared (cached) images come first (/dev/vda, ...): the guest's writes to
+        # them go to temporary files.
+        for drive in snapshot_drives:
+            cmd += ["-drive", f"file={drive},format=raw,if=virtio,snapshot=on"]
         for drive in drives:
             cmd += ["-drive", f"file={drive},format=raw,if=virtio"]
         self.cmd = cmd

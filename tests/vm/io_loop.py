@@ -80,8 +80,9 @@ dmesg | grep -i nbd | sed 's/^/QCOWNBD-DMESG /'
 """
 
 
-def loop_script(attachments, stop_offset: int) -> str:
-    """The guest's /test.sh: attach each (device, options, region_offset), loop, stop.
+def loop_script(attachments, stop_offset: int, host: str = nbd_address(0)) -> str:
+    """The guest's /test.sh: attach each (device, options, region_offset) to the
+    server at `host`, loop, stop.
 
     The first attachment also carries the stop-mark poll.
     """
@@ -93,7 +94,7 @@ def loop_script(attachments, stop_offset: int) -> str:
     for _, _, offset in attachments:
         assert offset % BLOCK == 0, "regions are whole blocks"
     assert stop_offset % 4096 == 0
-    replacements = {"@HOST@": nbd_address(0), "@SLOTS@": str(SLOTS), "@BLOCK@": str(BLOCK),
+    replacements = {"@HOST@": host, "@SLOTS@": str(SLOTS), "@BLOCK@": str(BLOCK),
                     "@UNITS@": str(BLOCK // (64 << 10)), "@ATTACH@": attach,
                     "@LOOPS@": loops, "@DETACH@": detach, "@STOP_BYTE@": str(STOP_BYTE),
                     "@STOP_BLOCK@": str(stop_offset // 4096),
