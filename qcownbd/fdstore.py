@@ -15,14 +15,13 @@ already and is not stored.
 """
 
 import asyncio
-import json
 import logging
 import os
 import socket
 
 from qcownbd import systemd
 from qcownbd.errors import HandoverError, QcownbdError
-from qcownbd.handover import decode_state, encode_state, state_of
+from qcownbd.handover import decode_state, dumps, encode_state, loads, state_of
 from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock
 
 log = logging.getLogger("qcownbd.server")
@@ -68,8 +67,7 @@ def connection_name(index: int) -> str:
 
 def state_document(named_states: dict) -> bytes:
     """The memfd's content: {FDNAME: connection state}."""
-    return json.dumps({"version": 1, "connections": named_states}, sort_keys=True,
-                      separators=(",", ":")).encode()
+    return dumps({"version": 1, "connections": named_states})
 
 
 def store(listening: list[socket.socket], held: list) -> bool:
@@ -156,7 +154,7 @@ def _read_states(fd: int) -> dict:
         chunks.append(chunk)
         offset += len(chunk)
     try:
-        document = json.loads(b"".join(chunks))
+        document = loads(b"".join(chunks))
         return {name: decode_state(state) for name, state in document["connections"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, HandoverError) as exc:
         log.error("restart: the stored connection state is unreadable (%s); "

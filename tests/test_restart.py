@@ -126,6 +126,15 @@ def restart_through_the_store(systemd: FakeSystemd, first, args: list, env):
     return new
 
 
+def _end_restart(systemd: FakeSystemd, *servers) -> None:
+    """Kill whichever of ``servers`` (None: never started) still runs; close the store."""
+    for proc in servers:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    systemd.close()
+
+
 def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
     image = make_qcow(tmp_path)
     systemd = FakeSystemd(tmp_path)
@@ -146,11 +155,7 @@ def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
         assert finish_nbdsh(nbdsh, stop_file) > 0
         assert stop_process(new) == 0
     finally:
-        for proc in (first, new):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        systemd.close()
+        _end_restart(systemd, first, new)
     old_log, new_log = first.stderr.read(), new.stderr.read()
     assert "kept 2 connection(s) and 1 listening socket(s) in systemd's file descriptor " \
            "store" in old_log, old_log
@@ -196,11 +201,7 @@ def test_fleet_clients_keep_their_ephemeral_overlays_through_a_restart(tmp_path)
         assert fleet_list(config) == {}     # ephemeral: gone with their clients
         assert stop_process(new) == 0
     finally:
-        for proc in (first, new):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait(10)
-        systemd.close()
+        _end_restart(systemd, first, new)
     old_log, new_log = first.stderr.read(), new.stderr.read()
     assert "kept 2 connection(s)" in old_log, old_log
     assert "restart: resumed 2 connection(s)" in new_log, new_log

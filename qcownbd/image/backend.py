@@ -110,6 +110,16 @@ class Backend(ABC):
     #: the open backing file whose bytes show where this image stores none
     backing: "Backend | None" = None
 
+    #: what a backend standing in front of another (a window, a shared handle) shows
+    #: as its own: the inner backend's format and capabilities
+    PRESENTED = ("format_name", "read_only", "preferred_block_size", "can_trim",
+                 "can_fast_zero")
+
+    def present_as(self, inner: "Backend") -> None:
+        """Show ``inner``'s format and capabilities (`PRESENTED`) as this backend's."""
+        for name in self.PRESENTED:
+            setattr(self, name, getattr(inner, name))
+
     @abstractmethod
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Fill all of ``buf`` with the disk's bytes starting at ``offset``."""

@@ -52,12 +52,8 @@ class SharedView(Backend):
         self._image = image = shared.backend
         self._closed = False
         self.path = image.path
-        self.format_name = image.format_name
         self.size = image.size
-        self.read_only = image.read_only
-        self.preferred_block_size = image.preferred_block_size
-        self.can_trim = image.can_trim
-        self.can_fast_zero = image.can_fast_zero
+        self.present_as(image)
         self.backing = image.backing
 
     def read_into(self, offset: int, buf: memoryview) -> None:

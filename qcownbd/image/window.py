@@ -59,11 +59,7 @@ class Window(Backend):
         self.inner, self.offset, self.size = inner, offset, size
         #: for log lines, like the formats' own backends
         self.path = getattr(inner, "path", "")
-        self.format_name = inner.format_name
-        self.read_only = inner.read_only
-        self.preferred_block_size = inner.preferred_block_size
-        self.can_trim = inner.can_trim
-        self.can_fast_zero = inner.can_fast_zero
+        self.present_as(inner)
 
     def read_into(self, offset: int, buf: memoryview) -> None:
         """Read from the disk at the window's start + ``offset``."""
