@@ -79,6 +79,10 @@ class Channel:
             raise HandoverError(str(message["failed"]))
         return message, [socket.socket(fileno=fd) for fd in fds]
 
+    def leftover(self) -> bytes:
+        """What was received past the last message (for an `AsyncChannel` taking over)."""
+        return self._buffer
+
     def close(self) -> None:
         """Close this end."""
         self.sock.close()
@@ -98,16 +102,21 @@ class AsyncChannel:
     (``fds``): a receive may take several messages, never the descriptors of one
     it does not take, so they are dealt out in order."""
 
-    def __init__(self, sock: socket.socket, on_message, on_closed):
+    def __init__(self, sock: socket.socket, on_message, on_closed, received: bytes = b""):
         self.sock = sock
         self.on_message, self.on_closed = on_message, on_closed
-        self._buffer = b""
+        #: ``received``: what a blocking `Channel` on this socket read past its last
+        #: message (a worker's parent may say ``stop`` right after ``start``)
+        self._buffer = received
         self._fds: list[int] = []
         self._asked: dict[int, asyncio.Future] = {}
         self._next_id = 0
         self.closed = False
         sock.setblocking(False)
-        asyncio.get_running_loop().add_reader(sock.fileno(), self._readable)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(sock.fileno(), self._readable)
+        if received:
+            loop.call_soon(self._deliver)
 
     def send(self, message: dict, fds: list[int] = (), timeout: float = 30.0) -> None:
         """Send one message with ``fds``; HandoverError when the other side is gone."""
@@ -154,7 +163,11 @@ class AsyncChannel:
             self.close()
             return
         self._buffer += data
-        while b"\n" in self._buffer:
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand out every whole message received."""
+        while b"\n" in self._buffer and not self.closed:
             line, _sep, self._buffer = self._buffer.partition(b"\n")
             try:
                 message = loads(line)

@@ -64,8 +64,9 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
     index, count, fd = whoami
     os.set_inheritable(fd, False)
     sock = socket.socket(fileno=fd)
+    first = Channel(sock)
     try:
-        start, _socks = Channel(sock).receive(START_TIMEOUT)
+        start, _socks = first.receive(START_TIMEOUT)
     except HandoverError as exc:
         log.error("worker %d: no word from the parent: %s", index, exc)
         return 1
@@ -96,7 +97,7 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
             # the parent says it, once, and fails its start
             Channel(sock).send({"failed": str(exc)}, timeout=5.0)
             return 1
-        asyncio.run(_serve(index, sock, config, cli, registry, images,
+        asyncio.run(_serve(index, sock, first.leftover(), config, cli, registry, images,
                            load_mine if load else None, reloader))
     finally:
         registry.close_all()
@@ -110,8 +111,8 @@ def _report(registry) -> dict:
             "broken": dict(registry.unavailable())}
 
 
-async def _serve(index: int, sock: socket.socket, config: ServerConfig, cli: dict, registry,
-                 images, load, reloader) -> None:
+async def _serve(index: int, sock: socket.socket, received: bytes, config: ServerConfig,
+                 cli: dict, registry, images, load, reloader) -> None:
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     # the parent has the terminal's ^C and systemd's signals; SIGTERM (a whole unit
@@ -123,7 +124,7 @@ async def _serve(index: int, sock: socket.socket, config: ServerConfig, cli: dic
                        **{key: getattr(config, key) for key in NbdServer.LIMITS})
     reloads = reloader(server, registry, cli, load, config, hand_over=lambda: None)
     worker = _WorkerSide(index, server, registry, images, reloads, stopping)
-    channel = AsyncChannel(sock, worker.heard, worker.parent_gone)
+    channel = AsyncChannel(sock, worker.heard, worker.parent_gone, received)
     worker.channel = channel
     server.on_ended = worker.ended
     tasks = [loop.create_task(server.commit_metadata_forever()),

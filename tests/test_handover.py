@@ -1,6 +1,7 @@
 """The state a live handover passes on, without a server: JSON byte for byte, and the
 reader's unframed bytes picked up by the successor's reader mid-request."""
 
+import asyncio
 import socket
 
 import pytest
@@ -9,7 +10,7 @@ from qcownbd.errors import HandoverError, ProtocolError
 from qcownbd.handover import (
     ConnectionState, decode_state, dumps, encode_state, loads, overlays_of,
 )
-from qcownbd.handover_channel import Channel
+from qcownbd.handover_channel import AsyncChannel, Channel
 from qcownbd.nbd.constants import EXTENDED_REQUEST_MAGIC, REQUEST_MAGIC, Cmd
 from qcownbd.nbd.negotiation import Session
 from qcownbd.nbd.protocol import EXTENDED_REQUEST, REQUEST, ReplyMode, Request
@@ -144,3 +145,25 @@ def test_messages_carry_their_descriptors_over_the_channel():
     finally:
         for sock in (ours, left, right):
             sock.close()
+
+
+def test_an_async_channel_delivers_what_the_blocking_one_read_past_its_message():
+    # a worker reads its parent's first message blocking; a "stop" sent right after it
+    # may come in the same read and must reach the event loop's channel
+    ours, theirs = socket.socketpair()
+    try:
+        ours.sendall(dumps({"start": {}, "fds": 0}) + dumps({"stop": True, "fds": 0}))
+        first = Channel(theirs)
+        assert first.receive(5)[0] == {"start": {}, "fds": 0}
+
+        async def after_start():
+            heard = asyncio.get_running_loop().create_future()
+            channel = AsyncChannel(theirs, lambda message, _socks: heard.set_result(message),
+                                   lambda: None, first.leftover())
+            try:
+                return await asyncio.wait_for(heard, 5)
+            finally:
+                channel.close()
+        assert asyncio.run(after_start()) == {"stop": True, "fds": 0}
+    finally:
+        ours.close()
