@@ -410,6 +410,25 @@ def test_qcow1_host_range_only_for_one_contiguous_data_run(tmp_path):
         img.close()
 
 
+def test_an_overlay_gives_the_backing_files_range_where_it_maps_nothing(tmp_path):
+    backing, overlay = tmp_path / "golden.raw", tmp_path / "o.qcow"
+    golden = _random_file(backing, 3 * MiB, seed=5)
+    run(["qemu-img", "create", "-q", "-f", "qcow", "-b", backing, "-F", "raw", overlay, "4M"])
+    run(["qemu-io", "-f", "qcow", "-c", "write -P 7 1M 4k", overlay])
+    img = open_image(str(overlay), fmt="qcow1", read_only=True)
+    try:
+        fd, host = img.host_range(0, MiB)                      # the golden image's bytes
+        assert host == 0 and os.pread(fd, MiB, host) == golden[:MiB]
+        fd, host = img.host_range(MiB + 4096, 256 * 1024)      # after the written cluster
+        assert os.pread(fd, 256 * 1024, host) == golden[MiB + 4096:MiB + 4096 + 256 * 1024]
+        fd, host = img.host_range(MiB, 4096)                   # the overlay's own cluster
+        assert os.pread(fd, 4096, host) == b"\7" * 4096
+        assert img.host_range(MiB - 4096, 8192) is None       # golden then overlay
+        assert img.host_range(3 * MiB - 4096, 8192) is None   # past the golden's end
+    finally:
+        img.close()
+
+
 @pytest.mark.timeout(60)
 def test_replies_queued_at_eof_are_all_sent(tmp_path, qcownbd_server):
     """The client half-closes right after its requests: the server sees EOF while

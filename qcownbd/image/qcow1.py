@@ -130,9 +130,16 @@ class Qcow1Image(Backend):
                 raise ImageIOError(errno.EIO, f"{self.path}: bad mapping at guest {start:#x}")
 
     def host_range(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, host offset) when the range is one host-contiguous run of data clusters."""
+        """(fd, file offset) when the range is one host-contiguous run of data clusters,
+        or is left wholly to a backing file that stores it as-is (a fleet overlay's
+        reads of its golden image go out by sendfile too)."""
         host = self._map.data_run(offset, length)
-        return None if host is None else (self.fd, host)
+        if host is not None:
+            return self.fd, host
+        if self.backing is None or offset + length > self.backing.size \
+                or not self._map.unallocated(offset, length):
+            return None
+        return self.backing.host_range(offset, length)
 
     def _pread(self, dest: memoryview, host: int) -> None:
         try:

@@ -93,6 +93,17 @@ class ClusterMap:
             return None
         return entry + (offset & self.cluster_mask)
 
+    def unallocated(self, offset: int, length: int) -> bool:
+        """True when no cluster of the range is mapped (found with bounded work;
+        False when that was not enough to tell)."""
+        end = offset + length
+        for allocated, _start, stop in self.allocation(offset, length):
+            if allocated:
+                return False
+            if stop >= end:
+                return True
+        return False
+
     def allocation(self, offset: int, length: int):
         """Yield (allocated, start, stop) runs from ``offset``, covering at most
         ``length`` and at least one run, with bounded work: a table range whose
