@@ -37,7 +37,9 @@ NAME='TEMPLATE' replaces a server's command, filled in with {python},
 {port}, {golden}, {export}, {config}, {pidfile}, {overlay} and {scratch}, e.g.
 to measure another checkout:
     python3 tests/bench/bootstorm.py qcownbd='env PYTHONPATH=/src/other {python} -m qcownbd serve --listen 127.0.0.1:{port} --config {config}'
-A new NAME is a process per client serving {golden} with an overlay of its own.
+A new NAME is a process per client serving {golden} with an overlay of its own,
+unless it is a known name with a suffix: qcownbd-before='...' is a qcownbd
+fleet too (to compare two checkouts side by side).
 Overlays and temporary files (TMPDIR) live in the run's directory on /dev/shm.
 
 --verify then checks each storm: the golden image is unchanged, and each
@@ -552,8 +554,11 @@ def run(args) -> list[dict]:
 
 
 def _kind(name: str) -> dict:
-    """A replaced template keeps its server's kind; a new name runs per client."""
-    known = SERVERS.get(name)
+    """A replaced template keeps its server's kind, and so does a new name that is a
+    known one with a suffix (qcownbd-before); another new name runs per client."""
+    known = SERVERS.get(name) or next(
+        (SERVERS[k] for k in sorted(SERVERS, key=len, reverse=True)
+         if name.startswith(k + "-")), None)
     return ({"per_client": known.per_client, "export": known.export, "config": known.config}
             if known else {})
 
