@@ -9,6 +9,8 @@ writes overlapping pipelined reads, and non-contiguous QCOW1 clusters.
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import os
 import random
 import socket
@@ -204,6 +206,47 @@ def test_structured_reads_match_qemu_io(tmp_path, qcownbd_server):
     out = tmp_path / "copy.raw"
     run(["nbdcopy", "--request-size=1048576", server.uri("d"), out])
     assert out.read_bytes() == bytes(data)
+
+
+@pytest.mark.timeout(60)
+def test_reads_across_holes_send_each_data_run_from_the_file(tmp_path, qcownbd_server):
+    """Structured READs that cross data and holes: the hole chunks, and data runs
+    sent from the image file (a raw image; a QCOW1 overlay's unwritten clusters,
+    from its backing file), each at its own offset."""
+    golden = tmp_path / "golden.raw"
+    data = bytearray(_random_file(golden, 8 * MiB, seed=11))
+    for start, length in ((2 * MiB, MiB), (5 * MiB, MiB // 2)):
+        run(["fallocate", "--punch-hole", "--offset", str(start), "--length", str(length),
+             golden])
+        data[start:start + length] = bytes(length)
+    overlay = tmp_path / "o.qcow"
+    run(["qemu-img", "create", "-q", "-f", "qcow", "-b", golden, "-F", "raw", overlay, "8M"])
+    run(["qemu-io", "-f", "qcow", "-c", "write -P 9 1536k 128k", overlay])
+    written = bytearray(data)
+    written[1536 * 1024:1664 * 1024] = b"\x09" * 128 * 1024
+    reads = [(3 * MiB - 200 * 1024, 700 * 1024), (2 * MiB - 96 * 1024, MiB),
+             (5 * MiB - 300 * 1024, MiB), (1536 * 1024 - 64 * 1024, 900 * 1024),
+             (4 * MiB + 4096, MiB), (5 * MiB + 100 * 1024, 512 * 1024)]
+    copy = tmp_path / "copy.raw"        # the golden image is the overlay's, read-only
+    run(["cp", "--sparse=always", golden, copy])
+    server = qcownbd_server(f"raw={copy}", f"qcow={overlay}")
+    script = f'''
+import hashlib, json, nbd, sys
+out = {{}}
+for name in ("raw", "qcow"):
+    h = nbd.NBD()
+    h.connect_uri(sys.argv[1] + name)
+    assert h.get_structured_replies_negotiated()
+    out[name] = [hashlib.sha256(h.pread(length, offset)).hexdigest()
+                 for offset, length in {reads!r}]
+    h.shutdown()
+print(json.dumps(out))
+'''
+    result = run(["/usr/bin/python3", "-c", script, server.uri("")], timeout=45)
+    got = json.loads(result.stdout)
+    for name, disk in (("raw", data), ("qcow", written)):
+        assert got[name] == [hashlib.sha256(disk[offset:offset + length]).hexdigest()
+                             for offset, length in reads], name
 
 
 class _Sink(asyncio.Protocol):

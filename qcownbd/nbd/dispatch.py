@@ -276,12 +276,15 @@ class Dispatcher:
                                                            length, True), offset, length)
             return
         # read everything first: an error then means one error chunk, no partial data
+        # (runs stored as-is in a file are sent from it, by sendfile, in their turn)
         chunks = []
         for run_offset, run_length, zero in runs:
             data = None
             if not zero:
-                data = self.replies.lend(run_length)
-                self.backend.read_into(run_offset, data)
+                data = self._file_range(run_offset, run_length)
+                if data is None:
+                    data = self.replies.lend(run_length)
+                    self.backend.read_into(run_offset, data)
             chunks.append((run_offset, run_length, data))
         self.stats.bytes_read += length
         last = len(chunks) - 1
@@ -289,9 +292,13 @@ class Dispatcher:
             if data is None:
                 self.send(protocol.offset_hole_chunk(self.mode, req.cookie, offset,
                                                      run_offset, run_length, index == last))
+                continue
+            header = protocol.offset_data_header(self.mode, req.cookie, offset, run_offset,
+                                                 run_length, index == last)
+            if type(data) is tuple:
+                self.replies.send_file(header, data[0], data[1], run_length)
             else:
-                self.send(protocol.offset_data_header(self.mode, req.cookie, offset, run_offset,
-                                                      run_length, index == last), data)
+                self.send(header, data)
 
     def _read_one_run(self, header, offset: int, length: int) -> None:
         """Answer a READ of one data run: ``header``, then the bytes (sendfile if it can)."""
@@ -305,14 +312,18 @@ class Dispatcher:
     def _send_file_range(self, header, offset: int, length: int) -> bool:
         """Answer a one-run READ with ``header`` and the image file's own bytes, sent by
         sendfile in their turn; False when that cannot be done (a copy is then sent)."""
-        if length < SENDFILE_MIN or not self._zero_copy or not self.replies.direct:
-            return False
-        where = self.backend.host_range(offset, length)
+        where = self._file_range(offset, length)
         if where is None:
             return False
         self.replies.send_file(header, where[0], where[1], length)
         self.stats.bytes_read += length
         return True
+
+    def _file_range(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, file offset) of a range worth sending by sendfile, else None."""
+        if length < SENDFILE_MIN or not self._zero_copy or not self.replies.direct:
+            return None
+        return self.backend.host_range(offset, length)
 
     def _read_runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Split a read into (offset, length, zero) runs worth sending as holes or data;
