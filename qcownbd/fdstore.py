@@ -32,10 +32,11 @@ STATE = PREFIX + "state"
 CONNECTION = PREFIX + "conn-"
 
 
-async def keep_for_restart(server, registry, unit_sockets: list) -> bool:
-    """SIGTERM with --fd-store: hold the connections, commit the images and store it all
-    (not the socket unit's listeners, ``unit_sockets`` by name); False, and nothing
-    held, when there is no $NOTIFY_SOCKET (the server then stops as usual)."""
+async def keep_for_restart(server, registry, unit_sockets: list, pool=None) -> bool:
+    """SIGTERM with --fd-store: hold the connections (with worker processes, ``pool``,
+    theirs too), commit the images and store it all (not the socket unit's listeners,
+    ``unit_sockets`` by name); False, and nothing held, when there is no
+    $NOTIFY_SOCKET (the server then stops as usual)."""
     if not os.environ.get("NOTIFY_SOCKET"):
         log.warning("--fd-store: no NOTIFY_SOCKET (not started by systemd); stopping "
                     "without keeping the connections")
@@ -43,20 +44,30 @@ async def keep_for_restart(server, registry, unit_sockets: list) -> bool:
     listening = [sock for sock in server.stop_listening()
                  if sock.getsockname() not in unit_sockets]
     held = await server.hold_for_handover(HOLD_TIMEOUT)
+    collected = []
     try:
         await asyncio.get_running_loop().run_in_executor(
             None, commit_and_unlock, registry.open_exports())
+        if pool is not None:
+            # the workers' connections come here, held, their images committed
+            collected = await pool.hold(HOLD_TIMEOUT)
     except HandoverError as exc:
         log.error("%s; stopping without keeping the connections", exc)
         server.release_held(held)
         return False
-    if not store(listening, held):
+    connections = [(encode_state(state_of(conn)), conn.transport.get_extra_info("socket"))
+                   for conn in held] + collected
+    if not store(listening, connections):
         log.error("could not give systemd the file descriptors; the clients lose their "
                   "connections")
         server.release_held(held)
+        if pool is not None:
+            await pool.release(collected)
         return False
+    if pool is not None:
+        pool.finish()       # systemd has the connections: the workers go without a word
     log.info("kept %d connection(s) and %d listening socket(s) in systemd's file "
-             "descriptor store for the next start", len(held), len(listening))
+             "descriptor store for the next start", len(connections), len(listening))
     return True
 
 
@@ -70,19 +81,19 @@ def state_document(named_states: dict) -> bytes:
     return dumps({"version": 1, "connections": named_states})
 
 
-def store(listening: list[socket.socket], held: list) -> bool:
-    """Give systemd the ``listening`` sockets, the ``held`` connections and their
-    state; False when it cannot be told (no $NOTIFY_SOCKET, or it refused)."""
-    states = {connection_name(i): encode_state(state_of(conn)) for i, conn in enumerate(held)}
+def store(listening: list[socket.socket], connections: list[tuple]) -> bool:
+    """Give systemd the ``listening`` sockets and the ``connections`` (encoded state,
+    socket); False when it cannot be told (no $NOTIFY_SOCKET, or it refused)."""
+    states = {connection_name(i): state for i, (state, _sock) in enumerate(connections)}
     memfd = os.memfd_create(STATE, os.MFD_CLOEXEC)
     try:
         os.write(memfd, state_document(states))
         sent = systemd.notify(f"FDSTORE=1\nFDNAME={STATE}", [memfd])
         for sock in listening:
             sent = sent and systemd.notify(f"FDSTORE=1\nFDNAME={LISTEN}", [sock.fileno()])
-        for index, conn in enumerate(held):
-            fd = conn.transport.get_extra_info("socket").fileno()
-            sent = sent and systemd.notify(f"FDSTORE=1\nFDNAME={connection_name(index)}", [fd])
+        for index, (_state, sock) in enumerate(connections):
+            sent = sent and systemd.notify(f"FDSTORE=1\nFDNAME={connection_name(index)}",
+                                           [sock.fileno()])
     finally:
         os.close(memfd)
     return sent
@@ -122,15 +133,16 @@ class Restored:
                 sock.close()
         return restored, others
 
-    def reopen_overlays(self, registry) -> None:
-        """Open the fleet overlays the stored connections write, before they resume; a
+    async def reopen_overlays(self, reopen) -> None:
+        """Open the fleet overlays the stored connections write, before they resume
+        (``await reopen({FLEET/ID: file})``, in the process that will serve them); a
         connection whose overlay cannot be opened is closed (the server that stored it
         is gone: nobody else can serve it), and logged."""
         kept = []
         for state, sock in self.connections:
             if state.overlay is not None:
                 try:
-                    registry.reopen_member(state.session.export_name, state.overlay)
+                    await reopen({state.session.export_name: state.overlay})
                 except QcownbdError as exc:
                     log.error("restart: %s: not resumed: %s", state.client, exc)
                     sock.close()

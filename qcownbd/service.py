@@ -100,8 +100,6 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
                 registry.apply({**cli, **config.exports})
                 if successor is not None:
                     successor.take_connections(registry)
-                elif endpoints.restored is not None:
-                    endpoints.restored.reopen_overlays(registry)
             status = asyncio.run(serve(config, cli, registry, images, load, tls_context,
                                        endpoints, launch, argv or [], successor, pool))
         except QcownbdError as exc:
@@ -133,8 +131,6 @@ def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "End
     alone = ("-s (the throw-away overlays live with this process)" if not argv else
              "TLS (a TLS session cannot be passed to another process)"
              if config.tls != "off" else
-             "--fd-store (systemd's store keeps this process's connections)"
-             if launch.fd_store else
              "--stdin or systemd's Accept=yes (one connection)" if endpoints.single else "")
     if alone:
         log.info("serving in one process, not %d workers: %s", count, alone)
@@ -262,6 +258,9 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
                 successor.check_exports(registry)
                 await pool.reopen(successor.overlays)
                 successor.receive_connections()
+        if endpoints.restored is not None:
+            await endpoints.restored.reopen_overlays(
+                pool.reopen if pool is not None else _reopener(registry))
     except QcownbdError:
         if pool is not None:
             await pool.stop()
@@ -305,7 +304,7 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
         log.info("stopping")
         systemd.notify("STOPPING=1")
         if launch.fd_store and await keep_for_restart(server, registry,
-                                                      endpoints.unit_sockets):
+                                                      endpoints.unit_sockets, pool):
             upgrade.done.set()
             return HANDED_OVER
     finally:
@@ -319,6 +318,14 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
             if pool is not None:
                 await pool.stop()
     return await launch.command_status()
+
+
+def _reopener(registry: ExportRegistry):
+    """`WorkerPool.reopen` for a server without workers: the overlays open here."""
+    async def reopen(overlays: dict[str, str]) -> None:
+        for name, path in overlays.items():
+            registry.reopen_member(name, path)
+    return reopen
 
 
 async def _until_stop(stopping: asyncio.Event, server: NbdServer, endpoints: Endpoints,

@@ -135,12 +135,14 @@ def _end_restart(systemd: FakeSystemd, *servers) -> None:
     systemd.close()
 
 
-def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path, workers):
     image = make_qcow(tmp_path)
     systemd = FakeSystemd(tmp_path)
     port = free_port()
     env = qcownbd_env(NOTIFY_SOCKET=systemd.path)
-    args = ["serve", "--fd-store", "--listen", f"127.0.0.1:{port}", f"d={image}"]
+    args = ["serve", "--fd-store", "--workers", str(workers), "--listen", f"127.0.0.1:{port}",
+            f"d={image}"]
     first = _serve(qcownbd_cmd(*args), env)
     new = None
     stop_file = tmp_path / "stop"
@@ -160,20 +162,24 @@ def test_systemctl_restart_keeps_the_connections_through_the_fd_store(tmp_path):
     assert "kept 2 connection(s) and 1 listening socket(s) in systemd's file descriptor " \
            "store" in old_log, old_log
     assert "restart: resumed 2 connection(s) and 1 listening socket(s)" in new_log, new_log
+    assert ("2 workers serve" in old_log + new_log) == (workers == 2), old_log + new_log
     assert "Traceback" not in old_log + new_log
     verify(image, qemu.written)
 
 
-def test_fleet_clients_keep_their_ephemeral_overlays_through_a_restart(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_fleet_clients_keep_their_ephemeral_overlays_through_a_restart(tmp_path, workers):
     """Two clients of a fleet with ephemeral overlays: the new start opens the overlays
-    the stored connections write (not deleting them as stale) before it resumes them;
-    they are deleted once the clients have left."""
+    the stored connections write (not deleting them as stale; with workers, each in the
+    worker its client goes to) before it resumes them; they are deleted once the
+    clients have left."""
     config, golden = make_fleet(tmp_path, overlays="ephemeral")
     golden_sum = hashlib.sha256(golden.read_bytes()).hexdigest()
     systemd = FakeSystemd(tmp_path)
     port = free_port()
     env = qcownbd_env(NOTIFY_SOCKET=systemd.path)
-    args = ["serve", "--fd-store", "--config", config, "--listen", f"127.0.0.1:{port}"]
+    args = ["serve", "--fd-store", "--workers", str(workers), "--config", config,
+            "--listen", f"127.0.0.1:{port}"]
     first = _serve(qcownbd_cmd(*args), env)
     new = None
     stop_file = tmp_path / "stop"
