@@ -42,6 +42,23 @@ def allocated_bytes(image) -> int:
     return sum(e["length"] for e in entries if e["data"] and e["depth"] == 0)
 
 
+def stored_bytes(fd: int, start: int, end: int) -> int:
+    """Bytes of ``fd`` between ``start`` and ``end`` that are data, not holes (whole
+    pages: SEEK_DATA and SEEK_HOLE see no finer)."""
+    total, pos = 0, start
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError:     # ENXIO: nothing but hole to the end of the file
+            break
+        if data >= end:
+            break
+        hole = os.lseek(fd, data, os.SEEK_HOLE)
+        total += min(hole, end) - data
+        pos = hole
+    return total
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("backing", [False, True], ids=["plain", "overlay"])
 def test_random_writes_trims_and_zeroes_keep_the_file_bounded(tmp_path, backing):
@@ -94,3 +111,35 @@ def test_random_writes_trims_and_zeroes_keep_the_file_bounded(tmp_path, backing)
     result = run(qcownbd_cmd("check", image), check=False, env=qcownbd_env())
     assert result.returncode == 0, result.stdout
 
+
+
+def test_a_new_table_at_the_end_of_an_overlay_is_written_sparsely(tmp_path, qcownbd_server):
+    """An overlay's 512-byte clusters give 32 KiB L2 tables: one made at the file's end
+    is written as the entries it sets (the rest stays a hole, read as zeros), and
+    QEMU reads the writes and finds the image clean."""
+    golden, overlay = tmp_path / "golden.raw", tmp_path / "o.qcow"
+    with open(golden, "wb") as f:
+        f.write(os.urandom(16 * MiB))
+    run(["qemu-img", "create", "-q", "-f", "qcow", "-b", golden, "-F", "raw", overlay])
+    server = qcownbd_server(f"o={overlay}")
+    places = [3 * MiB + 4096, 9 * MiB, 14 * MiB + 65536]    # three 2 MiB table ranges
+    qemu_io(server.uri("o"), *(f"write -P {i + 1} {p} 4k" for i, p in enumerate(places)),
+            fmt="raw")
+    server.stop()
+    data = open(overlay, "rb").read()
+    l1_offset = struct.unpack(">Q", data[40:48])[0]
+    tables = [struct.unpack(">Q", data[l1_offset + 8 * (p >> 21):l1_offset + 8 * (p >> 21) + 8])[0]
+              for p in places]
+    fd = os.open(overlay, os.O_RDONLY)
+    try:
+        for table in tables:
+            assert table, "no table linked"
+            # of the table's 32 KiB, only the page of its entry (and one it shares with
+            # what lies before it) holds data
+            assert stored_bytes(fd, table, table + 32 * 1024) <= 2 * 4096, table
+    finally:
+        os.close(fd)
+    assert run(qcownbd_cmd("check", overlay), check=False).returncode == 0
+    out = qemu_io(overlay, *(f"read -P {i + 1} {p} 4k" for i, p in enumerate(places)),
+                  f"read -v 0 16", read_only=True).stdout
+    assert "fail" not in out.lower() and out.count("read 4096/4096") == 3, out

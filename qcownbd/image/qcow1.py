@@ -268,14 +268,25 @@ class Qcow1Image(Backend):
         hdr, tables = self.header, self._tables
         index, first = pos >> hdr.l1_shift, (pos >> hdr.cluster_bits) & (hdr.l2_entries - 1)
         slot = -(-hdr.l2_table_bytes // self.cluster_size) * self.cluster_size
+        end_of_file = tables.next_free
         table_offset = tables.reserve(slot)
         runs = tables.reserve_runs(len(entries) * self.cluster_size)
         table = array("Q", bytes(hdr.l2_table_bytes))
-        table[first:first + len(entries)] = cluster_pointers(runs, self.cluster_size)
+        pointers = cluster_pointers(runs, self.cluster_size)
+        table[first:first + len(entries)] = pointers
         # unreachable until the commit links it in L1 behind a data barrier (§5.3)
-        head = [to_big_endian(table), _ZEROS[:slot - hdr.l2_table_bytes]]
         buffers = self._cluster_buffers(pos, data, entries)
-        if len(runs) == 1 and runs[0][0] == table_offset + slot:
+        back_to_back = len(runs) == 1 and runs[0][0] == table_offset + slot
+        if back_to_back and table_offset >= end_of_file:
+            # a slot past the file's end reads as zeros, and the data written after it
+            # keeps it inside the file: only the entries set need writing (the 32 KiB
+            # table of an overlay's 512-byte clusters stays a hole)
+            self._pwrite([to_big_endian(pointers)], table_offset + 8 * first)
+            self._pwrite(buffers, runs[0][0])
+            tables.link_new_table(index, table_offset, table)
+            return
+        head = [to_big_endian(table), _ZEROS[:slot - hdr.l2_table_bytes]]
+        if back_to_back:
             self._pwrite(head + buffers, table_offset)
         else:
             self._pwrite(head, table_offset)
