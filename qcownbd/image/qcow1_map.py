@@ -19,6 +19,12 @@ MAX_STATUS_ENTRIES = 16384
 MAX_STATUS_LOADS = 1
 
 
+def _zero_entries(table, start: int, stop: int) -> int:
+    """How many of the entries ``table[start:stop]`` in a row from ``start`` are 0."""
+    raw = memoryview(table)[start:stop].tobytes()
+    return (len(raw) - len(raw.lstrip(b"\0"))) // 8
+
+
 class ClusterMap:
     """The guest-to-file mapping of one image, from its `Qcow1Tables`."""
 
@@ -28,7 +34,8 @@ class ClusterMap:
         self.cluster_mask = header.cluster_size - 1
 
     def pieces(self, offset: int, end: int):
-        """Yield (kind, start, stop, host) per cluster; an empty L1 range is one piece."""
+        """Yield (kind, start, stop, host) per cluster; unallocated clusters in a row, and an
+        empty L1 range, are one piece."""
         hdr, tables = self.header, self.tables
         cb, shift, mask = hdr.cluster_bits, hdr.l1_shift, self.cluster_mask
         l2_mask = hdr.l2_entries - 1
@@ -47,12 +54,20 @@ class ClusterMap:
                 pos = table_end
                 continue
             table = tables.table(index)
+            last = ((table_end - 1) >> cb) & l2_mask
             while pos < table_end:
-                entry = table[(pos >> cb) & l2_mask]
-                stop = min(table_end, (pos | mask) + 1)
+                slot = (pos >> cb) & l2_mask
+                entry = table[slot]
                 if entry == 0:
+                    # a run of unallocated clusters is one piece, found at C speed (an
+                    # overlay's 512-byte clusters make a 1 MiB read 2048 of them)
+                    zeros = _zero_entries(table, slot, last + 1)
+                    stop = min(table_end, ((pos >> cb) + zeros) << cb)
                     yield UNALLOCATED, pos, stop, 0
-                elif entry & COMPRESSED:
+                    pos = stop
+                    continue
+                stop = min(table_end, (pos | mask) + 1)
+                if entry & COMPRESSED:
                     yield PACKED, pos, stop, entry
                 elif entry == BAD:
                     yield INVALID, pos, stop, 0
