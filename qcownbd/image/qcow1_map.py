@@ -158,9 +158,12 @@ class ClusterMap:
         count, index = len(entries), 0
         while index < count:
             allocated = entries[index] != 0
-            after = index + 1
-            while after < count and (entries[after] != 0) == allocated:
-                after += 1
+            if allocated:
+                after = index + 1
+                while after < count and entries[after] != 0:
+                    after += 1
+            else:
+                after = index + _zero_entries(entries, index, count)
             run_end = min(stop, base + after * size)
             yield allocated, pos, run_end
             pos, index = run_end, after
