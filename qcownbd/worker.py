@@ -57,18 +57,32 @@ def die_with_parent() -> None:
         os._exit(1)     # it died before we asked
 
 
+class WorkerTag(logging.Filter):
+    """Every line a worker logs says which worker it is ("worker 1: ...")."""
+
+    def __init__(self, index: int):
+        super().__init__()
+        self.prefix = f"worker {index}: "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = self.prefix + str(record.msg)
+        return True
+
+
 def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, load,
                open_cli_export, reloader) -> int:
     """Serve as worker ``whoami`` (`from_environment`) until told to stop."""
     die_with_parent()
     index, count, fd = whoami
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(WorkerTag(index))
     os.set_inheritable(fd, False)
     sock = socket.socket(fileno=fd)
     first = Channel(sock)
     try:
         start, _socks = first.receive(START_TIMEOUT)
     except HandoverError as exc:
-        log.error("worker %d: no word from the parent: %s", index, exc)
+        log.error("no word from the parent: %s", exc)
         return 1
 
     def mine(configs: dict) -> dict:
@@ -165,12 +179,12 @@ class _WorkerSide:
         end as if we had crashed with it, our images' metadata committed."""
         if self.stopping.is_set():
             return
-        log.error("worker %d: the parent process is gone; exiting", self.index)
+        log.error("the parent process is gone; exiting")
         for export in self.registry.open_exports():
             try:
                 export.backend.flush()
             except (QcownbdError, OSError) as exc:
-                log.error("worker %d: committing %s: %s", self.index, export.name, exc)
+                log.error("committing %s: %s", export.name, exc)
         logging.shutdown()
         os._exit(1)
 
@@ -200,7 +214,7 @@ class _WorkerSide:
         try:
             state = decode_any(encoded)
         except HandoverError as exc:
-            log.error("worker %d: a connection not taken: %s", self.index, exc)
+            log.error("a connection not taken: %s", exc)
             for sock in socks:
                 sock.close()
             self.channel.send({"ended": tag})

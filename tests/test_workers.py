@@ -258,6 +258,12 @@ def test_fleet_clients_spread_over_the_workers(tmp_path):
             # both workers own overlays, each overlay one worker, the golden image all
             assert all(overlays) and sorted(sum(overlays, [])) == [f"lab/{i}" for i in idents]
             assert all("lab" in w["exports"] and w["connections"] == 2 for w in workers)
+            # each worker's log lines say which worker wrote them
+            for w, names in zip(workers, overlays):
+                for name in names:
+                    assert f"worker {w['index']}: export lab: created overlay " \
+                           f"{tmp_path / 'overlays' / name.split('/')[1]}.qcow" in server.log, \
+                           server.log
         finally:
             for proc in clients:
                 out, _ = proc.communicate("\n", timeout=60)
