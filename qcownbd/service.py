@@ -298,6 +298,8 @@ async def serve(config: ServerConfig, cli: dict, registry: ExportRegistry,
         if endpoints.restored is not None:
             endpoints.restored.forget()
         await _until_stop(stopping, server, endpoints, launch, upgrade.done)
+        if pool is not None:
+            pool.stopping = True    # workers that end from now on are not replaced
         if upgrade.done.is_set():
             await asyncio.sleep(0.1)    # the answer to `qcownbd upgrade` goes out
             return HANDED_OVER

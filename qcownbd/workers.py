@@ -175,23 +175,28 @@ class WorkerPool:
         if worker.ready.exception() is not None or self.stopping \
                 or self.workers[worker.index] is not worker:
             return      # (a start that failed says why: `start`, `_replace`)
-        log.error("worker %d (pid %d) died; its clients reconnect to its replacement",
-                  worker.index, worker.pid)
         task = asyncio.get_running_loop().create_task(self._replace(worker))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _replace(self, dead: Worker) -> None:
-        await dead.process.wait()       # reaped: its image locks are gone
+        status = await dead.process.wait()      # reaped: its image locks are gone
+        # a stop of the whole service (systemd signals every process of the unit)
+        # reaches this process in a moment too: no error, no replacement then
+        await asyncio.sleep(RESTART_PAUSE)
+        if self.stopping:
+            return
+        log.error("worker %d (pid %d) %s; its clients reconnect to its replacement",
+                  dead.index, dead.pid, "died" if status else "stopped")
         pause = RESTART_PAUSE
         while not self.stopping:
-            await asyncio.sleep(pause)
             try:
                 worker = await self._spawn(dead.index)
                 await self._wait_ready(worker)
             except QcownbdError as exc:
                 pause = min(pause * 2, MAX_RESTART_PAUSE)
                 log.error("worker %d: %s; trying again in %g s", dead.index, exc, pause)
+                await asyncio.sleep(pause)
                 continue
             log.info("worker %d: pid %d replaces pid %d", dead.index, worker.pid, dead.pid)
             return

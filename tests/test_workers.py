@@ -112,6 +112,22 @@ def test_a_worker_killed_is_replaced_and_clients_reconnect(tmp_path):
     qemu_io(image, "read -P 5 0 64k", "read -P 6 64k 64k", read_only=True)
 
 
+def test_a_stop_that_signals_every_process_is_a_clean_stop(tmp_path):
+    """systemctl stop signals the unit's every process at once: the workers end by
+    themselves, and the parent neither calls that dying nor replaces them."""
+    image = make_qcow(tmp_path)
+    control = tmp_path / "control"
+    with LoggedServer("--workers", "2", "--control", control, f"d={image}") as server:
+        qemu_io(server.uri("d"), "write -P 5 0 64k", fmt="raw")
+        pids = [w["pid"] for w in status(control)["workers"]]
+        for pid in pids:        # the workers first: the parent hears of them first
+            os.kill(pid, signal.SIGTERM)
+        os.kill(server.proc.pid, signal.SIGTERM)
+        assert server.stop() == 0
+    assert "ERROR" not in server.stderr and "replaces" not in server.stderr, server.stderr
+    qemu_io(image, "read -P 5 0 64k", read_only=True)
+
+
 def write_exports(config, port, control, exports: dict) -> None:
     lines = ["[server]", f'listen = ["127.0.0.1:{port}"]', f'control_socket = "{control}"',
              "workers = 2", ""]
