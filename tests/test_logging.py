@@ -78,9 +78,11 @@ def test_a_client_is_logged_when_it_attaches_with_what_was_agreed(server):
     extended.close()
     run(["qemu-io", "-f", "raw", "-r", "-c", "read -P 0x72 0 512", server.uri("ro")])
     run(["nbdinfo", server.uri("d")])
-    assert lines_matching(server, r"INFO 127\.0\.0\.1:\d+: attached export=ro replies=\w+ "
-                                  r"contexts=\S+ tls=no read-only=yes$")
-    assert len(lines_matching(server, r"INFO 127\.0\.0\.1:\d+: attached export=d ")) == 2
+    # (a worker's lines say which worker it is)
+    attached = r"INFO (worker \d+: )?127\.0\.0\.1:\d+: attached "
+    assert lines_matching(server, attached + r"export=ro replies=\w+ contexts=\S+ tls=no "
+                                             r"read-only=yes$")
+    assert len(lines_matching(server, attached + "export=d ")) == 2
 
 
 def test_a_refused_client_is_logged_with_the_reason(server):

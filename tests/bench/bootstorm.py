@@ -24,8 +24,9 @@ and, per row, the most CPU steal (% of the CPU time) and the highest 1-minute
 load average seen over its rounds: figures taken on a busy machine say so.
 
 Servers (each skipped with a note when its program is not installed):
-    qcownbd        this checkout's fleet export: one process, one QCOW1
-                   overlay per client (export fleet/c0, fleet/c1, ...)
+    qcownbd        this checkout's fleet export: its default worker processes
+                   (one per core), one QCOW1 overlay per client (export
+                   fleet/c0, fleet/c1, ...)
     nbdkit         nbdkit --filter=cow file, a process per client (the cow
                    filter shares its overlay between connections)
     nbd-server     copyonwrite = true: one daemon, a forked child and a diff
