@@ -24,8 +24,8 @@ from handover_clients import (
     BLOCK, GOLDEN_DATA, GOLDEN_PATTERN, NBDSH_BASE, QemuIoSession, finish_nbdsh, fleet_list,
     make_fleet, make_qcow, nbdsh_loop, verify,
 )
-from helpers import (DrainedPipe, free_port, qcownbd_cmd, qcownbd_env, run, stop_process,
-                     wait_listening)
+from helpers import (DrainedPipe, children, free_port, qcownbd_cmd, qcownbd_env, run,
+                     stop_process, wait_listening)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -99,9 +99,11 @@ def _serve(cmd, env, pass_fds=()):
 
 
 def restart_through_the_store(systemd: FakeSystemd, first, args: list, env):
-    """`systemctl restart` of ``first`` (serving two clients): SIGTERM, the store
-    filled, a new start given it; the new process once it took everything."""
-    first.send_signal(signal.SIGTERM)
+    """`systemctl restart` of ``first`` (serving two clients): SIGTERM to each of its
+    processes (systemd's KillMode=control-group: workers too), the store filled, a
+    new start given it; the new process once it took everything."""
+    for pid in [first.pid, *children(first.pid)]:
+        os.kill(pid, signal.SIGTERM)
     assert first.wait(30) == 0
     while True:     # what it sent before it exited is all queued by now
         try:

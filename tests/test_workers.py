@@ -113,8 +113,8 @@ def test_a_worker_killed_is_replaced_and_clients_reconnect(tmp_path):
 
 
 def test_a_stop_that_signals_every_process_is_a_clean_stop(tmp_path):
-    """systemctl stop signals the unit's every process at once: the workers end by
-    themselves, and the parent neither calls that dying nor replaces them."""
+    """systemctl stop signals the unit's every process at once: the workers leave it to
+    the parent, which stops them (no worker 'died', none replaced)."""
     image = make_qcow(tmp_path)
     control = tmp_path / "control"
     with LoggedServer("--workers", "2", "--control", control, f"d={image}") as server:
