@@ -1,13 +1,27 @@
 """The two things qcownbd asks of systemd, with the standard library only.
 
 Socket activation (sd_listen_fds) and readiness notification (sd_notify).
-Both are silent no-ops when the service was not started by systemd.
+Both are silent no-ops when the service was not started by systemd.  And
+what a unit's processes must expect of it: `systemctl stop` and `systemctl
+kill` signal every process of the unit (`ignoring_signals`).
 """
 
 import os
+import signal
 import socket
 
 SD_LISTEN_FDS_START = 3
+
+
+def ignoring_signals(*signals: int):
+    """A ``preexec_fn`` for a child this process starts: it ignores ``signals`` from
+    before its program starts (an ignored signal stays ignored across exec).
+    `systemctl kill -s USR2` signals every process of the unit, a child started a
+    moment before too, which would die of it before it set its own handlers."""
+    def ignore() -> None:
+        for sig in signals:
+            signal.signal(sig, signal.SIG_IGN)
+    return ignore
 
 
 def inherited_sockets() -> list[socket.socket]:

@@ -104,8 +104,11 @@ class Upgrade:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel = Channel(ours)
         try:
+            # a signal meant for this server (systemctl kill) must not kill the successor
+            # before its handlers are set; once it serves, they are its own
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "qcownbd", *self.argv, pass_fds=[theirs.fileno()],
+                preexec_fn=systemd.ignoring_signals(signal.SIGUSR2, signal.SIGHUP),
                 stdin=asyncio.subprocess.DEVNULL,
                 env={**os.environ, HANDOVER_FD_ENV: str(theirs.fileno())})
         except OSError as exc:

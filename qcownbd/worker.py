@@ -5,10 +5,10 @@ are its own (`routing.opened_by`), with its share of the metadata cache's
 budget (`cache_share`), reports them, and then serves the
 connections the parent passes (negotiating ones answer the option that
 chose the export first).  It listens nowhere and talks to systemd not at
-all.  It stops when the parent says so, and ignores the signals a whole
-service gets (the terminal's ^C, the SIGTERM systemd sends every process of
-the unit): the parent may first want its connections, for systemd's file
-descriptor store.  It dies with its parent (the service died: a SIGKILL
+all.  It stops when the parent says so, and is started ignoring the signals
+a whole service gets (the terminal's ^C, the SIGTERM systemd sends every
+process of the unit): the parent may first want its connections, for
+systemd's file descriptor store.  It dies with its parent (the service died: a SIGKILL
 leaves no worker holding image locks), and exits without a word to its
 clients when the parent's successor has taken them (an upgrade).
 """
@@ -75,10 +75,6 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
                open_cli_export, reloader) -> int:
     """Serve as worker ``whoami`` (`from_environment`) until told to stop."""
     die_with_parent()
-    # the parent has the terminal's ^C and systemd's signals (`systemctl stop` signals
-    # every process of the unit): it tells this worker what to do
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
     index, count, fd = whoami
     for handler in logging.getLogger().handlers:
         handler.addFilter(WorkerTag(index))

@@ -27,9 +27,11 @@ took (`resumed`).
 import asyncio
 import logging
 import os
+import signal
 import socket
 import sys
 
+from qcownbd import systemd
 from qcownbd.access import client_from_peername
 from qcownbd.errors import ControlError, HandoverError, QcownbdError
 from qcownbd.handover import encode_negotiating, encode_state, negotiating_state_of
@@ -117,8 +119,12 @@ class WorkerPool:
         env = {key: value for key, value in os.environ.items() if key not in PARENT_ONLY_ENV}
         env[WORKER_ENV] = f"{index}/{self.count}/{theirs.fileno()}"
         try:
+            # the parent has the terminal's ^C and systemd's signals (systemctl stop and
+            # kill signal every process of the unit): it tells a worker what to do
             process = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "qcownbd", *self.argv, pass_fds=[theirs.fileno()],
+                preexec_fn=systemd.ignoring_signals(signal.SIGINT, signal.SIGTERM,
+                                                    signal.SIGHUP, signal.SIGUSR2),
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=None if self.log_to_stderr else asyncio.subprocess.DEVNULL, env=env)
         except OSError as exc:

@@ -137,6 +137,7 @@ deadline=$((SECONDS + 30))
 while [ "$(main_pid)" = "$before" ] && [ $SECONDS -lt $deadline ]; do
     sleep 0.1
 done
+[ "$(main_pid)" != "$before" ] || fail "USR2: no successor serves"
 report handover
 progress 2
 # (before the detach, whose own messages would read like trouble)
@@ -248,6 +249,8 @@ def check_outcome(result, image: Path) -> None:
     assert not trouble, trouble
     journal = "\n".join(result.markers("QCOWNBD-JOURNAL"))
     assert "Traceback" not in journal, journal[-3000:]
+    # two vCPUs: every start serves with two workers, whose connections go through the store
+    assert journal.count("2 workers serve") >= RESTARTS + 1, journal[-3000:]
 
     expected = {ATTACHMENTS[loop][2] + slot * BLOCK: value
                 for (loop, slot), value in acknowledged(rounds).items()}

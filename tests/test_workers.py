@@ -161,6 +161,31 @@ def test_a_reload_reaches_every_worker(tmp_path):
     assert "Traceback" not in server.stderr
 
 
+def test_systemctl_kill_usr2_reaches_every_process_and_one_upgrade_happens(tmp_path):
+    """`systemctl kill -s USR2` signals every process of the unit, the successor the
+    old server starts a moment later too: it must not die of it (nor the workers),
+    and the one upgrade asked for happens."""
+    image = make_qcow(tmp_path)
+    with HandingServer(tmp_path, "--workers", "2", f"d={image}") as server:
+        qemu_io(server.uri("d"), "write -P 7 0 64k", fmt="raw")
+        old, workers = server.pid, set(children(server.pid))
+        os.kill(old, signal.SIGUSR2)
+        for pid in workers:
+            os.kill(pid, signal.SIGUSR2)
+        deadline = time.monotonic() + 10
+        successor = None
+        while successor is None and time.monotonic() < deadline:
+            successor = next(iter(set(children(old)) - workers), None)
+        assert successor is not None
+        os.kill(successor, signal.SIGUSR2)   # at once: before Python set any handler
+        assert wait_for(lambda: server.pid == successor and not _alive(old), 60), \
+            server.log[-3000:]
+        assert server.handovers() == 1 and "upgrade failed" not in server.log, server.log
+        qemu_io(server.uri("d"), "read -P 7 0 64k", fmt="raw")
+        assert server.stop() == 0
+    assert "Traceback" not in server.stderr
+
+
 def test_an_upgrade_takes_the_workers_connections_along(tmp_path):
     images = {name: make_qcow(tmp_path, f"{name}.qcow") for name in ("d", "e")}
     stop_file = tmp_path / "stop"
