@@ -72,8 +72,13 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
                                  lambda images, c: open_cli_export(images, c, window), Reloader)
     successor = Successor.from_environment()
     tls_context = tls_context_for(config)
+    early = None
     if successor is not None:
         launch.fork = False     # the previous server detached already
+        # the workers start their Python while the previous server still serves
+        early = worker_pool(config, cli, launch, False, argv)
+        if early is not None:
+            early.launch()
         successor.take_listeners()
         kept, tcp, unix = successor.sort_listeners(tcp_addresses(config), config.unix,
                                                    config.control_socket)
@@ -88,7 +93,10 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
     # the overlays of handed-over clients, which the fleets must not find stale
     handed_over = list(overlays_of(state for state, _sock in endpoints.resumed).values()
                        if successor is None else successor.overlays.values())
-    pool = worker_pool(config, cli, launch, endpoints, argv, handed_over)
+    pool = early if successor is not None else worker_pool(config, cli, launch,
+                                                           endpoints.single, argv)
+    if pool is not None:
+        pool.handed_over = handed_over
     registry = ExportRegistry([images, FleetProvider(images, handed_over)]) if pool is None \
         else pool.registry
     try:
@@ -119,24 +127,22 @@ def run(config: ServerConfig, cli: dict[str, ExportConfig],
         launch.close()
 
 
-def worker_pool(config: ServerConfig, cli: dict, launch: Launch, endpoints: "Endpoints",
-                argv: list[str] | None, handed_over: list[str]) -> WorkerPool | None:
+def worker_pool(config: ServerConfig, cli: dict, launch: Launch, single: bool,
+                argv: list[str] | None) -> WorkerPool | None:
     """The worker processes to serve with, or None to serve in this process (one
-    worker, or a setup that keeps its clients in one process: logged).
-    ``handed_over``: the fleet overlay files of the connections a previous server
-    hands over (no worker may find them stale)."""
+    worker, or a setup that keeps its clients in one process: logged); ``single``:
+    the server serves handed-over connections only (`Endpoints.single`)."""
     count = worker_count(config.workers)
     if count == 1:
         return None
     alone = ("-s (the throw-away overlays live with this process)" if not argv else
              "TLS (a TLS session cannot be passed to another process)"
              if config.tls != "off" else
-             "--stdin or systemd's Accept=yes (one connection)" if endpoints.single else "")
+             "--stdin or systemd's Accept=yes (one connection)" if single else "")
     if alone:
         log.info("serving in one process, not %d workers: %s", count, alone)
         return None
-    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr(),
-                      handed_over)
+    return WorkerPool(count, argv, {**cli, **config.exports}, launch.keeps_stderr())
 
 
 def open_cli_export(images: ImageProvider, config: ExportConfig,

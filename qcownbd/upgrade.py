@@ -119,6 +119,7 @@ class Upgrade:
         rollback = _Rollback(self, process)
         try:
             await _ask(channel, START_TIMEOUT, process)
+            held = loop.time()
             await self._release(rollback)
             handed = rollback.handed()
             overlays = overlays_of(decode_state(state) for state, _fd in handed)
@@ -141,8 +142,8 @@ class Upgrade:
             await rollback.undo()
             raise
         channel.close()
-        log.info("upgrade: pid %d serves %d connection(s) now; exiting", process.pid,
-                 len(handed))
+        log.info("upgrade: pid %d serves %d connection(s) now (held for %.2f s); exiting",
+                 process.pid, len(handed), loop.time() - held)
         if self.pool is not None:
             self.pool.finish()
         self.done.set()

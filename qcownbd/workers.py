@@ -29,6 +29,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 
 from qcownbd import systemd
@@ -79,15 +80,33 @@ class Worker:
         return self.process.pid
 
 
+class WorkerProcess:
+    """A worker's process (started with subprocess: before the event loop runs, too);
+    ``wait`` waits for it in a thread."""
+
+    def __init__(self, popen: subprocess.Popen):
+        self._popen = popen
+
+    @property
+    def pid(self) -> int:
+        return self._popen.pid
+
+    def kill(self) -> None:
+        self._popen.kill()
+
+    async def wait(self) -> int:
+        """Its exit status (negative: the signal that ended it), once it exited."""
+        return await asyncio.get_running_loop().run_in_executor(None, self._popen.wait)
+
+
 class WorkerPool:
     """The parent's side (see the module docstring); ``router`` of the `NbdServer`."""
 
-    def __init__(self, count: int, argv: list[str], configs: dict, log_to_stderr: bool = True,
-                 handed_over=()):
+    def __init__(self, count: int, argv: list[str], configs: dict, log_to_stderr: bool = True):
         self.count, self.argv = count, argv
         #: the fleet overlay files of the connections a previous server hands over: no
         #: worker opening its fleets may delete them as stale (until `resumed`)
-        self.handed_over = list(handed_over)
+        self.handed_over: list[str] = []
         #: False: the workers' stderr is /dev/null (a --fork server lets its pipe go;
         #: a worker that cannot start says why to this process, through its channel)
         self.log_to_stderr = log_to_stderr
@@ -101,37 +120,52 @@ class WorkerPool:
         self._handed: dict[int, tuple] = {}
         self._last_tag = 0
         self._tasks: set[asyncio.Task] = set()
+        #: index -> (process, our end of its channel) started by `launch`
+        self._launched: dict[int, tuple] = {}
 
     # ------------------------------------------------------------- life cycle
+
+    def launch(self) -> None:
+        """Start the worker processes now, before the event loop; `start` then has them
+        open their images.  An upgrade's successor does so before the old server holds
+        its clients: the workers' Python start is not part of the clients' pause."""
+        for index in range(self.count):
+            self._launched[index] = self._process(index)
 
     async def start(self) -> None:
         """Start every worker and wait until each has opened its images; the first
         failure (a worker's own error: an image it cannot open) ends the start."""
         for index in range(self.count):
-            await self._spawn(index)
+            self._spawn(index)
         for worker in list(self.workers):
             await self._wait_ready(worker)
         log.info("%d workers serve: pids %s", self.count,
                  ", ".join(str(w.pid) for w in self.workers))
 
-    async def _spawn(self, index: int) -> Worker:
+    def _process(self, index: int) -> tuple["WorkerProcess", socket.socket]:
+        """Worker ``index``'s process, waiting for its ``start``, and our end of its
+        channel; HandoverError when it cannot be started."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = {key: value for key, value in os.environ.items() if key not in PARENT_ONLY_ENV}
         env[WORKER_ENV] = f"{index}/{self.count}/{theirs.fileno()}"
         try:
             # the parent has the terminal's ^C and systemd's signals (systemctl stop and
             # kill signal every process of the unit): it tells a worker what to do
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "qcownbd", *self.argv, pass_fds=[theirs.fileno()],
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "qcownbd", *self.argv], pass_fds=[theirs.fileno()],
                 preexec_fn=systemd.ignoring_signals(signal.SIGINT, signal.SIGTERM,
                                                     signal.SIGHUP, signal.SIGUSR2),
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-                stderr=None if self.log_to_stderr else asyncio.subprocess.DEVNULL, env=env)
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=None if self.log_to_stderr else subprocess.DEVNULL, env=env)
         except OSError as exc:
             ours.close()
             raise HandoverError(f"cannot start a worker: {exc.strerror or exc}") from None
         finally:
             theirs.close()
+        return WorkerProcess(popen), ours
+
+    def _spawn(self, index: int) -> Worker:
+        process, ours = self._launched.pop(index, None) or self._process(index)
         worker = None
 
         def on_message(message, socks):
@@ -197,7 +231,7 @@ class WorkerPool:
         pause = RESTART_PAUSE
         while not self.stopping:
             try:
-                worker = await self._spawn(dead.index)
+                worker = self._spawn(dead.index)
                 await self._wait_ready(worker)
             except QcownbdError as exc:
                 pause = min(pause * 2, MAX_RESTART_PAUSE)
