@@ -22,6 +22,7 @@ import base64
 import json
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from qcownbd.errors import HandoverError
 from qcownbd.nbd import protocol
@@ -38,6 +39,8 @@ STATE_VERSION = 1
 class ConnectionState:
     """One transmitting connection as the successor must resume it."""
 
+    #: (`NegotiatingState` is the one still negotiating)
+    negotiating: ClassVar[bool] = False
     session: Session
     client: str                 # the label the log knows it by
     requests: int
@@ -98,6 +101,7 @@ def _optional_str(value) -> str | None:
 class NegotiatingState:
     """A connection still negotiating, handed on at an option naming its export."""
 
+    negotiating: ClassVar[bool] = True
     mode: ReplyMode
     no_zeroes: bool
     contexts: dict[int, str]    # set by SET_META_CONTEXT ...

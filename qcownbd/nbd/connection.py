@@ -17,7 +17,6 @@ from time import perf_counter
 
 from qcownbd.access import PeerExports, client_from_peername
 from qcownbd.errors import ProtocolError, QcownbdError
-from qcownbd.handover import NegotiatingState
 from qcownbd.nbd import protocol
 from qcownbd.nbd.dispatch import TIME_SLICE, ConnectionStats, Dispatcher
 from qcownbd.nbd.flow import (PAUSE_BACKLOG, PAUSE_BUDGET, PAUSE_BUSY, PAUSE_FROZEN,
@@ -102,11 +101,11 @@ class NbdConnection(PayloadReception, asyncio.BufferedProtocol):
             self.server.not_admitted(self)
             transport.abort()
             return
-        if isinstance(self._resume, NegotiatingState):
-            self._resume_negotiation(self._resume)
-            return
         if self._resume is not None:
-            self._resume_transmission(self._resume)
+            if self._resume.negotiating:
+                self._resume_negotiation(self._resume)
+            else:
+                self._resume_transmission(self._resume)
             return
         self._start_handshake_clock()
         self.negotiation = Negotiation(PeerExports(self.server.exports, self.client),
