@@ -130,6 +130,10 @@ class OverlayDir:
             raise FileExistsError(errno.EEXIST, "already exists", path)
         os.rename(temp, path)
 
+    def make(self) -> None:
+        """Create the directory if it is missing (OSError when it cannot be)."""
+        os.makedirs(self.directory, mode=0o750, exist_ok=True)
+
     def remove_stale(self, keep: frozenset = frozenset()) -> list[str]:
         """Delete leftover ephemeral overlays and temporaries that nobody holds open.
 
@@ -137,7 +141,6 @@ class OverlayDir:
         reload keeps for its clients) is left alone, and so is one of ``keep``
         (paths: the overlays of connections a previous server handed over).
         """
-        os.makedirs(self.directory, mode=0o750, exist_ok=True)
         stale = [path for _, ephemeral, path in self.overlays()
                  if ephemeral and os.path.realpath(path) not in keep]
         for folder in (self._folder(False), self._folder(True)):
@@ -216,10 +219,13 @@ class FleetProvider:
 
     kind = "fleet"
 
-    def __init__(self, images: ImageProvider, handed_over=()):
+    def __init__(self, images: ImageProvider, handed_over=(), tidy: bool = True):
         self._images = images
         #: the overlay files of connections a previous server handed over (never stale)
         self._handed_over = frozenset(os.path.realpath(path) for path in handed_over)
+        #: whether this process deletes stale overlays (of worker processes, one does:
+        #: two checking a file at once would each see it locked by the other)
+        self._tidy = tidy
         self._fleets: dict[Export, Fleet] = {}
         #: overlays are opened (their tables scanned) here, off the event loop
         self._workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="overlay")
@@ -228,7 +234,9 @@ class FleetProvider:
         """Open the golden image read-only, as a plain export; drop stale overlays."""
         golden = self._images.open_backend(config.golden_export())
         try:
-            removed = OverlayDir(config.overlay_dir).remove_stale(self._handed_over)
+            overlays = OverlayDir(config.overlay_dir)
+            overlays.make()
+            removed = overlays.remove_stale(self._handed_over) if self._tidy else []
         except OSError as exc:
             golden.close()
             raise ImageFormatError(f"export {config.name}: overlay_dir {config.overlay_dir}: "

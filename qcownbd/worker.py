@@ -102,7 +102,8 @@ def run_worker(whoami: tuple[int, int, int], config: ServerConfig, cli: dict, lo
     config, cli = my_part(config), mine(cli)
     metadata_cache.SHARED.resize(config.metadata_cache)
     images = ImageProvider()
-    registry = ExportRegistry([images, FleetProvider(images, start["start"]["handed_over"])])
+    registry = ExportRegistry([images, FleetProvider(images, start["start"]["handed_over"],
+                                                     tidy=index == 0)])
     try:
         try:
             for export_config in cli.values():

@@ -284,7 +284,14 @@ def test_fleet_clients_spread_over_the_workers(tmp_path):
         overlay_dir = "{tmp_path / 'overlays'}"
     """))
     idents = ["vm1", "vm2", "vm3", "vm4"]
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / ".left.1.tmp").write_bytes(b"half an overlay")
     with LoggedServer("--config", config, port=port) as server:
+        # one worker tidies the overlay directory (two at once would each find a
+        # leftover locked by the other, and leave it)
+        assert not (tmp_path / "overlays" / ".left.1.tmp").exists()
+        assert server.log.count("removed stale") == 1, server.log
+        assert "worker 0: export lab: removed stale" in server.log, server.log
         clients = []
         try:
             for number, ident in enumerate(idents, 1):
