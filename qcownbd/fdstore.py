@@ -21,8 +21,8 @@ import socket
 
 from qcownbd import systemd
 from qcownbd.errors import HandoverError, QcownbdError
-from qcownbd.handover import decode_state, dumps, encode_state, loads, state_of
-from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock
+from qcownbd.handover import decode_state, dumps, loads
+from qcownbd.upgrade import HOLD_TIMEOUT, commit_and_unlock, encoded_connections
 
 log = logging.getLogger("qcownbd.server")
 
@@ -55,8 +55,7 @@ async def keep_for_restart(server, registry, unit_sockets: list, pool=None) -> b
         log.error("%s; stopping without keeping the connections", exc)
         server.release_held(held)
         return False
-    connections = [(encode_state(state_of(conn)), conn.transport.get_extra_info("socket"))
-                   for conn in held] + collected
+    connections = encoded_connections(held, collected)
     if not store(listening, connections):
         log.error("could not give systemd the file descriptors; the clients lose their "
                   "connections")

@@ -172,6 +172,13 @@ class Upgrade:
             await _ask(channel, STEP_TIMEOUT, process)
 
 
+def encoded_connections(held: list, collected: list) -> list[tuple[dict, socket.socket]]:
+    """(encoded state, socket) of the connections this process ``held`` and of those
+    its workers handed back (``collected``, already encoded)."""
+    return [(encode_state(state_of(conn)), conn.transport.get_extra_info("socket"))
+            for conn in held] + collected
+
+
 class _Rollback:
     """What a failed handover must give back to the running server."""
 
@@ -186,9 +193,8 @@ class _Rollback:
 
     def handed(self) -> list[tuple[dict, int]]:
         """(encoded state, descriptor) of every connection to hand over."""
-        return [(encode_state(state_of(conn)), conn.transport.get_extra_info("socket").fileno())
-                for conn in self.held] + [(state, sock.fileno())
-                                          for state, sock in self.collected]
+        return [(state, sock.fileno())
+                for state, sock in encoded_connections(self.held, self.collected)]
 
     async def undo(self) -> None:
         """Kill the successor, then take everything back."""

@@ -244,11 +244,7 @@ class WorkerPool:
     async def stop(self) -> None:
         """Tell every worker to stop (clients get their last replies) and wait."""
         self.stopping = True
-        for worker in self._live():
-            try:
-                worker.channel.send({"stop": True})
-            except HandoverError:
-                pass
+        self._tell_all({"stop": True})
         for worker in self.workers:
             if worker is None:
                 continue
@@ -348,11 +344,7 @@ class WorkerPool:
         of them took may close, and a worker started from now on finds no overlay
         handed over."""
         self.handed_over = []
-        for worker in self._live():
-            try:
-                worker.channel.send({"resumed": True})
-            except HandoverError:
-                pass    # it died: `_lost` replaces it
+        self._tell_all({"resumed": True})
 
     # ------------------------------------------------------------- questions
 
@@ -425,8 +417,12 @@ class WorkerPool:
     def finish(self) -> None:
         """The successor serves: the workers exit without a word to the clients."""
         self.stopping = True
+        self._tell_all({"exit": True})
+
+    def _tell_all(self, message: dict) -> None:
+        """Send ``message`` to every live worker (one that died meanwhile: `_lost`)."""
         for worker in self._live():
             try:
-                worker.channel.send({"exit": True})
+                worker.channel.send(message)
             except HandoverError:
                 pass
